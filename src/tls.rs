@@ -1,0 +1,190 @@
+//! TLS: reading PEM files, checking that a certificate fits its key and its
+//! host, and the server-side configuration that picks a certificate by SNI.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+use crate::host::HostName;
+
+/// The TLS alert record a server sends to refuse a ClientHello whose SNI it
+/// does not serve: a plaintext record (content type 21, TLS 1.2 framing,
+/// length 2) carrying level fatal (2) and `unrecognized_name` (112).
+pub const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [21, 3, 3, 0, 2, 2, 112];
+
+/// The crypto provider used for every TLS context in the process.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Reads every certificate in a PEM file, in file order.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {}", path.display(), pem_error(&e)))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no CERTIFICATE block found", path.display()));
+    }
+    Ok(certs)
+}
+
+/// Reads the first private key (PKCS#8, PKCS#1 or SEC1) in a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{}: {}", path.display(), pem_error(&e)))
+}
+
+fn pem_error(e: &rustls_pki_types::pem::Error) -> String {
+    match e {
+        rustls_pki_types::pem::Error::Io(io) => format!("cannot read: {io}"),
+        rustls_pki_types::pem::Error::NoItemsFound => "no PEM private key found (PKCS#8, PKCS#1 or SEC1)".into(),
+        other => format!("not valid PEM: {other:?}"),
+    }
+}
+
+/// Loads a certificate chain and its key and checks that they belong together.
+pub fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<CertifiedKey, String> {
+    let chain = load_certs(cert_path)?;
+    let key = load_key(key_path)?;
+    let signing_key = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("{}: unusable private key: {e}", key_path.display()))?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    certified.keys_match().map_err(|e| {
+        format!(
+            "{} does not match the certificate in {} ({e})",
+            key_path.display(),
+            cert_path.display()
+        )
+    })?;
+    Ok(certified)
+}
+
+/// Checks that the leaf certificate of `ck` is valid for `host` by the same
+/// rules a browser applies. The error lists the names the certificate does
+/// have, and explains the one-label wildcard rule when that is the cause.
+pub fn check_covers(ck: &CertifiedKey, host: &HostName) -> Result<(), String> {
+    let Ok(leaf) = ck.end_entity_cert() else {
+        return Err("empty certificate chain".into());
+    };
+    let parsed = ParsedCertificate::try_from(leaf).map_err(|e| format!("leaf certificate cannot be parsed: {e}"))?;
+    let server_name =
+        ServerName::try_from(host.as_str().to_owned()).map_err(|e| format!("not a valid server name: {e}"))?;
+    if rustls::client::verify_server_name(&parsed, &server_name).is_ok() {
+        return Ok(());
+    }
+    let names = dns_names(leaf);
+    let mut message = format!(
+        "certificate does not cover this host (its names: {})",
+        if names.is_empty() {
+            "none".into()
+        } else {
+            names.join(", ")
+        }
+    );
+    if let Some(wildcard) = names.iter().find(|n| nested_under_wildcard(n, host.as_str())) {
+        message.push_str(&format!(
+            "; a wildcard covers exactly one label: {wildcard} covers a{} but not {host}",
+            &wildcard[1..]
+        ));
+    }
+    Err(message)
+}
+
+/// The DNS names in a certificate's subjectAltName extension.
+pub fn dns_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(name) => Some(name.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// True when `wildcard` is `*.suffix` and `host` sits more than one label below `suffix`.
+fn nested_under_wildcard(wildcard: &str, host: &str) -> bool {
+    let Some(suffix) = wildcard.strip_prefix("*.") else {
+        return false;
+    };
+    let suffix = suffix.to_ascii_lowercase();
+    host.strip_suffix(&suffix)
+        .and_then(|rest| rest.strip_suffix('.'))
+        .is_some_and(|labels| labels.contains('.'))
+}
+
+/// Picks the certificate for a handshake by its SNI (exact, normalised name).
+#[derive(Debug)]
+pub struct SniResolver {
+    by_name: HashMap<HostName, Arc<CertifiedKey>>,
+}
+
+impl SniResolver {
+    pub fn new(hosts: impl IntoIterator<Item = (HostName, Arc<CertifiedKey>)>) -> Self {
+        Self {
+            by_name: hosts.into_iter().collect(),
+        }
+    }
+
+    /// The configured host an SNI value names, if any.
+    pub fn host_for(&self, sni: &str) -> Option<&HostName> {
+        let name = HostName::parse(sni).ok()?;
+        self.by_name.get_key_value(&name).map(|(k, _)| k)
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = HostName::parse(client_hello.server_name()?).ok()?;
+        self.by_name.get(&name).cloned()
+    }
+}
+
+/// Builds the listener's TLS configuration: TLS 1.3 and 1.2 only, ALPN h2
+/// and http/1.1, certificates chosen by `resolver`, stateless session tickets
+/// plus an in-memory session cache for resumption.
+pub fn server_config(resolver: Arc<SniResolver>) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard_nesting_is_detected() {
+        assert!(nested_under_wildcard("*.example.com", "a.b.example.com"));
+        assert!(!nested_under_wildcard("*.example.com", "a.example.com"));
+        assert!(!nested_under_wildcard("*.example.com", "example.com"));
+        assert!(!nested_under_wildcard("*.example.com", "a.b.example.org"));
+        assert!(!nested_under_wildcard("a.example.com", "a.b.example.com"));
+        assert!(!nested_under_wildcard("*.example.com", "a.bexample.com"));
+    }
+
+    #[test]
+    fn alert_record_is_fatal_unrecognized_name() {
+        assert_eq!(UNRECOGNIZED_NAME_ALERT[0], 21, "alert content type");
+        assert_eq!(&UNRECOGNIZED_NAME_ALERT[5..], &[2, 112]);
+    }
+}
