@@ -1,0 +1,331 @@
+#!/usr/bin/env python3
+"""Runs the linkgate benchmark: every contender, every scenario, alternating
+rounds; writes bench/results.json, BENCHMARKS.md and bench/ratios.svg.
+
+Called by bench/run, which installs the tools, builds linkgate and makes the
+certificate. Everything talks to 127.0.0.1 only, and every process it starts
+is stopped before it returns.
+"""
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RUN = Path(os.environ["BENCH_RUN_DIR"])
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+DURATION = int(os.environ.get("BENCH_DURATION", "6"))
+IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", "10000"))
+HOST = "localhost"
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+CONTENDERS = ["linkgate", "nginx", "haproxy", "caddy"]
+SCENARIOS = {
+    "a": "HTTP/1.1 keep-alive, 64 connections, open pixel",
+    "b": "HTTP/2, 64 connections x 10 streams, open pixel",
+    "c": "new TLS connection per request (full handshake), click redirect",
+    "d": f"{IDLE_CONNS} idle TLS connections held open",
+    "e": "10 MB streamed response, 4 connections",
+}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def render(template, port, upstream_port, out):
+    text = (BENCH / "conf" / template).read_text()
+    text = text.replace("@RUN@", str(RUN)).replace("@PORT@", str(port)).replace("@UPSTREAM_PORT@", str(upstream_port))
+    out.write_text(text)
+    return out
+
+
+def wait_port(port, proc, timeout=15):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port} after {timeout}s")
+
+
+def tree(pid):
+    """pid and all its descendants."""
+    pids, frontier = [pid], [pid]
+    while frontier:
+        p = frontier.pop()
+        try:
+            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            kids = []
+        for k in map(int, kids):
+            pids.append(k)
+            frontier.append(k)
+    return pids
+
+
+def cpu_seconds(pid):
+    total = 0
+    for p in tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError):
+            pass
+    return total / TICK
+
+
+def memory(pid, key):
+    """Sum of a /proc/PID/status field (VmRSS, VmHWM) over the tree, in bytes."""
+    total = 0
+    for p in tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def start_contender(name, port, upstream_port):
+    env = dict(os.environ)
+    out = open(RUN / f"{name}.log", "ab")
+    if name == "linkgate":
+        conf = render("linkgate.toml", port, upstream_port, RUN / "linkgate.toml")
+        env["RUST_LOG"] = "warn"
+        cmd = [str(ROOT / "target" / "release" / "linkgate"), "serve", "--config", str(conf)]
+    elif name == "nginx":
+        conf = render("nginx.conf", port, upstream_port, RUN / "nginx.conf")
+        cmd = ["nginx", "-c", str(conf), "-e", str(RUN / "nginx.err")]
+    elif name == "haproxy":
+        conf = render("haproxy.cfg", port, upstream_port, RUN / "haproxy.cfg")
+        cmd = ["haproxy", "-db", "-f", str(conf)]
+    elif name == "caddy":
+        conf = render("Caddyfile", port, upstream_port, RUN / "Caddyfile")
+        env["GOMAXPROCS"] = "2"
+        env["HOME"] = str(RUN)
+        env["XDG_DATA_HOME"] = str(RUN / "caddy-data")
+        env["XDG_CONFIG_HOME"] = str(RUN / "caddy-config")
+        cmd = ["caddy", "run", "--config", str(conf), "--adapter", "caddyfile"]
+    else:
+        raise ValueError(name)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_port(port, proc)
+    except RuntimeError:
+        stop(proc)
+        log = (RUN / f"{name}.log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{name} did not start; its output:\n{log}") from None
+    return proc
+
+
+def stop(proc):
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def percentile(sorted_values, q):
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+def to_ms(value, unit):
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def run_wrk(port, path, conns, extra=()):
+    url = f"https://{HOST}:{port}{path}"
+    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{DURATION}s", "--latency", "--timeout", "10s", *extra, url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=DURATION + 60).stdout
+    reqs = re.search(r"(\d+) requests in", out)
+    lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M))
+    errors = re.search(r"Socket errors: (.*)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+
+    def ms(s):
+        m = re.match(r"([\d.]+)(us|ms|s)", s)
+        return to_ms(*m.groups()) if m else float("nan")
+
+    return {
+        "requests": int(reqs.group(1)) if reqs else 0,
+        "p50_ms": ms(lat.get("50", "")),
+        "p99_ms": ms(lat.get("99", "")),
+        "errors": (errors.group(1) if errors else "") + (f" non-2xx/3xx: {non2xx.group(1)}" if non2xx else ""),
+        "raw": out,
+    }
+
+
+def run_h2load(port):
+    log = RUN / "h2load.log"
+    log.unlink(missing_ok=True)
+    url = f"https://{HOST}:{port}/wf/open"
+    cmd = ["h2load", "-t1", "-c64", "-m10", "-D", str(DURATION), f"--log-file={log}", url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=DURATION + 60).stdout
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed", out)
+    durations = []
+    if log.exists():
+        for line in log.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3:
+                durations.append(int(parts[2]) / 1000.0)  # µs -> ms
+    durations.sort()
+    proto = re.search(r"Application protocol: (\S+)", out)
+    return {
+        "requests": int(done.group(2)) if done else 0,
+        "p50_ms": percentile(durations, 0.50),
+        "p99_ms": percentile(durations, 0.99),
+        "errors": (f"failed: {done.group(3)}" if done and done.group(3) != "0" else "")
+        + ("" if proto and proto.group(1) == "h2" else " not h2!"),
+        "raw": out,
+    }
+
+
+def run_idle(proc, port):
+    base = memory(proc.pid, "VmRSS")
+    holder = subprocess.Popen([sys.executable, str(BENCH / "idle.py"), HOST, str(port), str(IDLE_CONNS)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    ready = holder.stdout.readline().split()
+    opened = int(ready[1]) if len(ready) == 2 else 0
+    time.sleep(1)
+    held = memory(proc.pid, "VmRSS")
+    holder.stdin.write("\n")
+    holder.stdin.flush()
+    still = holder.stdout.readline().split()
+    still_open = int(still[1]) if len(still) == 2 else 0
+    holder.wait(60)
+    per_conn = (held - base) / max(1, still_open)
+    return {"requests": opened, "opened": opened, "still_open": still_open,
+            "rss_base": base, "rss_held": held, "rss_per_conn": per_conn,
+            "errors": "" if still_open == IDLE_CONNS else f"only {still_open}/{IDLE_CONNS} held"}
+
+
+def run_scenario(scenario, proc, port):
+    if scenario == "a":
+        return run_wrk(port, "/wf/open", 64)
+    if scenario == "b":
+        return run_h2load(port)
+    if scenario == "c":
+        return run_wrk(port, "/ls/click", 64, ["-H", "Connection: close"])
+    if scenario == "d":
+        return run_idle(proc, port)
+    if scenario == "e":
+        return run_wrk(port, "/big", 4)
+    raise ValueError(scenario)
+
+
+def versions():
+    def first_line(cmd):
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            return (r.stdout + r.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "?"
+    return {
+        "linkgate": first_line([str(ROOT / "target" / "release" / "linkgate"), "--version"]),
+        "nginx": first_line(["nginx", "-v"]),
+        "haproxy": first_line(["haproxy", "-v"]),
+        "caddy": first_line(["caddy", "version"]),
+        "wrk": first_line(["wrk", "-v"]),
+        "h2load": first_line(["h2load", "--version"]),
+        "openssl": first_line(["openssl", "version"]),
+        "rustc": first_line(["rustc", "--version"]),
+    }
+
+
+def machine():
+    model = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+    return {"cpu": model, "cores": os.cpu_count(), "memory_gib": round(int(mem) / 1024 / 1024, 1),
+            "kernel": platform.release()}
+
+
+def crypto_floor():
+    def speed(alg, pattern):
+        r = subprocess.run(["openssl", "speed", "-seconds", "2", alg], capture_output=True, text=True, timeout=60)
+        m = re.search(pattern, r.stdout, re.M)
+        return float(m.group(1)) if m else float("nan")
+    return {
+        "ecdsa_p256_sign_per_s": speed("ecdsap256", r"^\s*256 bits ecdsa \(nistp256\)\s+\S+s\s+\S+s\s+([\d.]+)"),
+        "x25519_ops_per_s": speed("ecdhx25519", r"^\s*253 bits ecdh \(X25519\)\s+\S+s\s+([\d.]+)"),
+    }
+
+
+def main():
+    upstream_port = free_port()
+    render("upstream-nginx.conf", 0, upstream_port, RUN / "upstream.conf")
+    upstream = subprocess.Popen(["nginx", "-c", str(RUN / "upstream.conf"), "-e", str(RUN / "upstream.err")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    results = []
+    try:
+        wait_port(upstream_port, upstream)
+        scenarios = [s for s in os.environ.get("BENCH_SCENARIOS", "abcde")]
+        contenders = [c for c in os.environ.get("BENCH_CONTENDERS", ",".join(CONTENDERS)).split(",")]
+        for rnd in range(1, ROUNDS + 1):
+            for scenario in scenarios:
+                for name in contenders:
+                    port = free_port()
+                    proc = start_contender(name, port, upstream_port)
+                    try:
+                        cpu0 = cpu_seconds(proc.pid)
+                        t0 = time.time()
+                        r = run_scenario(scenario, proc, port)
+                        elapsed = time.time() - t0
+                        cpu = cpu_seconds(proc.pid) - cpu0
+                        r.update(contender=name, scenario=scenario, round=rnd, elapsed=elapsed, cpu_s=cpu,
+                                 peak_rss=memory(proc.pid, "VmHWM"),
+                                 rps=r["requests"] / (DURATION if scenario != "d" else max(elapsed, 1e-9)))
+                        r["cpu_per_10k"] = cpu / r["requests"] * 10000 if r["requests"] else float("nan")
+                        raw = r.pop("raw", "")
+                        if r.get("errors"):
+                            print(f"  note: {name} ({scenario}) {r['errors']}", flush=True)
+                            (RUN / f"{name}-{scenario}-{rnd}.out").write_text(raw)
+                        results.append(r)
+                        print(f"round {rnd} scenario {scenario} {name:9s} "
+                              + (f"{r['rps']:10.0f} req/s  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  "
+                                 f"cpu {r['cpu_per_10k']:.3f} s/10k  peak {r['peak_rss'] / 2**20:.0f} MiB"
+                                 if scenario != "d" else
+                                 f"{r['still_open']} held, {r['rss_per_conn'] / 1024:.1f} KiB/conn"), flush=True)
+                    finally:
+                        stop(proc)
+    finally:
+        stop(upstream)
+    report = {"machine": machine(), "versions": versions(), "crypto": crypto_floor(),
+              "duration_s": DURATION, "rounds": ROUNDS, "idle_conns": IDLE_CONNS, "results": results}
+    (BENCH / "results.json").write_text(json.dumps(report, indent=1, default=str))
+    import report as rep  # noqa: E402 - sibling module
+    rep.write(report, ROOT / "BENCHMARKS.md", BENCH / "ratios.svg")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(BENCH))
+    main()
