@@ -52,7 +52,7 @@ fn main() -> ExitCode {
 fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     // Validate everything before binding anything.
     let config = Config::load(path)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
         let listeners = Listeners::bind(&config.listen).await?;
         server::run(config, listeners, shutdown_signal()).await

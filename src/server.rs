@@ -34,8 +34,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The bound listening sockets.
 pub struct Listeners {
-    https: TcpListener,
-    http: Option<TcpListener>,
+    https: std::net::TcpListener,
+    http: Option<std::net::TcpListener>,
 }
 
 impl Listeners {
@@ -44,6 +44,7 @@ impl Listeners {
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
+                .and_then(TcpListener::into_std)
                 .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
         };
         let https = bind(listen.https).await?;
@@ -61,11 +62,18 @@ impl Listeners {
 
     /// The address the plain-http listener is bound to, if there is one.
     pub fn http_addr(&self) -> Option<io::Result<SocketAddr>> {
-        self.http.as_ref().map(TcpListener::local_addr)
+        self.http.as_ref().map(std::net::TcpListener::local_addr)
+    }
+
+    fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            https: self.https.try_clone()?,
+            http: self.http.as_ref().map(std::net::TcpListener::try_clone).transpose()?,
+        })
     }
 }
 
-/// State shared by every connection.
+/// State shared by every connection of one worker.
 struct Shared {
     tls: Arc<ServerConfig>,
     sni: Arc<SniResolver>,
@@ -75,34 +83,85 @@ struct Shared {
 
 /// Serves `config` on `listeners` until `shutdown` completes, then stops
 /// accepting and waits up to the grace period for open requests to finish.
+///
+/// Connections are served by one worker thread per core, each with its own
+/// single-threaded Tokio runtime and its own upstream connection pool, all
+/// accepting on the same sockets: a connection and everything it causes
+/// stays on one thread, with no cross-thread wake-ups on the request path.
 pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let sni = Arc::new(SniResolver::new(
         config.hosts.iter().map(|h| (h.name.clone(), h.certified_key.clone())),
     ));
-    let shared = Arc::new(Shared {
-        tls: tls::server_config(sni.clone())?,
-        sni,
-        proxy: Arc::new(Proxy::new(
-            config.hosts.iter().map(|h| h.name.clone()),
-            Upstream::new(&config.upstream)?,
-        )),
-        http: http_builder(),
-    });
+    let tls = tls::server_config(sni.clone())?;
+    let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
 
-    let Listeners { https, http } = listeners;
     tracing::info!(
-        https = %https.local_addr()?,
-        http = ?http.as_ref().map(TcpListener::local_addr).transpose()?,
+        https = %listeners.https_addr()?,
+        http = %listeners.http_addr().transpose()?.map_or("-".into(), |a| a.to_string()),
         hosts = config.hosts.len(),
         upstream = %format!("{}://{}", config.upstream.scheme, config.upstream.authority),
+        workers,
         "linkgate listening"
     );
 
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut done = Vec::with_capacity(workers);
+    for id in 0..workers {
+        let shared = Shared {
+            tls: tls.clone(),
+            sni: sni.clone(),
+            proxy: Arc::new(Proxy::new(
+                config.hosts.iter().map(|h| h.name.clone()),
+                Upstream::new(&config.upstream)?,
+            )),
+            http: http_builder(),
+        };
+        let listeners = listeners.try_clone()?;
+        let stopped = stopped.clone();
+        let (finished, on_finish) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("linkgate-{id}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start worker runtime");
+                        return;
+                    }
+                };
+                runtime.block_on(worker(Arc::new(shared), listeners, stopped));
+                let _ = finished.send(());
+            })?;
+        done.push(on_finish);
+    }
+    drop(listeners);
+
+    shutdown.await;
+    tracing::info!("shutting down: listeners closed, draining open connections");
+    let _ = stop.send(true);
+    for worker in done {
+        let _ = worker.await;
+    }
+    tracing::info!("shut down");
+    Ok(())
+}
+
+/// One worker: accepts on both listeners until `stopped`, then drains.
+async fn worker(shared: Arc<Shared>, listeners: Listeners, mut stopped: tokio::sync::watch::Receiver<bool>) {
+    let (https, http) = match (
+        TcpListener::from_std(listeners.https),
+        listeners.http.map(TcpListener::from_std).transpose(),
+    ) {
+        (Ok(https), Ok(http)) => (https, http),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot register listener");
+            return;
+        }
+    };
     let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            () = &mut shutdown => break,
+            _ = stopped.wait_for(|stop| *stop) => break,
             accepted = https.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let shared = shared.clone();
@@ -131,12 +190,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
 
     drop(https);
     drop(http);
-    tracing::info!("shutting down: listeners closed, draining open connections");
+    tracing::debug!("worker draining open connections");
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = graceful.shutdown() => tracing::debug!("worker: all connections closed"),
         () = tokio::time::sleep(GRACE_PERIOD) => tracing::warn!("grace period over, closing remaining connections"),
     }
-    Ok(())
 }
 
 fn http_builder() -> auto::Builder<TokioExecutor> {
