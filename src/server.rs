@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper::server::conn::{http1, http2};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -78,7 +78,15 @@ struct Shared {
     tls: Arc<ServerConfig>,
     sni: Arc<SniResolver>,
     proxy: Arc<Proxy>,
-    http: auto::Builder<TokioExecutor>,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+}
+
+/// The HTTP version a connection speaks: chosen by ALPN on TLS, HTTP/1 on plain http.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
 }
 
 /// Serves `config` on `listeners` until `shutdown` completes, then stops
@@ -114,7 +122,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
                 config.hosts.iter().map(|h| h.name.clone()),
                 Upstream::new(&config.upstream)?,
             )),
-            http: http_builder(),
+            h1: http1_builder(),
+            h2: http2_builder(),
         };
         let listeners = listeners.try_clone()?;
         let stopped = stopped.clone();
@@ -168,8 +177,13 @@ async fn worker(shared: Arc<Shared>, listeners: Listeners, mut stopped: tokio::s
                     let watcher = graceful.watcher();
                     tokio::spawn(async move {
                         let Some((tls, host)) = handshake(&shared, stream, peer).await else { return };
+                        let protocol = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                            Protocol::Http2
+                        } else {
+                            Protocol::Http1
+                        };
                         let info = Arc::new(ConnInfo { peer, sni: Some(host) });
-                        serve(&shared, tls, info, watcher).await;
+                        serve(&shared, tls, info, protocol, watcher).await;
                     });
                 }
                 Err(e) => accept_failed(e).await,
@@ -179,8 +193,9 @@ async fn worker(shared: Arc<Shared>, listeners: Listeners, mut stopped: tokio::s
                     let shared = shared.clone();
                     let watcher = graceful.watcher();
                     tokio::spawn(async move {
+                        let _ = stream.set_nodelay(true);
                         let info = Arc::new(ConnInfo { peer, sni: None });
-                        serve(&shared, stream, info, watcher).await;
+                        serve(&shared, stream, info, Protocol::Http1, watcher).await;
                     });
                 }
                 Err(e) => accept_failed(e).await,
@@ -197,15 +212,18 @@ async fn worker(shared: Arc<Shared>, listeners: Listeners, mut stopped: tokio::s
     }
 }
 
-fn http_builder() -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+fn http1_builder() -> http1::Builder {
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(64 * 1024);
     builder
-        .http2()
+}
+
+fn http2_builder() -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
         .timer(TokioTimer::new())
         .max_concurrent_streams(128)
         .max_header_list_size(64 * 1024)
@@ -285,14 +303,18 @@ async fn refuse(mut io: TcpStream) {
 }
 
 /// Serves HTTP on one established connection until it closes.
-async fn serve<IO>(shared: &Shared, io: IO, info: Arc<ConnInfo>, watcher: hyper_util::server::graceful::Watcher)
+async fn serve<IO>(shared: &Shared, io: IO, info: Arc<ConnInfo>, protocol: Protocol, watcher: Watcher)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let proxy = shared.proxy.clone();
     let service = service_fn(move |req| proxy.clone().handle(info.clone(), req));
-    let conn = shared.http.serve_connection(TokioIo::new(io), service);
-    if let Err(e) = watcher.watch(conn).await {
+    let io = TokioIo::new(io);
+    let result = match protocol {
+        Protocol::Http1 => watcher.watch(shared.h1.serve_connection(io, service)).await,
+        Protocol::Http2 => watcher.watch(shared.h2.serve_connection(io, service)).await,
+    };
+    if let Err(e) = result {
         tracing::debug!(error = %e, "connection ended with an error");
     }
 }
