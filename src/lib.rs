@@ -9,17 +9,25 @@
 //! - [`config`]: the TOML file's shape and its validation into [`config::Config`].
 //! - [`host`]: host-name normalisation shared by config, SNI and Host checks.
 //! - [`tls`]: PEM loading, certificate/key/host checks, the SNI resolver.
-//! - [`server`]: listeners, handshakes, per-connection tasks, graceful shutdown.
-//! - [`proxy`]: authority check, header rewrite, streaming forward, error → status.
+//! - [`reload`]: the live configuration, SIGHUP and file-watch reloads.
+//! - [`server`]: listeners, PROXY headers, handshakes, connections, limits, drain.
+//! - [`proxy_protocol`]: reading PROXY v1/v2 headers.
+//! - [`proxy`]: authority check, header rewrite, streaming forward, error → status, access log.
 //! - [`upstream`]: the pooled client to the provider, upstream TLS.
+//! - [`admin`]: /healthz, /readyz, /metrics.
+//! - [`metrics`]: the Prometheus metrics.
 //!
 //! Tests start the real server in-process: load a [`config::Config`], bind
-//! [`server::Listeners`] on `127.0.0.1:0`, and call [`server::run`] with a
-//! shutdown future.
+//! [`server::Listeners`] on `127.0.0.1:0`, wrap the config in a
+//! [`reload::Live`], and call [`server::run`] with a shutdown future.
 
+pub mod admin;
 pub mod config;
 pub mod host;
+pub mod metrics;
 pub mod proxy;
+pub mod proxy_protocol;
+pub mod reload;
 pub mod server;
 pub mod tls;
 pub mod upstream;

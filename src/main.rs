@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use linkgate::config::{self, Config};
+use linkgate::config::{self, Config, LogFormat};
+use linkgate::metrics::Metrics;
+use linkgate::reload::{self, Live, Trigger};
 use linkgate::server::{self, Listeners};
 
 /// TLS-terminating proxy for email link-branding (click and open tracking) hosts.
@@ -32,12 +34,6 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-
     match cli.command {
         Command::Serve { config } => match serve(&config) {
             Ok(()) => ExitCode::SUCCESS,
@@ -49,18 +45,67 @@ fn main() -> ExitCode {
     }
 }
 
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+}
+
 fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     // Validate everything before binding anything.
     let config = Config::load(path)?;
+    init_logging(config.log.format);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let listeners = Listeners::bind(&config.listen).await?;
-        server::run(config, listeners, shutdown_signal()).await
+        let listeners = Listeners::bind(&config).await?;
+        let live = Live::new(config, Metrics::new())?;
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(reload::run(live.clone(), reload_tx.clone(), reload_rx));
+        tokio::spawn(forward_sighup(reload_tx));
+        server::run(live, listeners, async {
+            let which = termination_signal().await;
+            tracing::info!(signal = which, "draining; a second SIGINT or SIGTERM exits at once");
+            tokio::spawn(async {
+                let which = termination_signal().await;
+                eprintln!("linkgate: second {which}: exiting now");
+                std::process::exit(1);
+            });
+        })
+        .await
     })
 }
 
-/// Completes on the first SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// Turns every SIGHUP into a reload request.
+async fn forward_sighup(reload: tokio::sync::mpsc::UnboundedSender<Trigger>) {
+    #[cfg(unix)]
+    {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP received");
+            if reload.send(Trigger::Signal).is_err() {
+                return;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    drop(reload);
+}
+
+/// Completes on the next SIGINT or SIGTERM and says which.
+async fn termination_signal() -> &'static str {
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!(error = %e, "cannot listen for SIGINT");
@@ -82,7 +127,7 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received"),
-        () = term => tracing::info!("SIGTERM received"),
+        () = ctrl_c => "SIGINT",
+        () = term => "SIGTERM",
     }
 }

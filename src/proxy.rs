@@ -1,28 +1,30 @@
 //! The request path: decide whether a request may be forwarded, rewrite its
-//! head for the upstream, stream it there and stream the answer back.
+//! head for the upstream, stream it there and stream the answer back, then
+//! log and count it.
 //!
 //! Every refusal and upstream failure is a [`ProxyError`]; [`ProxyError::status`]
 //! is the one place that maps them to HTTP status codes.
 
-use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body_util::{Either, Full};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
 
 use crate::host::HostName;
+use crate::metrics::{KindLabels, Metrics, OTHER_HOST};
+use crate::reload::Active;
 use crate::upstream::{Upstream, UpstreamError};
-
-/// The body of every response linkgate sends: the upstream's, streamed, or
-/// a short one of its own.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -41,20 +43,89 @@ static HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 /// What the server knows about the connection a request came in on.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ConnInfo {
-    /// The client's address.
+    /// The client's address: the peer, or what its PROXY header said.
     pub peer: SocketAddr,
     /// The configured host the TLS handshake named; `None` on plain http.
     pub sni: Option<HostName>,
+    /// Keep and append to the incoming X-Forwarded-For/-Proto: the peer is a
+    /// trusted proxy speaking HTTP (not a PROXY-protocol balancer relaying a client).
+    pub keep_forwarded: bool,
+    /// Negotiated TLS version, for the access log.
+    pub tls_version: Option<&'static str>,
+    /// Requests in flight, for the idle timeout.
+    pub activity: Activity,
 }
 
 impl ConnInfo {
+    pub fn new(
+        peer: SocketAddr,
+        sni: Option<HostName>,
+        keep_forwarded: bool,
+        tls_version: Option<&'static str>,
+    ) -> Self {
+        Self {
+            peer,
+            sni,
+            keep_forwarded,
+            tls_version,
+            activity: Activity::new(),
+        }
+    }
+
     fn proto(&self) -> &'static str {
         if self.sni.is_some() {
             "https"
         } else {
             "http"
+        }
+    }
+}
+
+/// Counts the requests in flight on a connection (from request head to the
+/// end of the response body) and when the last one ended.
+#[derive(Debug)]
+pub struct Activity {
+    in_flight: AtomicU32,
+    /// Milliseconds after `epoch` when the connection last became idle.
+    idle_since_ms: AtomicU64,
+    epoch: tokio::time::Instant,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            in_flight: AtomicU32::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            epoch: tokio::time::Instant::now(),
+        }
+    }
+
+    fn begin(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.idle_since_ms.store(ms, Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Completes once no request has been in flight for `limit`.
+    pub async fn idle_for(&self, limit: Duration) {
+        loop {
+            let idle_since = self.epoch + Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed));
+            let busy = self.in_flight.load(Ordering::Relaxed) > 0;
+            if !busy && idle_since + limit <= tokio::time::Instant::now() {
+                return;
+            }
+            let next = if busy {
+                tokio::time::Instant::now() + limit
+            } else {
+                idle_since + limit
+            };
+            tokio::time::sleep_until(next).await;
         }
     }
 }
@@ -68,6 +139,8 @@ pub enum ProxyError {
     Misdirected,
     /// CONNECT: linkgate never tunnels.
     MethodNotAllowed,
+    /// The request body is larger than `limits.max_request_body`.
+    BodyTooLarge,
     Upstream(UpstreamError),
 }
 
@@ -78,6 +151,7 @@ impl ProxyError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Misdirected => StatusCode::MISDIRECTED_REQUEST,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Upstream(UpstreamError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
         }
@@ -89,12 +163,13 @@ impl ProxyError {
             Self::BadRequest(why) => why,
             Self::Misdirected => "misdirected request: this connection does not serve that host\n",
             Self::MethodNotAllowed => "method not allowed\n",
+            Self::BodyTooLarge => "request body too large\n",
             Self::Upstream(UpstreamError::Timeout(_)) => "upstream timed out\n",
             Self::Upstream(_) => "upstream unavailable\n",
         }
     }
 
-    fn into_response(self, version: Version) -> Response<ProxyBody> {
+    fn into_response(self, version: Version) -> Response<Either<Incoming, Full<Bytes>>> {
         let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(self.body().as_bytes()))));
         *resp.status_mut() = self.status();
         let headers = resp.headers_mut();
@@ -102,69 +177,104 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        if matches!(self, Self::BadRequest(_) | Self::MethodNotAllowed) && version < Version::HTTP_2 {
-            // After a request we could not parse safely, do not read another from the same stream.
+        if matches!(self, Self::BadRequest(_) | Self::MethodNotAllowed | Self::BodyTooLarge)
+            && version < Version::HTTP_2
+        {
+            // After a request we could not take safely, do not read another from the same stream.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
     }
 }
 
-/// The proxy: the hosts it serves and where it sends their traffic.
+/// The proxy as one worker runs it for one configuration generation: the
+/// active configuration, this worker's upstream pool, and the metrics.
 pub struct Proxy {
-    hosts: HashSet<HostName>,
-    upstream: Upstream,
+    pub active: Arc<Active>,
+    pub upstream: Upstream,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Proxy {
-    pub fn new(hosts: impl IntoIterator<Item = HostName>, upstream: Upstream) -> Self {
-        Self {
-            hosts: hosts.into_iter().collect(),
-            upstream,
-        }
-    }
-
-    /// Handles one request end to end and logs it. Never fails: every error
-    /// becomes a response.
+    /// Handles one request end to end. Never fails: every error becomes a
+    /// response. The access log line and metrics are written when the
+    /// response body has been sent (or abandoned).
     pub async fn handle(
         self: Arc<Self>,
         conn: Arc<ConnInfo>,
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
-        let method = req.method().clone();
+        conn.activity.begin();
+        let log_cfg = &self.active.config.log;
+        let mut record = if log_cfg.access {
+            Some(AccessRecord {
+                method: req.method().clone(),
+                target: if log_cfg.query {
+                    req.uri()
+                        .path_and_query()
+                        .map_or_else(|| req.uri().path().to_owned(), |pq| pq.as_str().to_owned())
+                } else {
+                    req.uri().path().to_owned()
+                },
+                version: req.version(),
+                host: None,
+                status: 0,
+                upstream: None,
+                error: None,
+            })
+        } else {
+            None
+        };
         let version = req.version();
-        let path = req.uri().path().to_owned();
         let mut host = None;
         let result = self.forward(&conn, req, &mut host).await;
-        let host = host.as_ref().map_or("-", HostName::as_str);
-        let resp = match result {
-            Ok((resp, upstream_time)) => {
-                tracing::info!(
-                    client = %conn.peer, host, method = %method, path, status = resp.status().as_u16(),
-                    upstream_ms = upstream_time.as_millis() as u64,
-                    "request"
-                );
-                resp
-            }
+        let (resp, upstream_time, error) = match result {
+            Ok((resp, t)) => (resp, Some(t), None),
             Err(e) => {
-                let status = e.status().as_u16();
-                match &e {
-                    ProxyError::Upstream(err) => tracing::warn!(
-                        client = %conn.peer, host, method = %method, path, status,
-                        upstream_ms = started.elapsed().as_millis() as u64, error = %err,
-                        "request"
-                    ),
-                    other => tracing::info!(
-                        client = %conn.peer, host, method = %method, path, status,
-                        refused = other.body().trim_end(),
-                        "request"
-                    ),
+                if let ProxyError::Upstream(err) = &e {
+                    let kind = match err {
+                        UpstreamError::Connect(_) => "connect",
+                        UpstreamError::Tls(_) => "tls",
+                        UpstreamError::Timeout(_) => "timeout",
+                        UpstreamError::Broken(_) => "reset",
+                    };
+                    self.metrics.upstream_errors.get_or_create(&KindLabels { kind }).inc();
+                    tracing::warn!(client = %conn.peer, host = host.as_ref().map_or("-", HostName::as_str), error = %err, "upstream request failed");
                 }
-                e.into_response(version)
+                let message = e.body().trim_end();
+                let message = if matches!(e, ProxyError::Upstream(_)) {
+                    None
+                } else {
+                    Some(message)
+                };
+                (e.into_response(version), None, message)
             }
         };
-        Ok(resp)
+        let status = resp.status().as_u16();
+        if let Some(t) = upstream_time {
+            self.metrics.upstream_duration.observe(t.as_secs_f64());
+        }
+        self.metrics.request_duration.observe(started.elapsed().as_secs_f64());
+        let known_host = host.filter(|h| self.active.hosts.contains(h));
+        self.metrics
+            .request(known_host.as_ref().map_or(OTHER_HOST, HostName::as_str), status);
+        if let Some(r) = record.as_mut() {
+            r.host = known_host;
+            r.status = status;
+            r.upstream = upstream_time;
+            r.error = error;
+        }
+        let (parts, body) = resp.into_parts();
+        Ok(Response::from_parts(
+            parts,
+            ProxyBody {
+                inner: body,
+                sent: 0,
+                log: record.map(|r| (r, started)),
+                conn,
+            },
+        ))
     }
 
     async fn forward(
@@ -172,7 +282,7 @@ impl Proxy {
         conn: &ConnInfo,
         req: Request<Incoming>,
         host_out: &mut Option<HostName>,
-    ) -> Result<(Response<ProxyBody>, Duration), ProxyError> {
+    ) -> Result<(Response<Either<Incoming, Full<Bytes>>>, Duration), ProxyError> {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::MethodNotAllowed);
         }
@@ -180,18 +290,24 @@ impl Proxy {
         *host_out = Some(host.clone());
         let allowed = match &conn.sni {
             Some(sni) => *sni == host,
-            None => self.hosts.contains(&host),
+            None => self.active.hosts.contains(&host),
         };
         if !allowed {
             return Err(ProxyError::Misdirected);
         }
         let path_and_query = match req.uri().path_and_query() {
             Some(pq) if pq.as_str().starts_with('/') => pq.clone(),
-            _ if req.uri().path_and_query().is_none() && req.uri().authority().is_some() => {
-                PathAndQuery::from_static("/")
-            }
+            None if req.uri().authority().is_some() => PathAndQuery::from_static("/"),
             _ => return Err(ProxyError::BadRequest("request target must be an absolute path\n")),
         };
+        let max_body = self.active.config.limits.max_request_body;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max_body) {
+            return Err(ProxyError::BodyTooLarge);
+        }
 
         let (mut parts, body) = req.into_parts();
         parts.uri = self
@@ -203,16 +319,89 @@ impl Proxy {
         rewrite_request_headers(&mut parts.headers, &host, conn);
 
         let sent = Instant::now();
+        let body = Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX));
         let resp = self
             .upstream
             .send(Request::from_parts(parts, body))
             .await
-            .map_err(ProxyError::Upstream)?;
+            .map_err(|e| {
+                if e.is_body_limit() {
+                    ProxyError::BodyTooLarge
+                } else {
+                    ProxyError::Upstream(e)
+                }
+            })?;
         let upstream_time = sent.elapsed();
 
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         Ok((Response::from_parts(parts, Either::Left(body)), upstream_time))
+    }
+}
+
+/// What the access log line says about a request, filled in as it is handled.
+struct AccessRecord {
+    method: Method,
+    target: String,
+    version: Version,
+    host: Option<HostName>,
+    status: u16,
+    upstream: Option<Duration>,
+    error: Option<&'static str>,
+}
+
+/// The body of every response linkgate sends: the upstream's, streamed, or a
+/// short one of its own. Counts the bytes sent and writes the access log
+/// line when the body ends or is dropped.
+pub struct ProxyBody {
+    inner: Either<Incoming, Full<Bytes>>,
+    sent: u64,
+    log: Option<(AccessRecord, Instant)>,
+    conn: Arc<ConnInfo>,
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.sent += data.len() as u64;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        let conn = &self.conn;
+        conn.activity.end();
+        let Some((r, started)) = self.log.take() else { return };
+        tracing::info!(
+            target: "linkgate::access",
+            client = %conn.peer,
+            host = r.host.as_ref().map_or("-", HostName::as_str),
+            method = %r.method,
+            path = %r.target,
+            status = r.status,
+            bytes = self.sent,
+            upstream_ms = r.upstream.map_or(-1, |d| d.as_millis() as i64),
+            total_ms = started.elapsed().as_millis() as u64,
+            protocol = ?r.version,
+            tls = conn.tls_version.unwrap_or("-"),
+            refused = r.error.unwrap_or(""),
+        );
     }
 }
 
@@ -247,8 +436,9 @@ fn request_host<B>(req: &Request<B>) -> Result<HostName, ProxyError> {
 }
 
 /// Prepares request headers for the upstream: hop-by-hop headers removed,
-/// Host set to the branded name, X-Forwarded-For appended, X-Forwarded-Proto
-/// and X-Forwarded-Host set.
+/// Host set to the branded name, X-Forwarded-For appended to (trusted peers)
+/// or replaced (anyone else), X-Forwarded-Proto kept from a trusted peer or
+/// set, X-Forwarded-Host set.
 fn rewrite_request_headers(headers: &mut HeaderMap, host: &HostName, conn: &ConnInfo) {
     strip_hop_by_hop(headers);
     // A HostName is a valid header value by construction (letters, digits, '-', '_', '.').
@@ -263,7 +453,7 @@ fn rewrite_request_headers(headers: &mut HeaderMap, host: &HostName, conn: &Conn
             .iter()
             .filter_map(|v| v.to_str().ok())
             .peekable();
-        if previous.peek().is_some() {
+        if conn.keep_forwarded && previous.peek().is_some() {
             let mut list = previous.collect::<Vec<_>>().join(", ");
             list.push_str(", ");
             list.push_str(&client_ip);
@@ -276,7 +466,9 @@ fn rewrite_request_headers(headers: &mut HeaderMap, host: &HostName, conn: &Conn
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(conn.proto()));
+    if !(conn.keep_forwarded && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(conn.proto()));
+    }
 }
 
 /// Removes hop-by-hop headers and every header the Connection header names.
@@ -335,6 +527,7 @@ mod tests {
         assert_eq!(ProxyError::BadRequest("x").status(), 400);
         assert_eq!(ProxyError::Misdirected.status(), 421);
         assert_eq!(ProxyError::MethodNotAllowed.status(), 405);
+        assert_eq!(ProxyError::BodyTooLarge.status(), 413);
         assert_eq!(ProxyError::Upstream(UpstreamError::Connect(boxed())).status(), 502);
         assert_eq!(ProxyError::Upstream(UpstreamError::Tls(boxed())).status(), 502);
         assert_eq!(ProxyError::Upstream(UpstreamError::Broken(boxed())).status(), 502);
@@ -361,14 +554,17 @@ mod tests {
         h.insert(header::USER_AGENT, HeaderValue::from_static("ua"));
         h.insert(header::COOKIE, HeaderValue::from_static("a=b"));
         let host = HostName::parse("url1.example.com").expect("valid");
-        let conn = ConnInfo {
-            peer: "203.0.113.7:5555".parse().expect("addr"),
-            sni: Some(host.clone()),
-        };
+        let conn = ConnInfo::new(
+            "203.0.113.7:5555".parse().expect("addr"),
+            Some(host.clone()),
+            true,
+            None,
+        );
+        let mut untrusted = h.clone();
         rewrite_request_headers(&mut h, &host, &conn);
         assert_eq!(h["host"], "url1.example.com");
         assert_eq!(h["x-forwarded-host"], "url1.example.com");
-        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-proto"], "ftp", "kept from a trusted peer");
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-for"], "198.51.100.1, 198.51.100.2, 203.0.113.7");
         for gone in [
@@ -384,5 +580,11 @@ mod tests {
         }
         assert_eq!(h["user-agent"], "ua");
         assert_eq!(h["cookie"], "a=b");
+
+        // From an untrusted peer the client's claims are replaced, not extended.
+        let conn = ConnInfo::new(conn.peer, conn.sni.clone(), false, None);
+        rewrite_request_headers(&mut untrusted, &host, &conn);
+        assert_eq!(untrusted["x-forwarded-for"], "203.0.113.7");
+        assert_eq!(untrusted["x-forwarded-proto"], "https");
     }
 }

@@ -1,34 +1,37 @@
-//! Listeners and connections: accept on the https and http listeners, run
-//! the TLS handshake (refusing unknown SNI before any certificate is sent),
-//! serve HTTP/1.1 and HTTP/2 on each connection, and drain on shutdown.
+//! Listeners and connections: accept on the https and http listeners (and
+//! serve the admin endpoints), read an optional PROXY header, run the TLS
+//! handshake (refusing unknown SNI before any certificate is sent), serve
+//! HTTP/1.1 or HTTP/2 on each connection within the configured limits, and
+//! drain on shutdown.
+//!
+//! Connections are served by one worker thread per core, each with its own
+//! single-threaded Tokio runtime and its own upstream connection pool, all
+//! accepting on the same sockets: a connection and everything it causes
+//! stays on one thread, with no cross-thread wake-ups on the request path.
 
 use std::future::{pending, Future};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper::server::conn::{http1, http2};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::{timeout_at, Instant};
 use tokio_rustls::LazyConfigAcceptor;
 
-use crate::config::{Config, Listen};
+use crate::config::{Config, Limits};
+use crate::host::HostName;
 use crate::proxy::{ConnInfo, Proxy};
-use crate::tls::{self, SniResolver};
+use crate::reload::{Active, Live};
 use crate::upstream::Upstream;
+use crate::{admin, proxy_protocol, tls};
 
-/// Time allowed for a whole TLS handshake, from accept to the last handshake message.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time allowed to receive a complete HTTP/1 request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time in-flight requests get to finish after shutdown begins.
-const GRACE_PERIOD: Duration = Duration::from_secs(30);
 /// Pause after a failed accept (e.g. EMFILE) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -36,23 +39,28 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 pub struct Listeners {
     https: std::net::TcpListener,
     http: Option<std::net::TcpListener>,
+    admin: Option<std::net::TcpListener>,
 }
 
 impl Listeners {
     /// Binds the configured addresses. The error names the address.
-    pub async fn bind(listen: &Listen) -> anyhow::Result<Self> {
-        let bind = |addr: SocketAddr| async move {
+    pub async fn bind(config: &Config) -> anyhow::Result<Self> {
+        async fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
             TcpListener::bind(addr)
                 .await
                 .and_then(TcpListener::into_std)
                 .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
-        };
-        let https = bind(listen.https).await?;
-        let http = match listen.http {
+        }
+        let https = bind(config.listen.https).await?;
+        let http = match config.listen.http {
             Some(addr) => Some(bind(addr).await?),
             None => None,
         };
-        Ok(Self { https, http })
+        let admin = match config.admin {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        Ok(Self { https, http, admin })
     }
 
     /// The address the https listener is bound to (useful after binding port 0).
@@ -65,101 +73,103 @@ impl Listeners {
         self.http.as_ref().map(std::net::TcpListener::local_addr)
     }
 
-    fn try_clone(&self) -> io::Result<Self> {
-        Ok(Self {
-            https: self.https.try_clone()?,
-            http: self.http.as_ref().map(std::net::TcpListener::try_clone).transpose()?,
-        })
+    /// The address the admin listener is bound to, if there is one.
+    pub fn admin_addr(&self) -> Option<io::Result<SocketAddr>> {
+        self.admin.as_ref().map(std::net::TcpListener::local_addr)
     }
 }
 
-/// State shared by every connection of one worker.
+/// What every worker shares.
 struct Shared {
-    tls: Arc<ServerConfig>,
-    sni: Arc<SniResolver>,
-    proxy: Arc<Proxy>,
-    h1: http1::Builder,
-    h2: http2::Builder<TokioExecutor>,
+    live: Arc<Live>,
+    /// `limits.max_connections`, across all workers; a permit per open connection.
+    connections: Arc<Semaphore>,
+    /// Becomes true when the workers must stop accepting and drain.
+    stopping: watch::Receiver<bool>,
 }
 
-/// The HTTP version a connection speaks: chosen by ALPN on TLS, HTTP/1 on plain http.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Protocol {
-    Http1,
-    Http2,
-}
-
-/// Serves `config` on `listeners` until `shutdown` completes, then stops
-/// accepting and waits up to the grace period for open requests to finish.
-///
-/// Connections are served by one worker thread per core, each with its own
-/// single-threaded Tokio runtime and its own upstream connection pool, all
-/// accepting on the same sockets: a connection and everything it causes
-/// stays on one thread, with no cross-thread wake-ups on the request path.
-pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let sni = Arc::new(SniResolver::new(
-        config.hosts.iter().map(|h| (h.name.clone(), h.certified_key.clone())),
-    ));
-    let tls = tls::server_config(sni.clone())?;
+/// Serves the live configuration on `listeners` until `shutdown` completes,
+/// then drains: /readyz turns 503 at once, accepting goes on for
+/// `shutdown.drain_delay`, then the listeners close, HTTP/1 connections get
+/// `Connection: close` and HTTP/2 connections GOAWAY, and in-flight requests
+/// get `shutdown.grace_period` to finish.
+pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let config = live.load().config.clone();
+    // Fail now, not on the first connection, if the upstream client cannot be built.
+    Upstream::new(&config.upstream)?;
     let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-
     tracing::info!(
         https = %listeners.https_addr()?,
         http = %listeners.http_addr().transpose()?.map_or("-".into(), |a| a.to_string()),
+        admin = %listeners.admin_addr().transpose()?.map_or("-".into(), |a| a.to_string()),
         hosts = config.hosts.len(),
         upstream = %format!("{}://{}", config.upstream.scheme, config.upstream.authority),
         workers,
         "linkgate listening"
     );
 
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (stop, stopping) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        live: live.clone(),
+        connections: Arc::new(Semaphore::new(config.limits.max_connections as usize)),
+        stopping,
+    });
+    let admin = match &listeners.admin {
+        Some(l) => Some(tokio::spawn(admin::serve(
+            TcpListener::from_std(l.try_clone()?)?,
+            live.clone(),
+        ))),
+        None => None,
+    };
+
     let mut done = Vec::with_capacity(workers);
     for id in 0..workers {
-        let shared = Shared {
-            tls: tls.clone(),
-            sni: sni.clone(),
-            proxy: Arc::new(Proxy::new(
-                config.hosts.iter().map(|h| h.name.clone()),
-                Upstream::new(&config.upstream)?,
-            )),
-            h1: http1_builder(),
-            h2: http2_builder(),
-        };
-        let listeners = listeners.try_clone()?;
-        let stopped = stopped.clone();
+        let https = listeners.https.try_clone()?;
+        let http = listeners
+            .http
+            .as_ref()
+            .map(std::net::TcpListener::try_clone)
+            .transpose()?;
+        let shared = shared.clone();
         let (finished, on_finish) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
             .name(format!("linkgate-{id}"))
             .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot start worker runtime");
-                        return;
-                    }
-                };
-                runtime.block_on(worker(Arc::new(shared), listeners, stopped));
+                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime.block_on(worker(shared, https, http)),
+                    Err(e) => tracing::error!(error = %e, "cannot start worker runtime"),
+                }
                 let _ = finished.send(());
             })?;
         done.push(on_finish);
     }
-    drop(listeners);
+    let Listeners { https, http, .. } = listeners;
+    drop((https, http));
+    live.ready.store(true, Ordering::SeqCst);
 
     shutdown.await;
-    tracing::info!("shutting down: listeners closed, draining open connections");
+    live.ready.store(false, Ordering::SeqCst);
+    let drain = live.load().config.shutdown.clone();
+    tracing::info!(drain_delay = ?drain.drain_delay, grace_period = ?drain.grace_period, "shutting down: /readyz now answers 503");
+    tokio::time::sleep(drain.drain_delay).await;
+    tracing::info!("listeners closed, draining open connections");
     let _ = stop.send(true);
     for worker in done {
         let _ = worker.await;
+    }
+    if let Some(admin) = admin {
+        admin.abort();
     }
     tracing::info!("shut down");
     Ok(())
 }
 
-/// One worker: accepts on both listeners until `stopped`, then drains.
-async fn worker(shared: Arc<Shared>, listeners: Listeners, mut stopped: tokio::sync::watch::Receiver<bool>) {
+/// One worker: accepts on both listeners until told to stop, then waits for
+/// its connections to finish (at most the grace period).
+async fn worker(shared: Arc<Shared>, https: std::net::TcpListener, http: Option<std::net::TcpListener>) {
     let (https, http) = match (
-        TcpListener::from_std(listeners.https),
-        listeners.http.map(TcpListener::from_std).transpose(),
+        TcpListener::from_std(https),
+        http.map(TcpListener::from_std).transpose(),
     ) {
         (Ok(https), Ok(http)) => (https, http),
         (Err(e), _) | (_, Err(e)) => {
@@ -167,68 +177,79 @@ async fn worker(shared: Arc<Shared>, listeners: Listeners, mut stopped: tokio::s
             return;
         }
     };
-    let graceful = GracefulShutdown::new();
+    // Every connection task holds a sender; when all are dropped, the worker is drained.
+    let (open, mut drained) = mpsc::channel::<()>(1);
+    let mut proxy: Option<Arc<Proxy>> = None;
+    let mut stopping = shared.stopping.clone();
     loop {
-        tokio::select! {
-            _ = stopped.wait_for(|stop| *stop) => break,
-            accepted = https.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let shared = shared.clone();
-                    let watcher = graceful.watcher();
-                    tokio::spawn(async move {
-                        let Some((tls, host)) = handshake(&shared, stream, peer).await else { return };
-                        let protocol = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                            Protocol::Http2
-                        } else {
-                            Protocol::Http1
-                        };
-                        let info = Arc::new(ConnInfo { peer, sni: Some(host) });
-                        serve(&shared, tls, info, protocol, watcher).await;
-                    });
-                }
-                Err(e) => accept_failed(e).await,
+        let permit = tokio::select! {
+            _ = stopping.wait_for(|s| *s) => break,
+            permit = shared.connections.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
             },
-            accepted = accept_optional(http.as_ref()) => match accepted {
-                Ok((stream, peer)) => {
-                    let shared = shared.clone();
-                    let watcher = graceful.watcher();
-                    tokio::spawn(async move {
-                        let _ = stream.set_nodelay(true);
-                        let info = Arc::new(ConnInfo { peer, sni: None });
-                        serve(&shared, stream, info, Protocol::Http1, watcher).await;
-                    });
-                }
-                Err(e) => accept_failed(e).await,
-            },
-        }
+        };
+        let (accepted, is_tls) = tokio::select! {
+            _ = stopping.wait_for(|s| *s) => break,
+            accepted = https.accept() => (accepted, true),
+            accepted = accept_optional(http.as_ref()) => (accepted, false),
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed; retrying shortly");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Some(current) = current_proxy(&shared.live, &mut proxy) else {
+            continue;
+        };
+        let (open, shared) = (open.clone(), shared.clone());
+        tokio::spawn(async move {
+            let metrics = &shared.live.metrics;
+            metrics.open_connections.inc();
+            connection(&shared, current, stream, peer, is_tls).await;
+            metrics.open_connections.dec();
+            drop(permit);
+            drop(open);
+        });
     }
-
-    drop(https);
-    drop(http);
-    tracing::debug!("worker draining open connections");
-    tokio::select! {
-        () = graceful.shutdown() => tracing::debug!("worker: all connections closed"),
-        () = tokio::time::sleep(GRACE_PERIOD) => tracing::warn!("grace period over, closing remaining connections"),
+    drop((https, http, open));
+    let grace = shared.live.load().config.shutdown.grace_period;
+    if tokio::time::timeout(grace, drained.recv()).await.is_err() {
+        tracing::warn!("grace period over, closing remaining connections");
     }
 }
 
-fn http1_builder() -> http1::Builder {
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(64 * 1024);
-    builder
-}
-
-fn http2_builder() -> http2::Builder<TokioExecutor> {
-    let mut builder = http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(128)
-        .max_header_list_size(64 * 1024)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
-    builder
+/// This worker's proxy for the configuration in force: rebuilt after a
+/// reload, keeping the upstream pool when the upstream settings did not change.
+fn current_proxy(live: &Live, cached: &mut Option<Arc<Proxy>>) -> Option<Arc<Proxy>> {
+    let active = live.load();
+    if let Some(p) = cached.as_ref().filter(|p| p.active.generation == active.generation) {
+        return Some(p.clone());
+    }
+    let upstream = match cached
+        .as_ref()
+        .filter(|p| p.active.config.upstream == active.config.upstream)
+    {
+        Some(p) => p.upstream.clone(),
+        None => match Upstream::new(&active.config.upstream) {
+            Ok(u) => u,
+            Err(e) => {
+                // The roots were checked at start-up and on reload; keep what works if this still fails.
+                tracing::error!(error = %e, "cannot build the upstream client for the new configuration");
+                return cached.clone();
+            }
+        },
+    };
+    let p = Arc::new(Proxy {
+        active,
+        upstream,
+        metrics: live.metrics.clone(),
+    });
+    *cached = Some(p.clone());
+    Some(p)
 }
 
 async fn accept_optional(listener: Option<&TcpListener>) -> io::Result<(TcpStream, SocketAddr)> {
@@ -238,20 +259,67 @@ async fn accept_optional(listener: Option<&TcpListener>) -> io::Result<(TcpStrea
     }
 }
 
-async fn accept_failed(e: io::Error) {
-    tracing::warn!(error = %e, "accept failed; retrying shortly");
-    tokio::time::sleep(ACCEPT_BACKOFF).await;
+/// One client connection, from accept to close.
+async fn connection(shared: &Shared, proxy: Arc<Proxy>, mut stream: TcpStream, peer: SocketAddr, is_tls: bool) {
+    let _ = stream.set_nodelay(true);
+    let listen = &proxy.active.config.listen;
+    let limits = &proxy.active.config.limits;
+    let deadline = Instant::now() + limits.handshake_timeout;
+    let trusted = listen.is_trusted(peer.ip());
+    let mut client = peer;
+    if listen.proxy_protocol {
+        if !trusted {
+            tracing::debug!(peer = %peer, "connection refused: PROXY protocol expected, peer not in trusted_proxies");
+            return;
+        }
+        match timeout_at(deadline, proxy_protocol::read_header(&mut stream)).await {
+            Ok(Ok(Some(addr))) => client = addr,
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %peer, error = %e, "connection dropped: bad PROXY header");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(peer = %peer, "connection dropped: no PROXY header in time");
+                return;
+            }
+        }
+    }
+    let keep_forwarded = trusted && !listen.proxy_protocol;
+    let stopping = shared.stopping.clone();
+    if !is_tls {
+        let info = ConnInfo::new(client, None, keep_forwarded, None);
+        serve(proxy, stream, info, Protocol::Http1, stopping).await;
+        return;
+    }
+    let Some((tls, host)) = handshake(&proxy.active, &shared.live, stream, client, deadline).await else {
+        return;
+    };
+    let conn = tls.get_ref().1;
+    let protocol = if conn.alpn_protocol() == Some(b"h2") {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
+    };
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => Some("TLSv1.3"),
+        Some(rustls::ProtocolVersion::TLSv1_2) => Some("TLSv1.2"),
+        _ => None,
+    };
+    let info = ConnInfo::new(client, Some(host), keep_forwarded, version);
+    serve(proxy, tls, info, protocol, stopping).await;
 }
 
 /// Runs the TLS handshake. A ClientHello without SNI or naming a host we do
 /// not serve gets an `unrecognized_name` alert and the connection is closed.
 async fn handshake(
-    shared: &Shared,
+    active: &Active,
+    live: &Live,
     stream: TcpStream,
     peer: SocketAddr,
-) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, crate::host::HostName)> {
-    let _ = stream.set_nodelay(true);
-    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    deadline: Instant,
+) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, HostName)> {
+    let metrics = &live.metrics;
     let start = match timeout_at(
         deadline,
         LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream),
@@ -260,34 +328,35 @@ async fn handshake(
     {
         Ok(Ok(start)) => start,
         Ok(Err(e)) => {
+            metrics.handshake("error");
             tracing::debug!(client = %peer, error = %e, "TLS handshake failed before ClientHello");
             return None;
         }
         Err(_) => {
+            metrics.handshake("error");
             tracing::debug!(client = %peer, "TLS handshake timed out");
             return None;
         }
     };
-    let host = start
-        .client_hello()
-        .server_name()
-        .and_then(|sni| shared.sni.host_for(sni).cloned());
-    let Some(host) = host else {
-        tracing::debug!(
-            client = %peer,
-            sni = start.client_hello().server_name().unwrap_or("<none>"),
-            "TLS handshake refused: unknown or missing SNI"
-        );
+    let sni = start.client_hello().server_name().map(str::to_owned);
+    let Some(host) = sni.as_deref().and_then(|sni| active.sni.host_for(sni).cloned()) else {
+        metrics.handshake(if sni.is_some() { "unknown_sni" } else { "no_sni" });
+        tracing::debug!(client = %peer, sni = sni.as_deref().unwrap_or("<none>"), "TLS handshake refused: unknown or missing SNI");
         refuse(start.io).await;
         return None;
     };
-    match timeout_at(deadline, start.into_stream(shared.tls.clone())).await {
-        Ok(Ok(tls)) => Some((tls, host)),
+    match timeout_at(deadline, start.into_stream(active.tls.clone())).await {
+        Ok(Ok(tls)) => {
+            metrics.handshake("ok");
+            Some((tls, host))
+        }
         Ok(Err(e)) => {
+            metrics.handshake("error");
             tracing::debug!(client = %peer, sni = %host, error = %e, "TLS handshake failed");
             None
         }
         Err(_) => {
+            metrics.handshake("error");
             tracing::debug!(client = %peer, sni = %host, "TLS handshake timed out");
             None
         }
@@ -302,19 +371,77 @@ async fn refuse(mut io: TcpStream) {
     .await;
 }
 
-/// Serves HTTP on one established connection until it closes.
-async fn serve<IO>(shared: &Shared, io: IO, info: Arc<ConnInfo>, protocol: Protocol, watcher: Watcher)
+/// The HTTP version a connection speaks: chosen by ALPN on TLS, HTTP/1 on plain http.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// Serves HTTP on one established connection until it closes, is idle for
+/// `limits.idle_timeout`, or the server drains.
+async fn serve<IO>(proxy: Arc<Proxy>, io: IO, info: ConnInfo, protocol: Protocol, mut stopping: watch::Receiver<bool>)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let proxy = shared.proxy.clone();
-    let service = service_fn(move |req| proxy.clone().handle(info.clone(), req));
-    let io = TokioIo::new(io);
-    let result = match protocol {
-        Protocol::Http1 => watcher.watch(shared.h1.serve_connection(io, service)).await,
-        Protocol::Http2 => watcher.watch(shared.h2.serve_connection(io, service)).await,
+    let limits = proxy.active.config.limits.clone();
+    let info = Arc::new(info);
+    let service = {
+        let (proxy, info) = (proxy.clone(), info.clone());
+        service_fn(move |req| proxy.clone().handle(info.clone(), req))
     };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "connection ended with an error");
+    let io = TokioIo::new(io);
+    macro_rules! drive {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
+            let mut draining = false;
+            loop {
+                tokio::select! {
+                    result = conn.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!(client = %info.peer, error = %e, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = stopping.wait_for(|s| *s), if !draining => {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    () = info.activity.idle_for(limits.idle_timeout), if !draining => {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        }};
     }
+    match protocol {
+        Protocol::Http1 => drive!(http1_builder(&limits).serve_connection(io, service)),
+        Protocol::Http2 => drive!(http2_builder(&limits).serve_connection(io, service)),
+    }
+}
+
+fn http1_builder(limits: &Limits) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // hyper answers 431 when a request head does not fit; its buffer has a floor of 8 KiB.
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+}
+
+fn http2_builder(limits: &Limits) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(128)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Rapid-reset (CVE-2023-44487) and other reset floods: GOAWAY after this many.
+        .max_pending_accept_reset_streams(Some(64))
+        .max_local_error_reset_streams(Some(256))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
 }

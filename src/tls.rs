@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
-use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert};
+use rustls::server::{ClientHello, ParsedCertificate, ProducesTickets, ResolvesServerCert, StoresServerSessions};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
@@ -158,14 +158,28 @@ impl ResolvesServerCert for SniResolver {
 /// Builds the listener's TLS configuration: TLS 1.3 and 1.2 only, ALPN h2
 /// and http/1.1, certificates chosen by `resolver`, stateless session tickets
 /// plus an in-memory session cache for resumption.
-pub fn server_config(resolver: Arc<SniResolver>) -> Result<Arc<ServerConfig>, rustls::Error> {
+///
+/// The ticketer and session cache are passed in so that one pair serves the
+/// whole process: resumption keeps working across reloads.
+pub fn server_config(
+    resolver: Arc<SniResolver>,
+    ticketer: Arc<dyn ProducesTickets>,
+    sessions: Arc<dyn StoresServerSessions + Send + Sync>,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+    config.ticketer = ticketer;
+    config.session_storage = sessions;
     Ok(Arc::new(config))
+}
+
+/// The end of a certificate's validity, as Unix time.
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
 }
 
 #[cfg(test)]

@@ -28,10 +28,13 @@ use crate::config;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
+/// The request body sent upstream: the client's, streamed, capped at `limits.max_request_body`.
+pub type RequestBody = http_body_util::Limited<Incoming>;
+
 /// A pooled client bound to one upstream.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpsConnector<Dialer>, Incoming>,
+    client: Client<HttpsConnector<Dialer>, RequestBody>,
     scheme: Scheme,
     authority: Authority,
     response_timeout: Duration,
@@ -62,6 +65,23 @@ impl fmt::Display for UpstreamError {
 }
 
 impl StdError for UpstreamError {}
+
+impl UpstreamError {
+    /// True when the request failed because the client's body passed the size cap.
+    pub fn is_body_limit(&self) -> bool {
+        let (Self::Connect(e) | Self::Tls(e) | Self::Broken(e)) = self else {
+            return false;
+        };
+        let mut source: Option<&(dyn StdError + 'static)> = Some(e.as_ref());
+        while let Some(s) = source {
+            if s.is::<http_body_util::LengthLimitError>() {
+                return true;
+            }
+            source = s.source();
+        }
+        false
+    }
+}
 
 /// Formats an error with all its sources on one line.
 fn chain(e: &(dyn StdError + 'static)) -> String {
@@ -109,7 +129,7 @@ impl Upstream {
             .wrap_connector(dialer);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(cfg.pool_idle_timeout)
             .build(connector);
         Ok(Self {
             client,
@@ -130,7 +150,7 @@ impl Upstream {
 
     /// Sends a request (its URI made by [`Upstream::uri_for`]) and waits for
     /// the response head. The body is streamed by the caller.
-    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+    pub async fn send(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, UpstreamError> {
         match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
             Err(_) => Err(UpstreamError::Timeout(self.response_timeout)),
             Ok(Ok(resp)) => Ok(resp),

@@ -267,8 +267,11 @@ async fn handle(
 pub struct Linkgate {
     pub https: SocketAddr,
     pub http: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub live: Arc<linkgate::reload::Live>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    reloader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Linkgate {
@@ -277,19 +280,32 @@ impl Linkgate {
         let path = dir.join("linkgate.toml");
         std::fs::write(&path, toml).expect("write config");
         let config = linkgate::config::Config::load(&path).unwrap_or_else(|e| panic!("config refused: {e}"));
-        let listeners = linkgate::server::Listeners::bind(&config.listen).await.expect("bind");
+        let listeners = linkgate::server::Listeners::bind(&config).await.expect("bind");
         let https = listeners.https_addr().expect("https addr");
         let http = listeners.http_addr().map(|a| a.expect("http addr"));
+        let admin = listeners.admin_addr().map(|a| a.expect("admin addr"));
+        let live = linkgate::reload::Live::new(config, linkgate::metrics::Metrics::new()).expect("live");
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(linkgate::server::run(config, listeners, async {
+        let task = tokio::spawn(linkgate::server::run(live.clone(), listeners, async {
             let _ = stopped.await;
         }));
         Self {
             https,
             http,
+            admin,
+            live,
             stop: Some(stop),
             task: Some(task),
+            reloader: None,
         }
+    }
+
+    /// Like [`Linkgate::start`], with the file watcher running (reloads on file changes).
+    pub async fn start_watching(dir: &Path, toml: &str) -> Self {
+        let mut lg = Self::start(dir, toml).await;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        lg.reloader = Some(tokio::spawn(linkgate::reload::run(lg.live.clone(), tx, rx)));
+        lg
     }
 
     /// `https://<host>:<port><path>` for a client that resolves `host` to us.
@@ -299,6 +315,11 @@ impl Linkgate {
 
     pub fn http_url(&self, host: &str, path: &str) -> String {
         format!("http://{host}:{}{path}", self.http.expect("http listener").port())
+    }
+
+    /// `http://<admin address><path>`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin.expect("admin listener"))
     }
 
     /// Stops the server and waits for it to finish draining.
@@ -320,6 +341,9 @@ impl Drop for Linkgate {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
+        }
+        if let Some(r) = self.reloader.take() {
+            r.abort();
         }
     }
 }

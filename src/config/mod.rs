@@ -7,59 +7,29 @@
 //! [`ConfigError`] whose `Display` is one line naming the file and the key or
 //! host at fault.
 
+mod raw;
+mod units;
+
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 use rustls::sign::CertifiedKey;
-use serde::Deserialize;
+
+pub use units::{parse_duration, parse_size, IpNet};
 
 use crate::host::HostName;
 use crate::tls;
+use raw::{RawConfig, RawLimits, RawLog, RawShutdown, RawUpstream, SizeValue};
 
 /// Where to read the config when neither `--config` nor `$LINKGATE_CONFIG` says.
 pub const DEFAULT_PATH: &str = "config/linkgate.toml";
 /// The upstream used when `[upstream] url` is not set.
 pub const DEFAULT_UPSTREAM: &str = "https://sendgrid.net";
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    listen: RawListen,
-    #[serde(default)]
-    upstream: RawUpstream,
-    #[serde(default, rename = "host")]
-    hosts: Vec<RawHost>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawListen {
-    https: String,
-    http: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawUpstream {
-    url: Option<String>,
-    connect_to: Option<String>,
-    ca_file: Option<PathBuf>,
-    connect_timeout: Option<String>,
-    response_timeout: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawHost {
-    name: String,
-    cert: PathBuf,
-    key: PathBuf,
-}
 
 /// A validated configuration. Every value in it has been checked.
 #[derive(Debug, Clone)]
@@ -70,12 +40,100 @@ pub struct Config {
     pub upstream: Upstream,
     /// One entry per `[[host]]`, in file order, names unique.
     pub hosts: Vec<Host>,
+    /// `[admin] listen`: where /healthz, /readyz and /metrics are served.
+    pub admin: Option<SocketAddr>,
+    pub limits: Limits,
+    pub shutdown: Shutdown,
+    pub log: Log,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listen {
     pub https: SocketAddr,
     pub http: Option<SocketAddr>,
+    /// Expect a PROXY protocol v1 or v2 header on every connection.
+    pub proxy_protocol: bool,
+    /// Peers allowed to send PROXY headers, and whose X-Forwarded-For/-Proto are kept.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl Listen {
+    /// True when `ip` is one of the trusted proxies.
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|net| net.contains(ip))
+    }
+}
+
+/// Bounds on every phase of a connection and on request sizes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// PROXY header (if expected) and TLS handshake, from accept.
+    pub handshake_timeout: Duration,
+    /// Time to receive a complete HTTP/1 request head, counted from when linkgate
+    /// starts waiting for one (so it also bounds a keep-alive wait).
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    pub max_connections: u32,
+    /// Request heads above this answer 431.
+    pub max_header_bytes: usize,
+    /// Request bodies above this answer 413.
+    pub max_request_body: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 20_000,
+            max_header_bytes: 16_384,
+            max_request_body: 1 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shutdown {
+    /// After SIGTERM, keep accepting this long with /readyz already 503.
+    pub drain_delay: Duration,
+    /// Then stop accepting and give in-flight requests this long to finish.
+    pub grace_period: Duration,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self {
+            drain_delay: Duration::ZERO,
+            grace_period: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Log {
+    pub format: LogFormat,
+    /// One access line per request.
+    pub access: bool,
+    /// Log the query string too (tracking tokens identify recipients: off by default).
+    pub query: bool,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            access: true,
+            query: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +149,19 @@ pub struct Upstream {
     pub ca_certs: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+}
+
+impl PartialEq for Upstream {
+    fn eq(&self, other: &Self) -> bool {
+        self.scheme == other.scheme
+            && self.authority == other.authority
+            && self.connect_to == other.connect_to
+            && self.ca_certs == other.ca_certs
+            && self.connect_timeout == other.connect_timeout
+            && self.response_timeout == other.response_timeout
+            && self.pool_idle_timeout == other.pool_idle_timeout
+    }
 }
 
 #[derive(Clone)]
@@ -173,12 +244,36 @@ impl Config {
                 .map(parse_addr)
                 .transpose()
                 .map_err(|m| key_err("listen.http", m))?,
+            proxy_protocol: raw.listen.proxy_protocol,
+            trusted_proxies: raw
+                .listen
+                .trusted_proxies
+                .iter()
+                .map(|s| IpNet::parse(s))
+                .collect::<Result<_, _>>()
+                .map_err(|m| key_err("listen.trusted_proxies", m))?,
         };
+        if listen.proxy_protocol && listen.trusted_proxies.is_empty() {
+            return Err(key_err(
+                "listen.trusted_proxies",
+                "proxy_protocol = true needs the load balancers' addresses here: PROXY headers are accepted only from them".into(),
+            ));
+        }
         if listen.http == Some(listen.https) && listen.https.port() != 0 {
             return Err(key_err("listen.http", "must differ from listen.https".into()));
         }
 
         let upstream = build_upstream(raw.upstream, base).map_err(|(key, m)| key_err(key, m))?;
+        let admin = raw
+            .admin
+            .listen
+            .as_deref()
+            .map(parse_addr)
+            .transpose()
+            .map_err(|m| key_err("admin.listen", m))?;
+        let limits = build_limits(raw.limits).map_err(|(key, m)| key_err(key, m))?;
+        let shutdown = build_shutdown(raw.shutdown).map_err(|(key, m)| key_err(key, m))?;
+        let log = build_log(raw.log).map_err(|(key, m)| key_err(key, m))?;
 
         if raw.hosts.is_empty() {
             return Err(key_err(
@@ -223,11 +318,15 @@ impl Config {
             listen,
             upstream,
             hosts,
+            admin,
+            limits,
+            shutdown,
+            log,
         })
     }
 }
 
-fn build_upstream(raw: RawUpstream, base: &Path) -> Result<Upstream, (&'static str, String)> {
+fn build_upstream(raw: RawUpstream, base: &Path) -> Result<Upstream, KeyError> {
     let url = raw.url.as_deref().unwrap_or(DEFAULT_UPSTREAM);
     let uri: http::Uri = url.parse().map_err(|e| ("upstream.url", format!("{url:?}: {e}")))?;
     let scheme = match uri.scheme_str() {
@@ -264,10 +363,6 @@ fn build_upstream(raw: RawUpstream, base: &Path) -> Result<Upstream, (&'static s
         }
         None => None,
     };
-    let duration = |key: &'static str, value: Option<String>, default: Duration| match value {
-        None => Ok(default),
-        Some(v) => parse_duration(&v).map_err(|m| (key, m)),
-    };
     Ok(Upstream {
         scheme,
         authority,
@@ -279,33 +374,83 @@ fn build_upstream(raw: RawUpstream, base: &Path) -> Result<Upstream, (&'static s
             raw.response_timeout,
             Duration::from_secs(30),
         )?,
+        pool_idle_timeout: duration(
+            "upstream.pool_idle_timeout",
+            raw.pool_idle_timeout,
+            Duration::from_secs(90),
+        )?,
+    })
+}
+
+type KeyError = (&'static str, String);
+
+fn duration(key: &'static str, value: Option<String>, default: Duration) -> Result<Duration, KeyError> {
+    value.map_or(Ok(default), |v| parse_duration(&v, false).map_err(|m| (key, m)))
+}
+
+fn size(key: &'static str, value: Option<SizeValue>, default: u64) -> Result<u64, KeyError> {
+    match value {
+        None => Ok(default),
+        Some(SizeValue::Bytes(n)) => Ok(n),
+        Some(SizeValue::Text(t)) => parse_size(&t).map_err(|m| (key, m)),
+    }
+}
+
+fn build_limits(raw: RawLimits) -> Result<Limits, KeyError> {
+    let d = Limits::default();
+    let max_header_bytes = size(
+        "limits.max_header_bytes",
+        raw.max_header_bytes,
+        d.max_header_bytes as u64,
+    )?;
+    if !(1024..=1 << 20).contains(&max_header_bytes) {
+        return Err(("limits.max_header_bytes", "must be between 1KiB and 1MiB".into()));
+    }
+    let max_connections = raw.max_connections.unwrap_or(d.max_connections);
+    if max_connections == 0 {
+        return Err(("limits.max_connections", "must be at least 1".into()));
+    }
+    Ok(Limits {
+        handshake_timeout: duration("limits.handshake_timeout", raw.handshake_timeout, d.handshake_timeout)?,
+        header_read_timeout: duration(
+            "limits.header_read_timeout",
+            raw.header_read_timeout,
+            d.header_read_timeout,
+        )?,
+        idle_timeout: duration("limits.idle_timeout", raw.idle_timeout, d.idle_timeout)?,
+        max_connections,
+        max_header_bytes: max_header_bytes as usize,
+        max_request_body: size("limits.max_request_body", raw.max_request_body, d.max_request_body)?,
+    })
+}
+
+fn build_shutdown(raw: RawShutdown) -> Result<Shutdown, KeyError> {
+    let d = Shutdown::default();
+    Ok(Shutdown {
+        drain_delay: raw.drain_delay.map_or(Ok(d.drain_delay), |v| {
+            parse_duration(&v, true).map_err(|m| ("shutdown.drain_delay", m))
+        })?,
+        grace_period: duration("shutdown.grace_period", raw.grace_period, d.grace_period)?,
+    })
+}
+
+fn build_log(raw: RawLog) -> Result<Log, KeyError> {
+    let d = Log::default();
+    let format = match raw.format.as_deref() {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => return Err(("log.format", format!("{other:?}: use \"text\" or \"json\""))),
+    };
+    Ok(Log {
+        format,
+        access: raw.access.unwrap_or(d.access),
+        query: raw.query.unwrap_or(d.query),
     })
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse()
         .map_err(|_| format!("{s:?} is not an address: write IP:PORT, e.g. \"0.0.0.0:443\" or \"[::]:443\""))
-}
-
-/// Parses durations written as a number and a unit: `250ms`, `10s`, `5m`, `1h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration: write e.g. \"500ms\", \"10s\", \"5m\""))?;
-    let d = match unit.trim() {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("{s:?}: unknown unit, use ms, s, m or h")),
-    };
-    if d.is_zero() {
-        return Err(format!("{s:?}: must be more than zero"));
-    }
-    Ok(d)
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -321,18 +466,6 @@ mod tests {
             Ok(_) => "<accepted>".into(),
             Err(e) => e.to_string(),
         }
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert!(parse_duration("10").is_err());
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("s").is_err());
-        assert!(parse_duration("1.5s").is_err());
     }
 
     #[test]
@@ -381,5 +514,41 @@ mod tests {
         let e =
             err("[listen]\nhttps = \"127.0.0.1:1\"\n[[host]]\nname = \"*.example.com\"\ncert = \"c\"\nkey = \"k\"\n");
         assert!(e.contains("host \"*.example.com\""), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod operations_tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, String> {
+        Config::from_toml(text, Path::new("/etc/linkgate/linkgate.toml")).map_err(|e| e.to_string())
+    }
+
+    const BASE: &str = "[listen]\nhttps = \"127.0.0.1:1\"\n";
+
+    #[test]
+    fn operational_sections_are_validated() {
+        for (extra, key) in [
+            ("[limits]\nhandshake_timeout = \"soon\"\n", "limits.handshake_timeout"),
+            ("[limits]\nmax_header_bytes = \"1KB\"\n", "limits.max_header_bytes"),
+            ("[limits]\nmax_request_body = \"lots\"\n", "limits.max_request_body"),
+            ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
+            ("[shutdown]\ngrace_period = \"0s\"\n", "shutdown.grace_period"),
+            ("[log]\nformat = \"xml\"\n", "log.format"),
+            ("[admin]\nlisten = \"localhost\"\n", "admin.listen"),
+            ("[listen]\n", ""),
+        ] {
+            let text = if extra.starts_with("[listen]") {
+                "[listen]\nhttps = \"127.0.0.1:1\"\nproxy_protocol = true\n".to_string()
+            } else {
+                format!("{BASE}{extra}")
+            };
+            let e = load(&text).expect_err("must be refused");
+            let key = if key.is_empty() { "listen.trusted_proxies" } else { key };
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+        let e = load("[listen]\nhttps = \"127.0.0.1:1\"\ntrusted_proxies = [\"10.0.0.0/99\"]\n").expect_err("bad cidr");
+        assert!(e.contains("listen.trusted_proxies"), "{e}");
     }
 }

@@ -1,0 +1,161 @@
+//! Prometheus metrics, registered once per process and served by the admin
+//! listener. Host labels only ever take configured host names (or `other`),
+//! so cardinality is bounded by the config.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub host: String,
+    pub class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HostLabels {
+    pub host: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+}
+
+/// Every metric linkgate exports.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Histogram,
+    pub upstream_duration: Histogram,
+    pub upstream_errors: Family<KindLabels, Counter>,
+    pub handshakes: Family<ResultLabels, Counter>,
+    pub open_connections: Gauge,
+    pub reloads: Family<ResultLabels, Counter>,
+    pub cert_expiry: Family<HostLabels, Gauge>,
+}
+
+/// The label for requests whose host is not one we serve.
+pub const OTHER_HOST: &str = "other";
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("linkgate");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by host and status class",
+            requests.clone(),
+        );
+        let buckets = || exponential_buckets(0.0005, 2.0, 16);
+        let request_duration = Histogram::new(buckets());
+        registry.register_with_unit(
+            "request_duration",
+            "Time from request head to the end of the response head",
+            prometheus_client::registry::Unit::Seconds,
+            request_duration.clone(),
+        );
+        let upstream_duration = Histogram::new(buckets());
+        registry.register_with_unit(
+            "upstream_duration",
+            "Time the upstream took to send its response head",
+            prometheus_client::registry::Unit::Seconds,
+            upstream_duration.clone(),
+        );
+        let upstream_errors = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "Failed upstream requests by kind (connect, tls, timeout, reset)",
+            upstream_errors.clone(),
+        );
+        let handshakes = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes by result (ok, unknown_sni, no_sni, error)",
+            handshakes.clone(),
+        );
+        let open_connections = Gauge::default();
+        registry.register(
+            "open_connections",
+            "Client connections open now",
+            open_connections.clone(),
+        );
+        let reloads = Family::<ResultLabels, Counter>::default();
+        registry.register("config_reloads", "Configuration reloads by result", reloads.clone());
+        let cert_expiry = Family::<HostLabels, Gauge>::default();
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When the certificate served for each host expires (Unix time)",
+            cert_expiry.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "Build information", build);
+        Arc::new(Self {
+            registry,
+            requests,
+            request_duration,
+            upstream_duration,
+            upstream_errors,
+            handshakes,
+            open_connections,
+            reloads,
+            cert_expiry,
+        })
+    }
+
+    /// Counts a TLS handshake outcome.
+    pub fn handshake(&self, result: &'static str) {
+        self.handshakes.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Counts a reload outcome.
+    pub fn reload(&self, result: &'static str) {
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// The counter for `host` and the class of `status` (one lookup, then a clone of an atomic).
+    pub fn request(&self, host: &str, status: u16) {
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.requests
+            .get_or_create(&RequestLabels {
+                host: host.to_owned(),
+                class,
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -1,0 +1,231 @@
+//! The live configuration and how it changes while linkgate runs.
+//!
+//! [`Live`] holds the active configuration behind an `ArcSwap`: every new
+//! connection loads it once, so a reload takes effect for the next
+//! handshake while open connections carry on with what they started with.
+//! A reload re-reads and re-validates everything off the request path; on
+//! failure the running configuration stays and the failure is logged and
+//! counted. One session ticketer and one session cache live for the whole
+//! process, so resumption keeps working across reloads.
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use notify::{RecursiveMode, Watcher};
+use rustls::server::{ProducesTickets, StoresServerSessions};
+use rustls::ServerConfig;
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::host::HostName;
+use crate::metrics::{HostLabels, Metrics};
+use crate::tls::{self, SniResolver};
+
+/// One validated configuration, ready to serve.
+pub struct Active {
+    pub config: Config,
+    pub tls: Arc<ServerConfig>,
+    pub sni: Arc<SniResolver>,
+    pub hosts: HashSet<HostName>,
+    /// Increases with every successful reload.
+    pub generation: u64,
+}
+
+/// The configuration in force, and what is needed to replace it.
+pub struct Live {
+    current: ArcSwap<Active>,
+    generation: AtomicU64,
+    ticketer: Arc<dyn ProducesTickets>,
+    sessions: Arc<dyn StoresServerSessions + Send + Sync>,
+    pub metrics: Arc<Metrics>,
+    /// What /readyz says: set once the listeners are up, cleared when draining.
+    pub ready: AtomicBool,
+}
+
+impl Live {
+    pub fn new(config: Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
+        let ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+        let sessions: Arc<dyn StoresServerSessions + Send + Sync> = rustls::server::ServerSessionMemoryCache::new(8192);
+        let active = build(config, 0, &ticketer, &sessions)?;
+        record_expiry(&metrics, &active);
+        Ok(Arc::new(Self {
+            current: ArcSwap::from_pointee(active),
+            generation: AtomicU64::new(0),
+            ticketer,
+            sessions,
+            metrics,
+            ready: AtomicBool::new(false),
+        }))
+    }
+
+    /// The configuration in force now.
+    pub fn load(&self) -> Arc<Active> {
+        self.current.load_full()
+    }
+
+    /// Re-reads the config file and every file it names; swaps it in if valid.
+    pub async fn reload(self: &Arc<Self>) -> Result<(), String> {
+        let old = self.load();
+        let path = old.config.path.clone();
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&path)).await;
+        let config = match loaded {
+            Ok(Ok(config)) => config,
+            Ok(Err(e)) => return Err(self.failed(e.to_string())),
+            Err(e) => return Err(self.failed(format!("reload task failed: {e}"))),
+        };
+        for (what, old_value, new_value) in [
+            ("listen.https", Some(old.config.listen.https), Some(config.listen.https)),
+            ("listen.http", old.config.listen.http, config.listen.http),
+            ("admin.listen", old.config.admin, config.admin),
+        ] {
+            if old_value != new_value {
+                tracing::warn!(
+                    key = what,
+                    "listener address changed: restart linkgate to apply it; the rest of the reload applies now"
+                );
+            }
+        }
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let active =
+            build(config, generation, &self.ticketer, &self.sessions).map_err(|e| self.failed(e.to_string()))?;
+        record_expiry(&self.metrics, &active);
+        let hosts = active.hosts.len();
+        self.current.store(Arc::new(active));
+        self.metrics.reload("success");
+        tracing::info!(generation, hosts, "configuration reloaded");
+        Ok(())
+    }
+
+    fn failed(&self, message: String) -> String {
+        self.metrics.reload("failure");
+        tracing::error!(error = %message, "reload failed; the running configuration stays in force");
+        message
+    }
+}
+
+fn build(
+    config: Config,
+    generation: u64,
+    ticketer: &Arc<dyn ProducesTickets>,
+    sessions: &Arc<dyn StoresServerSessions + Send + Sync>,
+) -> anyhow::Result<Active> {
+    let sni = Arc::new(SniResolver::new(
+        config.hosts.iter().map(|h| (h.name.clone(), h.certified_key.clone())),
+    ));
+    let tls = tls::server_config(sni.clone(), ticketer.clone(), sessions.clone())?;
+    let hosts = config.hosts.iter().map(|h| h.name.clone()).collect();
+    Ok(Active {
+        config,
+        tls,
+        sni,
+        hosts,
+        generation,
+    })
+}
+
+fn record_expiry(metrics: &Metrics, active: &Active) {
+    metrics.cert_expiry.clear();
+    for host in &active.config.hosts {
+        if let Some(not_after) = host.certified_key.end_entity_cert().ok().and_then(tls::not_after) {
+            metrics
+                .cert_expiry
+                .get_or_create(&HostLabels {
+                    host: host.name.to_string(),
+                })
+                .set(not_after);
+        }
+    }
+}
+
+/// What can ask for a reload.
+#[derive(Debug, Clone, Copy)]
+pub enum Trigger {
+    /// SIGHUP.
+    Signal,
+    /// A watched file or folder changed.
+    FileChange,
+}
+
+/// Runs reloads for triggers from `triggers` (SIGHUP and file changes),
+/// coalescing bursts: certbot and Kubernetes change several files at once.
+/// Also watches the config file and every certificate and key it names;
+/// folders are watched rather than files, so renames and `..data` symlink
+/// swaps are seen.
+pub async fn run(live: Arc<Live>, triggers: mpsc::UnboundedSender<Trigger>, mut rx: mpsc::UnboundedReceiver<Trigger>) {
+    let mut watcher = FileWatcher::new(triggers);
+    watcher.watch(&live.load().config);
+    while let Some(first) = rx.recv().await {
+        // Let a burst of changes settle, then reload once.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        while rx.try_recv().is_ok() {}
+        tracing::info!(trigger = ?first, "reloading configuration");
+        if live.reload().await.is_ok() {
+            watcher.watch(&live.load().config);
+        }
+    }
+}
+
+/// Watches the folders of the config file and of every file it names.
+struct FileWatcher {
+    inner: Option<notify::RecommendedWatcher>,
+    watched: BTreeSet<PathBuf>,
+}
+
+impl FileWatcher {
+    fn new(triggers: mpsc::UnboundedSender<Trigger>) -> Self {
+        let inner = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+            Ok(event) if !event.kind.is_access() => {
+                let _ = triggers.send(Trigger::FileChange);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "file watcher error"),
+        });
+        match inner {
+            Ok(w) => Self {
+                inner: Some(w),
+                watched: BTreeSet::new(),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch files; reload with SIGHUP");
+                Self {
+                    inner: None,
+                    watched: BTreeSet::new(),
+                }
+            }
+        }
+    }
+
+    fn watch(&mut self, config: &Config) {
+        let Some(inner) = self.inner.as_mut() else { return };
+        let mut dirs = BTreeSet::new();
+        let files = std::iter::once(config.path.as_path()).chain(
+            config
+                .hosts
+                .iter()
+                .flat_map(|h| [h.cert_path.as_path(), h.key_path.as_path()]),
+        );
+        for file in files {
+            dirs.insert(folder_of(file));
+        }
+        for gone in self.watched.difference(&dirs) {
+            let _ = inner.unwatch(gone);
+        }
+        for dir in dirs.difference(&self.watched) {
+            if let Err(e) = inner.watch(dir, RecursiveMode::NonRecursive) {
+                tracing::warn!(folder = %dir.display(), error = %e, "cannot watch folder; reload with SIGHUP");
+            }
+        }
+        self.watched = dirs;
+    }
+}
+
+fn folder_of(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}

@@ -1,0 +1,281 @@
+//! The real binary, driven as an operator would: signals, drain, reload on
+//! SIGHUP, and the JSON access log.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use tempfile::TempDir;
+
+const CLICK: &str = "click.example.test";
+
+/// linkgate as a child process with JSON logs on stderr.
+struct Process {
+    child: Child,
+    lines: mpsc::Receiver<serde_json::Value>,
+    https: SocketAddr,
+    http: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Process {
+    fn start(config: &std::path::Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_linkgate"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start linkgate");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                match serde_json::from_str::<serde_json::Value>(&line) {
+                    Ok(v) => {
+                        if tx.send(v).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => eprintln!("linkgate (not JSON): {line}"),
+                }
+            }
+        });
+        let listening = wait_line(&lines, |v| v["message"] == "linkgate listening");
+        let addr = |k: &str| {
+            listening[k]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .expect("address in log")
+        };
+        Self {
+            https: addr("https"),
+            http: addr("http"),
+            admin: addr("admin"),
+            child,
+            lines,
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .args([format!("-{sig}"), self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(st.success());
+    }
+
+    fn wait(&mut self) -> i32 {
+        let deadline = std::time::Instant::now() + HANG_GUARD;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(std::time::Instant::now() < deadline, "linkgate did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_line(
+    lines: &mpsc::Receiver<serde_json::Value>,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + HANG_GUARD;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(v) if want(&v) => return v,
+            Ok(_) => {}
+            Err(_) => panic!("log line not seen"),
+        }
+    }
+}
+
+fn config(dir: &std::path::Path, up: &StandIn, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("linkgate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "{}{}[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n{extra}{}",
+            listen_section(),
+            plain_upstream(up).replace("response_timeout = \"2s\"", "response_timeout = \"10s\""),
+            host_section(CLICK, "click")
+        ),
+    )
+    .expect("write config");
+    path
+}
+
+async fn readyz(admin: SocketAddr) -> Option<u16> {
+    reqwest::get(format!("http://{admin}/readyz"))
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
+}
+
+fn plain_get(addr: SocketAddr, path: &str) -> reqwest::RequestBuilder {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client")
+        .get(format!("http://{addr}{path}"))
+        .header("host", CLICK)
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let up = StandIn::plain().await;
+    let path = config(
+        dir.path(),
+        &up,
+        "[shutdown]\ndrain_delay = \"1500ms\"\ngrace_period = \"20s\"\n",
+    );
+    let mut lg = Process::start(&path);
+    assert_eq!(readyz(lg.admin).await, Some(200));
+
+    // A slow request (the upstream answers after 5 s) is in flight when SIGTERM arrives.
+    let slow = tokio::spawn(plain_get(lg.http, "/slow").send());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    lg.signal("TERM");
+    let t0 = tokio::time::Instant::now();
+    // /readyz turns 503 at once...
+    let mut status = None;
+    while t0.elapsed() < Duration::from_secs(1) {
+        status = readyz(lg.admin).await;
+        if status == Some(503) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, Some(503), "/readyz must say 503 while draining");
+    // ...while new connections are still served during drain_delay...
+    let resp = plain_get(lg.http, "/during-delay")
+        .send()
+        .await
+        .expect("served during drain_delay");
+    assert_eq!(resp.status(), 200);
+    // ...and refused after it.
+    tokio::time::sleep(Duration::from_millis(1500).saturating_sub(t0.elapsed()) + Duration::from_millis(700)).await;
+    assert!(
+        tokio::net::TcpStream::connect(lg.http).await.is_err(),
+        "listener still open after the delay"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(lg.https).await.is_err(),
+        "listener still open after the delay"
+    );
+    // The in-flight request completes.
+    let resp = tokio::time::timeout(HANG_GUARD, slow)
+        .await
+        .expect("slow request ends")
+        .expect("join")
+        .expect("slow request");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.expect("body"), "slow");
+    assert_eq!(lg.wait(), 0, "clean exit after the drain");
+}
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let up = StandIn::plain().await;
+    let path = config(dir.path(), &up, "[shutdown]\ngrace_period = \"60s\"\n");
+    let mut lg = Process::start(&path);
+    let _slow = tokio::spawn(plain_get(lg.http, "/slow").send());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lg.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = std::time::Instant::now();
+    lg.signal("INT");
+    assert_eq!(lg.wait(), 1);
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "did not wait for the grace period"
+    );
+}
+
+#[tokio::test]
+async fn sighup_reloads_certificates_and_the_access_log_tells_what_happened() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    let first = pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let up = StandIn::plain().await;
+    let path = config(dir.path(), &up, "");
+    let lg = Process::start(&path);
+    // A fresh client each time: a resumed session would report the certificate of its first handshake.
+    let fresh = || {
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(client_tls(&pki, &[b"http/1.1"]))
+            .tls_info(true)
+            .resolve(CLICK, lg.https)
+            .pool_max_idle_per_host(0)
+            .no_proxy()
+            .build()
+            .expect("client")
+    };
+    let url = format!("https://{CLICK}:{}/ls/click?upn=secret-token", lg.https.port());
+    let served = |resp: &reqwest::Response| {
+        resp.extensions()
+            .get::<reqwest::tls::TlsInfo>()
+            .and_then(|i| i.peer_certificate())
+            .map(<[u8]>::to_vec)
+    };
+    let resp = fresh().get(&url).send().await.expect("request");
+    assert_eq!(served(&resp).as_deref(), Some(first.der.as_ref()));
+    let body = resp.bytes().await.expect("body");
+
+    // The access line: everything an operator needs, and no query (tracking tokens identify recipients).
+    let access = wait_line(&lg.lines, |v| v["target"] == "linkgate::access");
+    assert_eq!(access["host"], CLICK);
+    assert_eq!(access["method"], "GET");
+    assert_eq!(access["path"], "/ls/click");
+    assert_eq!(access["status"], 200);
+    assert_eq!(access["bytes"], body.len() as u64);
+    assert_eq!(access["tls"], "TLSv1.3");
+    assert_eq!(access["protocol"], "HTTP/1.1");
+    assert!(
+        access["client"].as_str().is_some_and(|c| c.starts_with("127.0.0.1:")),
+        "{access}"
+    );
+    assert!(access["upstream_ms"].as_i64().is_some_and(|ms| ms >= 0), "{access}");
+    assert!(access["total_ms"].as_u64().is_some(), "{access}");
+    assert!(access["timestamp"].as_str().is_some(), "{access}");
+    assert!(!access.to_string().contains("secret-token"), "{access}");
+
+    // Replace the certificate, turn on query logging, SIGHUP.
+    let second = pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let text = std::fs::read_to_string(&path)
+        .expect("read")
+        .replace("format = \"json\"\n", "format = \"json\"\nquery = true\n");
+    std::fs::write(&path, text).expect("write");
+    lg.signal("HUP");
+    wait_line(&lg.lines, |v| v["message"] == "configuration reloaded");
+    let resp = fresh().get(&url).send().await.expect("request");
+    assert_eq!(
+        served(&resp).as_deref(),
+        Some(second.der.as_ref()),
+        "new certificate after SIGHUP"
+    );
+    let access = wait_line(&lg.lines, |v| v["target"] == "linkgate::access");
+    assert_eq!(access["path"], "/ls/click?upn=secret-token");
+}

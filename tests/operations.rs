@@ -1,0 +1,648 @@
+//! Running in production: reload, limits, PROXY protocol, admin endpoints.
+//! (Signals, drain and the access log are driven through the real binary in
+//! tests/binary.rs.)
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const CLICK: &str = "click.example.test";
+
+async fn served_cert(c: &reqwest::Client, lg: &Linkgate) -> Option<Vec<u8>> {
+    let resp = c.get(lg.url(CLICK, "/")).send().await.ok()?;
+    let info = resp.extensions().get::<reqwest::tls::TlsInfo>()?;
+    info.peer_certificate().map(<[u8]>::to_vec)
+}
+
+/// A client loop that keeps making requests on fresh connections and counts failures.
+fn load_loop(
+    pki: &Pki,
+    lg: &Linkgate,
+) -> (
+    Arc<AtomicBool>,
+    Arc<AtomicU64>,
+    Arc<AtomicU64>,
+    tokio::task::JoinHandle<()>,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
+    let url = lg.url(CLICK, "/wf/open");
+    let pki_ca = pki.ca_der.clone();
+    let https = lg.https;
+    let task = tokio::spawn(async move {
+        while !s.load(Ordering::Relaxed) {
+            // A new client (new connection, new handshake) every few requests.
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(pki_ca.clone()).expect("root");
+            let mut tls = rustls::ClientConfig::builder_with_provider(linkgate::tls::provider())
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let c = reqwest::Client::builder()
+                .tls_backend_preconfigured(tls)
+                .resolve(CLICK, https)
+                .no_proxy()
+                .build()
+                .expect("client");
+            for _ in 0..3 {
+                match c.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => o.fetch_add(1, Ordering::Relaxed),
+                    Ok(r) => {
+                        eprintln!("load loop: status {}", r.status());
+                        f.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Err(e) => {
+                        eprintln!("load loop: {e:?}");
+                        f.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }
+    });
+    (stop, ok, failed, task)
+}
+
+async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + HANG_GUARD;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn metric(lg: &Linkgate, line_start: &str) -> Option<f64> {
+    let text = reqwest::get(lg.admin_url("/metrics")).await.ok()?.text().await.ok()?;
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Kubernetes Secret volume layout: `tls.crt -> ..data/tls.crt`, `..data -> ..<version>`.
+fn k8s_secret(dir: &std::path::Path, version: &str, leaf: &Leaf) {
+    let v = dir.join(version);
+    std::fs::create_dir_all(&v).expect("mkdir");
+    std::fs::write(v.join("tls.crt"), &leaf.cert_pem).expect("write");
+    std::fs::write(v.join("tls.key"), &leaf.key_pem).expect("write");
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(version, &tmp).expect("symlink");
+    std::fs::rename(&tmp, dir.join("..data")).expect("swap ..data");
+    for f in ["tls.crt", "tls.key"] {
+        let link = dir.join(f);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{f}"), &link).expect("symlink");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_swapped_under_load_are_picked_up_without_a_failed_request() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    let secret = dir.path().join("secret");
+    std::fs::create_dir(&secret).expect("mkdir");
+    let first = pki.leaf(&[CLICK]);
+    k8s_secret(&secret, "..v1", &first);
+    let live_dir = dir.path().join("live");
+    std::fs::create_dir(&live_dir).expect("mkdir");
+    let second = pki.leaf(&[CLICK]);
+    let up = StandIn::plain().await;
+    let toml = format!(
+        "{}{}[admin]\nlisten = \"127.0.0.1:0\"\n[[host]]\nname = \"{CLICK}\"\ncert = \"secret/tls.crt\"\nkey = \"secret/tls.key\"\n",
+        listen_section(),
+        plain_upstream(&up)
+    );
+    let lg = Linkgate::start_watching(dir.path(), &toml).await;
+    let probe = client(&pki, &lg, &[CLICK]);
+    assert_eq!(served_cert(&probe, &lg).await.as_deref(), Some(first.der.as_ref()));
+
+    let (stop, ok, failed, task) = load_loop(&pki, &lg);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // 1. Kubernetes swaps the ..data symlink.
+    k8s_secret(&secret, "..v2", &second);
+    wait_for("the swapped certificate", async || {
+        served_cert(&client(&pki, &lg, &[CLICK]), &lg).await.as_deref() == Some(second.der.as_ref())
+    })
+    .await;
+
+    // 2. certbot-style: point the config at new files written elsewhere and renamed into place.
+    let third = pki.leaf(&[CLICK]);
+    std::fs::write(live_dir.join("cert.pem.new"), &third.cert_pem).expect("write");
+    std::fs::write(live_dir.join("key.pem.new"), &third.key_pem).expect("write");
+    std::fs::rename(live_dir.join("key.pem.new"), live_dir.join("privkey.pem")).expect("rename");
+    std::fs::rename(live_dir.join("cert.pem.new"), live_dir.join("fullchain.pem")).expect("rename");
+    let toml2 = toml
+        .replace("secret/tls.crt", "live/fullchain.pem")
+        .replace("secret/tls.key", "live/privkey.pem");
+    let tmp = dir.path().join("linkgate.toml.new");
+    std::fs::write(&tmp, toml2).expect("write");
+    std::fs::rename(&tmp, dir.path().join("linkgate.toml")).expect("rename config");
+    wait_for("the renamed certificate", async || {
+        served_cert(&client(&pki, &lg, &[CLICK]), &lg).await.as_deref() == Some(third.der.as_ref())
+    })
+    .await;
+
+    // 3. A broken replacement (key of another certificate): the running one stays, the failure is counted.
+    let failures_before = metric(&lg, "linkgate_config_reloads_total{result=\"failure\"}")
+        .await
+        .unwrap_or(0.0);
+    let fourth = pki.leaf(&[CLICK]);
+    std::fs::write(live_dir.join("fullchain.pem"), &fourth.cert_pem).expect("write");
+    wait_for("the failed reload to be counted", async || {
+        metric(&lg, "linkgate_config_reloads_total{result=\"failure\"}")
+            .await
+            .unwrap_or(0.0)
+            > failures_before
+    })
+    .await;
+    // (A fresh client: a resumed session would report the certificate of its first handshake.)
+    assert_eq!(
+        served_cert(&client(&pki, &lg, &[CLICK]), &lg).await.as_deref(),
+        Some(third.der.as_ref()),
+        "the old certificate keeps serving"
+    );
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    task.await.expect("load loop");
+    assert!(ok.load(Ordering::Relaxed) > 10, "the load loop made requests");
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "no request failed during the reloads"
+    );
+    lg.stop().await;
+}
+
+#[tokio::test]
+async fn reload_adds_and_removes_hosts_and_resumption_survives() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "a", &["url1.example.test"]);
+    pki.write_leaf(dir.path(), "b", &["url2.example.test"]);
+    let up = StandIn::plain().await;
+    let base = format!("{}{}", listen_section(), plain_upstream(&up));
+    let lg = Linkgate::start(dir.path(), &format!("{base}{}", host_section("url1.example.test", "a"))).await;
+    let hosts = ["url1.example.test", "url2.example.test"];
+    assert!(client(&pki, &lg, &hosts)
+        .get(lg.url(hosts[1], "/"))
+        .send()
+        .await
+        .is_err());
+
+    // A TLS 1.3 session from before the reload.
+    let config = Arc::new(client_tls(&pki, &[b"http/1.1"]));
+    let connector = tokio_rustls::TlsConnector::from(config.clone());
+    let name = rustls_pki_types::ServerName::try_from(hosts[0]).expect("name");
+    let mut first = connector
+        .connect(
+            name.clone(),
+            tokio::net::TcpStream::connect(lg.https).await.expect("tcp"),
+        )
+        .await
+        .expect("handshake");
+    first
+        .write_all(format!("GET / HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", hosts[0]).as_bytes())
+        .await
+        .expect("write");
+    let mut sink = Vec::new();
+    first.read_to_end(&mut sink).await.expect("read");
+
+    std::fs::write(
+        dir.path().join("linkgate.toml"),
+        format!("{base}{}", host_section("url2.example.test", "b")),
+    )
+    .expect("write");
+    lg.live.reload().await.expect("reload");
+    let c = client(&pki, &lg, &hosts);
+    assert_eq!(
+        c.get(lg.url(hosts[1], "/")).send().await.expect("new host").status(),
+        200
+    );
+    assert!(
+        c.get(lg.url(hosts[0], "/")).send().await.is_err(),
+        "removed host is refused"
+    );
+
+    // Bring host 1 back and resume the old session: the ticket key survived two reloads.
+    std::fs::write(
+        dir.path().join("linkgate.toml"),
+        format!(
+            "{base}{}{}",
+            host_section("url1.example.test", "a"),
+            host_section("url2.example.test", "b")
+        ),
+    )
+    .expect("write");
+    lg.live.reload().await.expect("reload");
+    let again = connector
+        .connect(name, tokio::net::TcpStream::connect(lg.https).await.expect("tcp"))
+        .await
+        .expect("handshake");
+    assert_eq!(again.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
+
+    // A bad file on reload: refused, and the running configuration stays.
+    std::fs::write(dir.path().join("linkgate.toml"), "[listen]\nhttps = 1\n").expect("write");
+    let err = lg.live.reload().await.expect_err("bad config refused");
+    assert!(err.contains("linkgate.toml"), "{err}");
+    assert_eq!(
+        c.get(lg.url(hosts[1], "/"))
+            .send()
+            .await
+            .expect("still served")
+            .status(),
+        200
+    );
+    lg.stop().await;
+}
+
+fn limits_config(up: &StandIn, limits: &str) -> String {
+    format!(
+        "{}{}{}[admin]\nlisten = \"127.0.0.1:0\"\n[limits]\n{limits}",
+        listen_section(),
+        plain_upstream(up),
+        host_section(CLICK, "click")
+    )
+}
+
+#[tokio::test]
+async fn oversized_heads_and_bodies_are_refused_without_forwarding() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let up = StandIn::plain().await;
+    let lg = Linkgate::start(
+        dir.path(),
+        &limits_config(&up, "max_header_bytes = 16384\nmax_request_body = \"1KiB\"\n"),
+    )
+    .await;
+    let c = client(&pki, &lg, &[CLICK]);
+    let resp = c
+        .get(lg.url(CLICK, "/"))
+        .header("x-big", "a".repeat(20_000))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 431);
+    let resp = c
+        .post(lg.url(CLICK, "/echo"))
+        .body(vec![b'x'; 2048])
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 413, "declared Content-Length above the cap");
+    assert!(up.received().is_empty(), "nothing forwarded: {:?}", up.received().len());
+    // Chunked (no Content-Length) and over the cap: 413, the upstream never gets a complete request.
+    let raw = raw_tls(
+        &pki,
+        lg.https,
+        CLICK,
+        format!(
+            "POST /echo HTTP/1.1\r\nHost: {CLICK}\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n{}\r\n0\r\n\r\n",
+            "y".repeat(2048)
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("raw");
+    assert_eq!(status_of(&raw), 413, "{raw}");
+    assert!(
+        up.received().iter().all(|r| r.body.len() < 2048),
+        "no complete oversized body reached the upstream"
+    );
+    // Within the caps all is well.
+    let resp = c
+        .post(lg.url(CLICK, "/echo"))
+        .body(vec![b'x'; 1000])
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    lg.stop().await;
+}
+
+#[tokio::test]
+async fn slowloris_connections_are_cut_while_others_are_served() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let up = StandIn::plain().await;
+    let lg = Linkgate::start(dir.path(), &limits_config(&up, "header_read_timeout = \"1s\"\n")).await;
+    let http = lg.http.expect("http");
+    let mut slow = Vec::new();
+    for _ in 0..50 {
+        let mut s = tokio::net::TcpStream::connect(http).await.expect("connect");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: click.example.test\r\n")
+            .await
+            .expect("write");
+        slow.push(s);
+    }
+    let started = tokio::time::Instant::now();
+    // Trickle one header line each every 200 ms while normal requests go through.
+    let c = client(&pki, &lg, &[CLICK]);
+    let mut closed = 0;
+    for round in 0..15 {
+        assert_eq!(
+            c.get(lg.url(CLICK, "/")).send().await.expect("normal request").status(),
+            200
+        );
+        for s in &mut slow {
+            if s.write_all(format!("X-Slow-{round}: 1\r\n").as_bytes()).await.is_err() {
+                continue;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for s in &mut slow {
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => closed += 1,
+            Ok(Ok(n)) => {
+                // hyper answers 408 before closing.
+                if String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408") {
+                    closed += 1;
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    assert_eq!(closed, 50, "every trickling connection was cut");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(
+        up.received().iter().all(|r| r.header("x-slow-0").is_none()),
+        "no trickled request was forwarded"
+    );
+    lg.stop().await;
+}
+
+#[tokio::test]
+async fn connections_above_the_cap_wait_and_existing_ones_are_unharmed() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let up = StandIn::plain().await;
+    let lg = Linkgate::start(dir.path(), &limits_config(&up, "max_connections = 2\n")).await;
+    let http = lg.http.expect("http");
+    let request = format!("GET /ok HTTP/1.1\r\nHost: {CLICK}\r\n\r\n");
+    let mut a = tokio::net::TcpStream::connect(http).await.expect("a");
+    let mut b = tokio::net::TcpStream::connect(http).await.expect("b");
+    let mut buf = vec![0u8; 1024];
+    for s in [&mut a, &mut b] {
+        s.write_all(request.as_bytes()).await.expect("write");
+        let n = s.read(&mut buf).await.expect("read");
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    }
+    // A third connection is accepted by the kernel but not served while two are open.
+    let mut third = tokio::net::TcpStream::connect(http).await.expect("third");
+    third.write_all(request.as_bytes()).await.expect("write");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), third.read(&mut buf))
+            .await
+            .is_err(),
+        "third was served above the cap"
+    );
+    // The existing connections keep working.
+    a.write_all(request.as_bytes()).await.expect("write");
+    let n = a.read(&mut buf).await.expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Closing one lets the waiting connection in.
+    drop(b);
+    let n = tokio::time::timeout(HANG_GUARD, third.read(&mut buf))
+        .await
+        .expect("served after a slot freed")
+        .expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    lg.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_connect_timeout_is_502() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    // A listener that never accepts, its backlog filled: further connects hang in SYN.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let blackhole = socket.listen(1).expect("listen");
+    let addr = blackhole.local_addr().expect("addr");
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(addr)).await
+        {
+            fillers.push(s);
+        }
+    }
+    let toml = format!(
+        "{}[upstream]\nurl = \"http://sendgrid.net\"\nconnect_to = \"{addr}\"\nconnect_timeout = \"500ms\"\nresponse_timeout = \"10s\"\n{}",
+        listen_section(),
+        host_section(CLICK, "click")
+    );
+    let lg = Linkgate::start(dir.path(), &toml).await;
+    let started = tokio::time::Instant::now();
+    let resp = client(&pki, &lg, &[CLICK])
+        .get(lg.url(CLICK, "/"))
+        .send()
+        .await
+        .expect("request");
+    if started.elapsed() < Duration::from_millis(400) {
+        // Some kernels answer a full backlog with RST: still a connect failure, still 502.
+        eprintln!("note: connect failed fast instead of timing out");
+    }
+    assert_eq!(resp.status(), 502);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "connect timeout, not the response timeout"
+    );
+    lg.stop().await;
+}
+
+fn proxy_protocol_config(up: &StandIn, trusted: &str) -> String {
+    format!(
+        "[listen]\nhttps = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\nproxy_protocol = true\ntrusted_proxies = [\"{trusted}\"]\n{}{}",
+        plain_upstream(up),
+        host_section(CLICK, "click")
+    )
+}
+
+/// Connects, sends `header`, then speaks TLS and one request; returns the response or the error.
+async fn via_proxy_header(
+    pki: &Pki,
+    addr: std::net::SocketAddr,
+    header: &[u8],
+    extra: &str,
+) -> std::io::Result<String> {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.write_all(header).await?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_tls(pki, &[b"http/1.1"])));
+    let name = rustls_pki_types::ServerName::try_from(CLICK).map_err(std::io::Error::other)?;
+    let mut tls = connector.connect(name, tcp).await?;
+    tls.write_all(format!("GET /ok HTTP/1.1\r\nHost: {CLICK}\r\n{extra}Connection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).await?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[tokio::test]
+async fn proxy_protocol_sets_the_client_address_only_from_trusted_peers() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let up = StandIn::plain().await;
+    let lg = Linkgate::start(dir.path(), &proxy_protocol_config(&up, "127.0.0.0/8")).await;
+
+    let v1 = b"PROXY TCP4 203.0.113.7 10.0.0.1 56324 443\r\n";
+    let resp = via_proxy_header(&pki, lg.https, v1, "X-Forwarded-For: 6.6.6.6\r\n")
+        .await
+        .expect("v1");
+    assert_eq!(status_of(&resp), 200, "{resp}");
+    let v2 = ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (
+            "[2001:db8::7]:40000".parse::<std::net::SocketAddr>().expect("addr"),
+            "[2001:db8::1]:443".parse::<std::net::SocketAddr>().expect("addr"),
+        ),
+    )
+    .build()
+    .expect("v2 header");
+    let resp = via_proxy_header(&pki, lg.https, &v2, "").await.expect("v2");
+    assert_eq!(status_of(&resp), 200, "{resp}");
+    // Plain listener too.
+    let mut tcp = tokio::net::TcpStream::connect(lg.http.expect("http"))
+        .await
+        .expect("connect");
+    tcp.write_all(b"PROXY TCP4 198.51.100.20 10.0.0.1 1111 80\r\nGET /plain HTTP/1.1\r\nHost: click.example.test\r\nConnection: close\r\n\r\n").await.expect("write");
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.expect("read");
+    assert_eq!(status_of(&out), 200, "{out}");
+
+    let got = up.received();
+    let xff: Vec<_> = got
+        .iter()
+        .map(|r| r.header("x-forwarded-for").map(str::to_owned))
+        .collect();
+    assert_eq!(
+        xff,
+        [
+            Some("203.0.113.7".into()),
+            Some("2001:db8::7".into()),
+            Some("198.51.100.20".into())
+        ],
+        "the PROXY header's address, and the client's own X-Forwarded-For replaced"
+    );
+
+    // Without a header, or with garbage: dropped, nothing forwarded.
+    let before = up.received().len();
+    assert!(via_proxy_header(&pki, lg.https, b"", "").await.is_err());
+    assert!(via_proxy_header(&pki, lg.https, b"PROXY NONSENSE\r\n", "")
+        .await
+        .is_err());
+    assert_eq!(up.received().len(), before);
+    lg.stop().await;
+
+    // From a peer that is not a trusted proxy the connection is dropped, header or not.
+    let lg = Linkgate::start(dir.path(), &proxy_protocol_config(&up, "10.0.0.0/8")).await;
+    assert!(via_proxy_header(&pki, lg.https, v1, "").await.is_err());
+    assert_eq!(up.received().len(), before);
+    lg.stop().await;
+}
+
+#[tokio::test]
+async fn forwarded_headers_are_kept_only_from_trusted_proxies() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let up = StandIn::plain().await;
+    let toml = format!(
+        "[listen]\nhttps = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.1/32\"]\n{}{}",
+        plain_upstream(&up),
+        host_section(CLICK, "click")
+    );
+    let lg = Linkgate::start(dir.path(), &toml).await;
+    client(&pki, &lg, &[CLICK])
+        .get(lg.url(CLICK, "/"))
+        .header("x-forwarded-for", "203.0.113.50")
+        .header("x-forwarded-proto", "http")
+        .send()
+        .await
+        .expect("request");
+    let r = &up.received()[0];
+    assert_eq!(
+        r.header("x-forwarded-for"),
+        Some("203.0.113.50, 127.0.0.1"),
+        "trusted: appended"
+    );
+    assert_eq!(r.header("x-forwarded-proto"), Some("http"), "trusted: kept");
+    lg.stop().await;
+}
+
+#[tokio::test]
+async fn admin_endpoints_and_metrics_after_known_traffic() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let up = StandIn::plain().await;
+    let lg = Linkgate::start(dir.path(), &limits_config(&up, "")).await;
+    let c = client(&pki, &lg, &[CLICK]);
+    for path in ["/a", "/b", "/redirect"] {
+        c.get(lg.url(CLICK, path)).send().await.expect("request");
+    }
+    let _ = client(&pki, &lg, &["nope.example.test"])
+        .get(lg.url("nope.example.test", "/"))
+        .send()
+        .await;
+    let resp = reqwest::Client::new()
+        .get(lg.http_url("127.0.0.1", "/"))
+        .header("host", "evil.example")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 421);
+
+    assert_eq!(
+        reqwest::get(lg.admin_url("/healthz")).await.expect("healthz").status(),
+        200
+    );
+    assert_eq!(
+        reqwest::get(lg.admin_url("/readyz")).await.expect("readyz").status(),
+        200
+    );
+    let text = reqwest::get(lg.admin_url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for expected in [
+        "linkgate_requests_total{host=\"click.example.test\",class=\"2xx\"} 2",
+        "linkgate_requests_total{host=\"click.example.test\",class=\"3xx\"} 1",
+        "linkgate_requests_total{host=\"other\",class=\"4xx\"} 1",
+        "linkgate_tls_handshakes_total{result=\"unknown_sni\"} 1",
+        "linkgate_build_info{version=",
+        "linkgate_request_duration_seconds_count 4",
+        "linkgate_upstream_duration_seconds_count 3",
+        "linkgate_certificate_expiry_timestamp_seconds{host=\"click.example.test\"}",
+        "linkgate_open_connections",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    let ok = metric(&lg, "linkgate_tls_handshakes_total{result=\"ok\"}")
+        .await
+        .unwrap_or(0.0);
+    assert!(ok >= 1.0, "{text}");
+    assert!(!text.contains("evil.example"), "host labels take only configured names");
+    lg.stop().await;
+}
