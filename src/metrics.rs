@@ -37,6 +37,20 @@ pub struct BuildLabels {
     pub version: &'static str,
 }
 
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The request counters of one host, by status class.
+#[derive(Clone, Debug)]
+pub struct HostCounters([Counter; 5]);
+
+impl HostCounters {
+    /// Counts one answered request.
+    pub fn count(&self, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.0[class].inc();
+    }
+}
+
 /// Every metric linkgate exports.
 pub struct Metrics {
     registry: Registry,
@@ -133,21 +147,15 @@ impl Metrics {
         self.reloads.get_or_create(&ResultLabels { result }).inc();
     }
 
-    /// The counter for `host` and the class of `status` (one lookup, then a clone of an atomic).
-    pub fn request(&self, host: &str, status: u16) {
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
-        self.requests
-            .get_or_create(&RequestLabels {
+    /// The request counters of `host`, one per status class. Fetched once per
+    /// configuration, so counting a request is one atomic add.
+    pub fn host_counters(&self, host: &str) -> HostCounters {
+        HostCounters(CLASSES.map(|class| {
+            self.requests.get_or_create_owned(&RequestLabels {
                 host: host.to_owned(),
                 class,
             })
-            .inc();
+        }))
     }
 
     /// The Prometheus text exposition of every metric.

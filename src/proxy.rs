@@ -22,7 +22,7 @@ use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
 
 use crate::host::HostName;
-use crate::metrics::{KindLabels, Metrics, OTHER_HOST};
+use crate::metrics::{KindLabels, Metrics};
 use crate::reload::Active;
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -207,7 +207,7 @@ impl Proxy {
         let started = Instant::now();
         conn.activity.begin();
         let log_cfg = &self.active.config.log;
-        let mut record = if log_cfg.access {
+        let mut record = if log_cfg.access && tracing::enabled!(target: "linkgate::access", tracing::Level::INFO) {
             Some(AccessRecord {
                 method: req.method().clone(),
                 target: if log_cfg.query {
@@ -257,8 +257,7 @@ impl Proxy {
         }
         self.metrics.request_duration.observe(started.elapsed().as_secs_f64());
         let known_host = host.filter(|h| self.active.hosts.contains(h));
-        self.metrics
-            .request(known_host.as_ref().map_or(OTHER_HOST, HostName::as_str), status);
+        self.active.counters(known_host.as_ref()).count(status);
         if let Some(r) = record.as_mut() {
             r.host = known_host;
             r.status = status;

@@ -8,7 +8,7 @@
 //! counted. One session ticketer and one session cache live for the whole
 //! process, so resumption keeps working across reloads.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::host::HostName;
-use crate::metrics::{HostLabels, Metrics};
+use crate::metrics::{HostCounters, HostLabels, Metrics, OTHER_HOST};
 use crate::tls::{self, SniResolver};
 
 /// One validated configuration, ready to serve.
@@ -31,8 +31,18 @@ pub struct Active {
     pub tls: Arc<ServerConfig>,
     pub sni: Arc<SniResolver>,
     pub hosts: HashSet<HostName>,
+    /// Request counters per configured host, and for everything else.
+    counters: HashMap<HostName, HostCounters>,
+    other: HostCounters,
     /// Increases with every successful reload.
     pub generation: u64,
+}
+
+impl Active {
+    /// The request counters for `host` (`other` when it is not configured).
+    pub fn counters(&self, host: Option<&HostName>) -> &HostCounters {
+        host.and_then(|h| self.counters.get(h)).unwrap_or(&self.other)
+    }
 }
 
 /// The configuration in force, and what is needed to replace it.
@@ -50,7 +60,7 @@ impl Live {
     pub fn new(config: Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
         let ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
         let sessions: Arc<dyn StoresServerSessions + Send + Sync> = rustls::server::ServerSessionMemoryCache::new(8192);
-        let active = build(config, 0, &ticketer, &sessions)?;
+        let active = build(config, 0, &ticketer, &sessions, &metrics)?;
         record_expiry(&metrics, &active);
         Ok(Arc::new(Self {
             current: ArcSwap::from_pointee(active),
@@ -90,8 +100,8 @@ impl Live {
             }
         }
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let active =
-            build(config, generation, &self.ticketer, &self.sessions).map_err(|e| self.failed(e.to_string()))?;
+        let active = build(config, generation, &self.ticketer, &self.sessions, &self.metrics)
+            .map_err(|e| self.failed(e.to_string()))?;
         record_expiry(&self.metrics, &active);
         let hosts = active.hosts.len();
         self.current.store(Arc::new(active));
@@ -112,17 +122,25 @@ fn build(
     generation: u64,
     ticketer: &Arc<dyn ProducesTickets>,
     sessions: &Arc<dyn StoresServerSessions + Send + Sync>,
+    metrics: &Metrics,
 ) -> anyhow::Result<Active> {
     let sni = Arc::new(SniResolver::new(
         config.hosts.iter().map(|h| (h.name.clone(), h.certified_key.clone())),
     ));
     let tls = tls::server_config(sni.clone(), ticketer.clone(), sessions.clone())?;
     let hosts = config.hosts.iter().map(|h| h.name.clone()).collect();
+    let counters = config
+        .hosts
+        .iter()
+        .map(|h| (h.name.clone(), metrics.host_counters(h.name.as_str())))
+        .collect();
     Ok(Active {
         config,
         tls,
         sni,
         hosts,
+        counters,
+        other: metrics.host_counters(OTHER_HOST),
         generation,
     })
 }
@@ -169,48 +187,59 @@ pub async fn run(live: Arc<Live>, triggers: mpsc::UnboundedSender<Trigger>, mut 
     }
 }
 
-/// Watches the folders of the config file and of every file it names.
+/// Watches the folders of the config file and of every file it names, and
+/// asks for a reload when one of those files changes, or when a Kubernetes
+/// volume swaps its `..data` link (names starting with `..`). Other files in
+/// the same folders (logs, editors' swap files) are ignored.
 struct FileWatcher {
     inner: Option<notify::RecommendedWatcher>,
     watched: BTreeSet<PathBuf>,
+    files: Arc<std::sync::RwLock<HashSet<PathBuf>>>,
 }
 
 impl FileWatcher {
     fn new(triggers: mpsc::UnboundedSender<Trigger>) -> Self {
+        let files: Arc<std::sync::RwLock<HashSet<PathBuf>>> = Arc::default();
+        let relevant = files.clone();
         let inner = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
             Ok(event) if !event.kind.is_access() => {
-                let _ = triggers.send(Trigger::FileChange);
+                let hit = relevant
+                    .read()
+                    .map(|files| event.paths.iter().any(|p| is_relevant(p, &files)))
+                    .unwrap_or(true);
+                if hit {
+                    let _ = triggers.send(Trigger::FileChange);
+                }
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "file watcher error"),
         });
-        match inner {
-            Ok(w) => Self {
-                inner: Some(w),
-                watched: BTreeSet::new(),
-            },
+        let inner = match inner {
+            Ok(w) => Some(w),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch files; reload with SIGHUP");
-                Self {
-                    inner: None,
-                    watched: BTreeSet::new(),
-                }
+                None
             }
+        };
+        Self {
+            inner,
+            watched: BTreeSet::new(),
+            files,
         }
     }
 
     fn watch(&mut self, config: &Config) {
         let Some(inner) = self.inner.as_mut() else { return };
-        let mut dirs = BTreeSet::new();
-        let files = std::iter::once(config.path.as_path()).chain(
-            config
-                .hosts
-                .iter()
-                .flat_map(|h| [h.cert_path.as_path(), h.key_path.as_path()]),
-        );
-        for file in files {
-            dirs.insert(folder_of(file));
-        }
+        let files: HashSet<PathBuf> = std::iter::once(config.path.as_path())
+            .chain(
+                config
+                    .hosts
+                    .iter()
+                    .flat_map(|h| [h.cert_path.as_path(), h.key_path.as_path()]),
+            )
+            .map(absolute)
+            .collect();
+        let dirs: BTreeSet<PathBuf> = files.iter().map(|f| folder_of(f)).collect();
         for gone in self.watched.difference(&dirs) {
             let _ = inner.unwatch(gone);
         }
@@ -220,12 +249,47 @@ impl FileWatcher {
             }
         }
         self.watched = dirs;
+        if let Ok(mut f) = self.files.write() {
+            *f = files;
+        }
     }
+}
+
+/// A change to `path` matters when it is one of `files` or a `..`-named entry
+/// (Kubernetes' `..data` link and its timestamped folders).
+fn is_relevant(path: &Path, files: &HashSet<PathBuf>) -> bool {
+    files.contains(path) || path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".."))
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 fn folder_of(file: &Path) -> PathBuf {
     match file.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_named_files_and_kubernetes_links_trigger_a_reload() {
+        let files: HashSet<PathBuf> = ["/etc/linkgate/linkgate.toml", "/etc/linkgate/certs/tls.crt"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        assert!(is_relevant(Path::new("/etc/linkgate/linkgate.toml"), &files));
+        assert!(is_relevant(Path::new("/etc/linkgate/certs/tls.crt"), &files));
+        assert!(is_relevant(Path::new("/etc/linkgate/certs/..data"), &files));
+        assert!(is_relevant(
+            Path::new("/etc/linkgate/certs/..2026_11_29_10_00_00.123"),
+            &files
+        ));
+        assert!(!is_relevant(Path::new("/etc/linkgate/linkgate.log"), &files));
+        assert!(!is_relevant(Path::new("/etc/linkgate/.linkgate.toml.swp"), &files));
     }
 }

@@ -3,6 +3,8 @@
 //! loopback, and clients that trust the test CA.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

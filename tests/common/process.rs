@@ -1,0 +1,97 @@
+//! linkgate as a child process (the real binary), with its JSON log lines
+//! parsed as they arrive.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use super::HANG_GUARD;
+
+/// linkgate as a child process with JSON logs on stderr.
+pub struct Process {
+    pub child: Child,
+    pub lines: mpsc::Receiver<serde_json::Value>,
+    pub https: SocketAddr,
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Process {
+    pub fn start(config: &std::path::Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_linkgate"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start linkgate");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                match serde_json::from_str::<serde_json::Value>(&line) {
+                    Ok(v) => {
+                        if tx.send(v).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => eprintln!("linkgate (not JSON): {line}"),
+                }
+            }
+        });
+        let listening = wait_line(&lines, |v| v["message"] == "linkgate listening");
+        let addr = |k: &str| listening[k].as_str().and_then(|s| s.parse::<SocketAddr>().ok());
+        let none = SocketAddr::from(([0, 0, 0, 0], 0));
+        Self {
+            https: addr("https").expect("https address in the log"),
+            http: addr("http").unwrap_or(none),
+            admin: addr("admin").unwrap_or(none),
+            child,
+            lines,
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .args([format!("-{sig}"), self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(st.success());
+    }
+
+    pub fn wait(&mut self) -> i32 {
+        let deadline = std::time::Instant::now() + HANG_GUARD;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(std::time::Instant::now() < deadline, "linkgate did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_line(
+    lines: &mpsc::Receiver<serde_json::Value>,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + HANG_GUARD;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(v) if want(&v) => return v,
+            Ok(_) => {}
+            Err(_) => panic!("log line not seen"),
+        }
+    }
+}
