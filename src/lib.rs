@@ -12,7 +12,9 @@
 //! - [`reload`]: the live configuration, SIGHUP and file-watch reloads.
 //! - [`server`]: listeners, PROXY headers, handshakes, connections, limits, drain.
 //! - [`proxy_protocol`]: reading PROXY v1/v2 headers.
-//! - [`proxy`]: authority check, header rewrite, streaming forward, error → status, access log.
+//! - [`connection`]: what is known about a client connection, requests in flight.
+//! - [`proxy`]: authority check, header rewrite, streaming forward, error → status.
+//! - [`access`]: the response body wrapper: bytes sent, end of request, access log line.
 //! - [`upstream`]: the pooled client to the provider, upstream TLS.
 //! - [`admin`]: /healthz, /readyz, /metrics.
 //! - [`metrics`]: the Prometheus metrics.
@@ -21,8 +23,10 @@
 //! [`server::Listeners`] on `127.0.0.1:0`, wrap the config in a
 //! [`reload::Live`], and call [`server::run`] with a shutdown future.
 
+pub mod access;
 pub mod admin;
 pub mod config;
+pub mod connection;
 pub mod host;
 pub mod metrics;
 pub mod proxy;

@@ -6,21 +6,18 @@
 //! is the one place that maps them to HTTP status codes.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
 
+use crate::access::{AccessRecord, ProxyBody};
+use crate::connection::ConnInfo;
 use crate::host::HostName;
 use crate::metrics::{KindLabels, Metrics};
 use crate::reload::Active;
@@ -41,94 +38,6 @@ static HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
-
-/// What the server knows about the connection a request came in on.
-#[derive(Debug)]
-pub struct ConnInfo {
-    /// The client's address: the peer, or what its PROXY header said.
-    pub peer: SocketAddr,
-    /// The configured host the TLS handshake named; `None` on plain http.
-    pub sni: Option<HostName>,
-    /// Keep and append to the incoming X-Forwarded-For/-Proto: the peer is a
-    /// trusted proxy speaking HTTP (not a PROXY-protocol balancer relaying a client).
-    pub keep_forwarded: bool,
-    /// Negotiated TLS version, for the access log.
-    pub tls_version: Option<&'static str>,
-    /// Requests in flight, for the idle timeout.
-    pub activity: Activity,
-}
-
-impl ConnInfo {
-    pub fn new(
-        peer: SocketAddr,
-        sni: Option<HostName>,
-        keep_forwarded: bool,
-        tls_version: Option<&'static str>,
-    ) -> Self {
-        Self {
-            peer,
-            sni,
-            keep_forwarded,
-            tls_version,
-            activity: Activity::new(),
-        }
-    }
-
-    fn proto(&self) -> &'static str {
-        if self.sni.is_some() {
-            "https"
-        } else {
-            "http"
-        }
-    }
-}
-
-/// Counts the requests in flight on a connection (from request head to the
-/// end of the response body) and when the last one ended.
-#[derive(Debug)]
-pub struct Activity {
-    in_flight: AtomicU32,
-    /// Milliseconds after `epoch` when the connection last became idle.
-    idle_since_ms: AtomicU64,
-    epoch: tokio::time::Instant,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Self {
-            in_flight: AtomicU32::new(0),
-            idle_since_ms: AtomicU64::new(0),
-            epoch: tokio::time::Instant::now(),
-        }
-    }
-
-    fn begin(&self) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn end(&self) {
-        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.idle_since_ms.store(ms, Ordering::Relaxed);
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    /// Completes once no request has been in flight for `limit`.
-    pub async fn idle_for(&self, limit: Duration) {
-        loop {
-            let idle_since = self.epoch + Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed));
-            let busy = self.in_flight.load(Ordering::Relaxed) > 0;
-            if !busy && idle_since + limit <= tokio::time::Instant::now() {
-                return;
-            }
-            let next = if busy {
-                tokio::time::Instant::now() + limit
-            } else {
-                idle_since + limit
-            };
-            tokio::time::sleep_until(next).await;
-        }
-    }
-}
 
 /// Why a request was not forwarded, or not answered by the upstream.
 #[derive(Debug)]
@@ -267,12 +176,7 @@ impl Proxy {
         let (parts, body) = resp.into_parts();
         Ok(Response::from_parts(
             parts,
-            ProxyBody {
-                inner: body,
-                sent: 0,
-                log: record.map(|r| (r, started)),
-                conn,
-            },
+            ProxyBody::new(body, record.map(|r| (r, started)), conn),
         ))
     }
 
@@ -335,72 +239,6 @@ impl Proxy {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         Ok((Response::from_parts(parts, Either::Left(body)), upstream_time))
-    }
-}
-
-/// What the access log line says about a request, filled in as it is handled.
-struct AccessRecord {
-    method: Method,
-    target: String,
-    version: Version,
-    host: Option<HostName>,
-    status: u16,
-    upstream: Option<Duration>,
-    error: Option<&'static str>,
-}
-
-/// The body of every response linkgate sends: the upstream's, streamed, or a
-/// short one of its own. Counts the bytes sent and writes the access log
-/// line when the body ends or is dropped.
-pub struct ProxyBody {
-    inner: Either<Incoming, Full<Bytes>>,
-    sent: u64,
-    log: Option<(AccessRecord, Instant)>,
-    conn: Arc<ConnInfo>,
-}
-
-impl Body for ProxyBody {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                self.sent += data.len() as u64;
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for ProxyBody {
-    fn drop(&mut self) {
-        let conn = &self.conn;
-        conn.activity.end();
-        let Some((r, started)) = self.log.take() else { return };
-        tracing::info!(
-            target: "linkgate::access",
-            client = %conn.peer,
-            host = r.host.as_ref().map_or("-", HostName::as_str),
-            method = %r.method,
-            path = %r.target,
-            status = r.status,
-            bytes = self.sent,
-            upstream_ms = r.upstream.map_or(-1, |d| d.as_millis() as i64),
-            total_ms = started.elapsed().as_millis() as u64,
-            protocol = ?r.version,
-            tls = conn.tls_version.unwrap_or("-"),
-            refused = r.error.unwrap_or(""),
-        );
     }
 }
 

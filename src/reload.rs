@@ -11,11 +11,10 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use notify::{RecursiveMode, Watcher};
 use rustls::server::{ProducesTickets, StoresServerSessions};
 use rustls::ServerConfig;
 use tokio::sync::mpsc;
@@ -172,7 +171,7 @@ pub enum Trigger {
 /// coalescing bursts: certbot and Kubernetes change several files at once.
 /// Also watches the config file and every certificate and key it names;
 /// folders are watched rather than files, so renames and `..data` symlink
-/// swaps are seen.
+/// swaps are seen (Linux, inotify; elsewhere reload with SIGHUP).
 pub async fn run(live: Arc<Live>, triggers: mpsc::UnboundedSender<Trigger>, mut rx: mpsc::UnboundedReceiver<Trigger>) {
     let mut watcher = FileWatcher::new(triggers);
     watcher.watch(&live.load().config);
@@ -191,45 +190,83 @@ pub async fn run(live: Arc<Live>, triggers: mpsc::UnboundedSender<Trigger>, mut 
 /// asks for a reload when one of those files changes, or when a Kubernetes
 /// volume swaps its `..data` link (names starting with `..`). Other files in
 /// the same folders (logs, editors' swap files) are ignored.
+///
+/// inotify is used directly, asking only for the events that can change a
+/// file's content (written and closed, created, moved, deleted): a generic
+/// watcher also subscribes to every open, and a folder whose files are opened
+/// often (an upstream's document root in the benchmark, say) then costs a
+/// wake-up per open.
 struct FileWatcher {
-    inner: Option<notify::RecommendedWatcher>,
-    watched: BTreeSet<PathBuf>,
-    files: Arc<std::sync::RwLock<HashSet<PathBuf>>>,
+    watches: Option<inotify::Watches>,
+    /// Watched folders, and which folder each watch descriptor stands for.
+    dirs: HashMap<PathBuf, inotify::WatchDescriptor>,
+    by_wd: Arc<RwLock<HashMap<i32, PathBuf>>>,
+    files: Arc<RwLock<HashSet<PathBuf>>>,
 }
+
+const MASK: inotify::WatchMask = inotify::WatchMask::CLOSE_WRITE
+    .union(inotify::WatchMask::MOVED_TO)
+    .union(inotify::WatchMask::MOVED_FROM)
+    .union(inotify::WatchMask::CREATE)
+    .union(inotify::WatchMask::DELETE);
 
 impl FileWatcher {
     fn new(triggers: mpsc::UnboundedSender<Trigger>) -> Self {
-        let files: Arc<std::sync::RwLock<HashSet<PathBuf>>> = Arc::default();
-        let relevant = files.clone();
-        let inner = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-            Ok(event) if !event.kind.is_access() => {
-                let hit = relevant
-                    .read()
-                    .map(|files| event.paths.iter().any(|p| is_relevant(p, &files)))
-                    .unwrap_or(true);
-                if hit {
-                    let _ = triggers.send(Trigger::FileChange);
-                }
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "file watcher error"),
-        });
-        let inner = match inner {
-            Ok(w) => Some(w),
+        let by_wd: Arc<RwLock<HashMap<i32, PathBuf>>> = Arc::default();
+        let files: Arc<RwLock<HashSet<PathBuf>>> = Arc::default();
+        let mut inotify = match inotify::Inotify::init() {
+            Ok(i) => i,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch files; reload with SIGHUP");
-                None
+                return Self {
+                    watches: None,
+                    dirs: HashMap::new(),
+                    by_wd,
+                    files,
+                };
             }
         };
+        let watches = inotify.watches();
+        let (folders, relevant) = (by_wd.clone(), files.clone());
+        let spawned = std::thread::Builder::new()
+            .name("linkgate-watch".into())
+            .spawn(move || {
+                let mut buffer = [0u8; 4096];
+                loop {
+                    let events = match inotify.read_events_blocking(&mut buffer) {
+                        Ok(events) => events,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "file watcher stopped; reload with SIGHUP");
+                            return;
+                        }
+                    };
+                    let hit = events.into_iter().any(|event| {
+                        let (Ok(folders), Ok(files)) = (folders.read(), relevant.read()) else {
+                            return true;
+                        };
+                        let Some(dir) = folders.get(&event.wd.get_watch_descriptor_id()) else {
+                            return false;
+                        };
+                        event.name.is_some_and(|name| is_relevant(&dir.join(name), &files))
+                    });
+                    if hit && triggers.send(Trigger::FileChange).is_err() {
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the file watcher; reload with SIGHUP");
+        }
         Self {
-            inner,
-            watched: BTreeSet::new(),
+            watches: Some(watches),
+            dirs: HashMap::new(),
+            by_wd,
             files,
         }
     }
 
     fn watch(&mut self, config: &Config) {
-        let Some(inner) = self.inner.as_mut() else { return };
+        let Some(watches) = self.watches.as_mut() else { return };
         let files: HashSet<PathBuf> = std::iter::once(config.path.as_path())
             .chain(
                 config
@@ -239,16 +276,31 @@ impl FileWatcher {
             )
             .map(absolute)
             .collect();
-        let dirs: BTreeSet<PathBuf> = files.iter().map(|f| folder_of(f)).collect();
-        for gone in self.watched.difference(&dirs) {
-            let _ = inner.unwatch(gone);
-        }
-        for dir in dirs.difference(&self.watched) {
-            if let Err(e) = inner.watch(dir, RecursiveMode::NonRecursive) {
-                tracing::warn!(folder = %dir.display(), error = %e, "cannot watch folder; reload with SIGHUP");
+        let wanted: BTreeSet<PathBuf> = files.iter().map(|f| folder_of(f)).collect();
+        let Ok(mut by_wd) = self.by_wd.write() else { return };
+        self.dirs.retain(|dir, wd| {
+            let keep = wanted.contains(dir);
+            if !keep {
+                by_wd.remove(&wd.get_watch_descriptor_id());
+                let _ = watches.remove(wd.clone());
+            }
+            keep
+        });
+        for dir in wanted {
+            if self.dirs.contains_key(&dir) {
+                continue;
+            }
+            match watches.add(&dir, MASK) {
+                Ok(wd) => {
+                    by_wd.insert(wd.get_watch_descriptor_id(), dir.clone());
+                    self.dirs.insert(dir, wd);
+                }
+                Err(e) => {
+                    tracing::warn!(folder = %dir.display(), error = %e, "cannot watch folder; reload with SIGHUP")
+                }
             }
         }
-        self.watched = dirs;
+        drop(by_wd);
         if let Ok(mut f) = self.files.write() {
             *f = files;
         }

@@ -26,8 +26,9 @@ use tokio::time::{timeout_at, Instant};
 use tokio_rustls::LazyConfigAcceptor;
 
 use crate::config::{Config, Limits};
+use crate::connection::ConnInfo;
 use crate::host::HostName;
-use crate::proxy::{ConnInfo, Proxy};
+use crate::proxy::Proxy;
 use crate::reload::{Active, Live};
 use crate::upstream::Upstream;
 use crate::{admin, proxy_protocol, tls};
