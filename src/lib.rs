@@ -9,6 +9,7 @@
 //! - [`config`]: the TOML file's shape and its validation into [`config::Config`].
 //! - [`host`]: host-name normalisation shared by config, SNI and Host checks.
 //! - [`tls`]: PEM loading, certificate/key/host checks, the SNI resolver.
+//! - [`check`]: `linkgate check`, the offline report on a config file.
 //! - [`reload`]: the live configuration, SIGHUP and file-watch reloads.
 //! - [`server`]: listeners, PROXY headers, handshakes, connections, limits, drain.
 //! - [`proxy_protocol`]: reading PROXY v1/v2 headers.
@@ -25,6 +26,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod check;
 pub mod config;
 pub mod connection;
 pub mod host;

@@ -24,6 +24,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Check a configuration offline, as `serve` would at start-up, plus warnings
+    /// (expiry, chain, key permissions). Exit status: 0 no errors, 1 errors
+    /// (or warnings with --strict), 2 unusable arguments.
+    Check {
+        /// The configuration file.
+        #[arg(short, long, env = "LINKGATE_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        /// Treat warnings as errors.
+        #[arg(long)]
+        strict: bool,
+    },
     /// Run the proxy until SIGINT or SIGTERM.
     Serve {
         /// The configuration file.
@@ -32,9 +46,33 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Check { config, format, strict } => {
+            let report = linkgate::check::check(&config);
+            match format {
+                Format::Text => print!("{}", linkgate::check::render_text(&report)),
+                Format::Json => match serde_json::to_string_pretty(&report) {
+                    Ok(json) => println!("{json}"),
+                    Err(e) => {
+                        eprintln!("linkgate: error: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+            }
+            if report.ok && !(strict && report.has_warnings()) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         Command::Serve { config } => match serve(&config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -183,6 +183,49 @@ impl fmt::Debug for Host {
     }
 }
 
+/// One `[[host]]` entry as written, its file names resolved against the config file's folder.
+#[derive(Debug, Clone)]
+pub struct HostEntry {
+    pub name: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl HostEntry {
+    fn resolve(raw: raw::RawHost, base: &Path) -> Self {
+        Self {
+            name: raw.name,
+            cert: base.join(raw.cert),
+            key: base.join(raw.key),
+        }
+    }
+}
+
+/// Certificate/key pairs already loaded, so hosts sharing a pair load it once.
+pub type LoadedPairs = BTreeMap<(PathBuf, PathBuf), Arc<CertifiedKey>>;
+
+/// Validates one host entry as `serve` does: its name, its files, that the
+/// key matches the certificate and that the certificate covers the name.
+pub fn load_host(entry: &HostEntry, loaded: &mut LoadedPairs) -> Result<Host, String> {
+    let name = HostName::parse(&entry.name).map_err(|e| e.to_string())?;
+    let pair = (entry.cert.clone(), entry.key.clone());
+    let certified_key = match loaded.get(&pair) {
+        Some(ck) => ck.clone(),
+        None => {
+            let ck = Arc::new(tls::load_certified_key(&entry.cert, &entry.key)?);
+            loaded.insert(pair, ck.clone());
+            ck
+        }
+    };
+    tls::check_covers(&certified_key, &name).map_err(|m| format!("{}: {m}", entry.cert.display()))?;
+    Ok(Host {
+        name,
+        cert_path: entry.cert.clone(),
+        key_path: entry.key.clone(),
+        certified_key,
+    })
+}
+
 /// Why a configuration was refused. Displays as one line.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -220,14 +263,18 @@ impl Config {
         Self::from_toml(&text, path)
     }
 
+    /// The `[[host]]` entries of a config file as written (for `linkgate
+    /// check`, which reports on every host rather than stopping at the first).
+    pub fn host_entries(text: &str, path: &Path) -> Result<Vec<HostEntry>, ConfigError> {
+        let raw = parse_raw(text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Ok(raw.hosts.into_iter().map(|h| HostEntry::resolve(h, base)).collect())
+    }
+
     /// Parses and validates `text` as if read from `path` (relative file
     /// names are resolved against `path`'s folder).
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-            path: path.to_path_buf(),
-            line: e.span().map(|span| line_of(text, span.start)),
-            message: e.message().trim().replace('\n', " "),
-        })?;
+        let raw = parse_raw(text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let key_err = |key: &'static str, message: String| ConfigError::Key {
             path: path.to_path_buf(),
@@ -282,35 +329,19 @@ impl Config {
             ));
         }
         let mut seen = HashSet::new();
-        let mut loaded: BTreeMap<(PathBuf, PathBuf), Arc<CertifiedKey>> = BTreeMap::new();
+        let mut loaded = LoadedPairs::new();
         let mut hosts = Vec::with_capacity(raw.hosts.len());
-        for raw_host in raw.hosts {
+        for entry in raw.hosts.into_iter().map(|h| HostEntry::resolve(h, base)) {
             let host_err = |message: String| ConfigError::Host {
                 path: path.to_path_buf(),
-                host: raw_host.name.clone(),
+                host: entry.name.clone(),
                 message,
             };
-            let name = HostName::parse(&raw_host.name).map_err(|e| host_err(e.to_string()))?;
-            if !seen.insert(name.clone()) {
+            let host = load_host(&entry, &mut loaded).map_err(host_err)?;
+            if !seen.insert(host.name.clone()) {
                 return Err(host_err("duplicate host: each name may appear once".into()));
             }
-            let cert_path = base.join(&raw_host.cert);
-            let key_path = base.join(&raw_host.key);
-            let certified_key = match loaded.get(&(cert_path.clone(), key_path.clone())) {
-                Some(ck) => ck.clone(),
-                None => {
-                    let ck = Arc::new(tls::load_certified_key(&cert_path, &key_path).map_err(host_err)?);
-                    loaded.insert((cert_path.clone(), key_path.clone()), ck.clone());
-                    ck
-                }
-            };
-            tls::check_covers(&certified_key, &name).map_err(|m| host_err(format!("{}: {m}", cert_path.display())))?;
-            hosts.push(Host {
-                name,
-                cert_path,
-                key_path,
-                certified_key,
-            });
+            hosts.push(host);
         }
 
         Ok(Self {
@@ -451,6 +482,14 @@ fn build_log(raw: RawLog) -> Result<Log, KeyError> {
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse()
         .map_err(|_| format!("{s:?} is not an address: write IP:PORT, e.g. \"0.0.0.0:443\" or \"[::]:443\""))
+}
+
+fn parse_raw(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Syntax {
+        path: path.to_path_buf(),
+        line: e.span().map(|span| line_of(text, span.start)),
+        message: e.message().trim().replace('\n', " "),
+    })
 }
 
 fn line_of(text: &str, offset: usize) -> usize {

@@ -73,6 +73,43 @@ impl Pki {
         }
     }
 
+    /// A leaf for `names` valid from `not_before` to `not_after`.
+    pub fn leaf_valid(
+        &self,
+        names: &[&str],
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> Leaf {
+        let key = KeyPair::generate().expect("leaf key");
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("params");
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let cert = params.signed_by(&key, &self.issuer).expect("leaf cert");
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+        }
+    }
+
+    /// An intermediate CA signed by this one; its `ca_pem` is the intermediate's certificate.
+    pub fn intermediate(&self) -> Pki {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "linkgate test intermediate");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.signed_by(&key, &self.issuer).expect("intermediate");
+        Pki {
+            ca_pem: cert.pem(),
+            ca_der: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
     /// Writes a leaf for `names` as `<dir>/<stem>.pem` and `<dir>/<stem>.key`.
     pub fn write_leaf(&self, dir: &Path, stem: &str, names: &[&str]) -> Leaf {
         let leaf = self.leaf(names);

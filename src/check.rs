@@ -1,0 +1,262 @@
+//! `linkgate check`: everything `serve` validates at start-up, without
+//! binding anything, plus the warnings an operator wants before deploying.
+//!
+//! The verdict on the file comes from [`Config::from_toml`], the same
+//! function `serve` uses, so the two never disagree; each host is then also
+//! checked on its own (with [`crate::config::load_host`], again `serve`'s
+//! code) so that every host gets a row even when one of them is broken.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::config::{self, Config, LoadedPairs};
+use crate::tls::{self, CertSummary};
+
+/// Certificates expiring sooner than this are a warning.
+const EXPIRY_WARNING_DAYS: i64 = 21;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub config: String,
+    /// No errors (warnings allowed).
+    pub ok: bool,
+    /// Problems with the file as a whole (syntax, unknown keys, addresses, upstream).
+    pub errors: Vec<String>,
+    pub hosts: Vec<HostReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HostReport {
+    pub name: String,
+    /// `ok`, `warning` or `error`.
+    pub status: &'static str,
+    pub expires_in_days: Option<i64>,
+    /// RFC 3339.
+    pub not_after: Option<String>,
+    pub issuer: Option<String>,
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Problem {
+    /// `error` or `warning`.
+    pub severity: &'static str,
+    pub message: String,
+}
+
+impl Report {
+    pub fn has_warnings(&self) -> bool {
+        self.hosts
+            .iter()
+            .any(|h| h.problems.iter().any(|p| p.severity == "warning"))
+    }
+}
+
+/// Checks the config file at `path`. Blocking (reads files).
+pub fn check(path: &Path) -> Report {
+    let mut report = Report {
+        config: path.display().to_string(),
+        ok: true,
+        errors: Vec::new(),
+        hosts: Vec::new(),
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            report.ok = false;
+            report.errors.push(format!("{}: cannot read: {e}", path.display()));
+            return report;
+        }
+    };
+    // The verdict: exactly what `serve` would say.
+    let whole = Config::from_toml(&text, path);
+    if let Err(e) = &whole {
+        report.ok = false;
+        if !matches!(e, config::ConfigError::Host { .. }) {
+            report.errors.push(e.to_string());
+        }
+    }
+    let Ok(entries) = Config::host_entries(&text, path) else {
+        return report;
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let mut loaded = LoadedPairs::new();
+    let mut seen = HashSet::new();
+    for entry in &entries {
+        let mut row = HostReport {
+            name: entry.name.clone(),
+            status: "ok",
+            expires_in_days: None,
+            not_after: None,
+            issuer: None,
+            problems: Vec::new(),
+        };
+        match config::load_host(entry, &mut loaded) {
+            Err(message) => row.error(message),
+            Ok(host) => {
+                if !seen.insert(host.name.clone()) {
+                    row.error("duplicate host: each name may appear once".into());
+                }
+                certificate_checks(&mut row, &host.certified_key.cert, now);
+                key_file_checks(&mut row, &host.key_path);
+            }
+        }
+        if row.problems.iter().any(|p| p.severity == "error") {
+            report.ok = false;
+        }
+        report.hosts.push(row);
+    }
+    report
+}
+
+impl HostReport {
+    fn error(&mut self, message: String) {
+        self.status = "error";
+        self.problems.push(Problem {
+            severity: "error",
+            message,
+        });
+    }
+
+    fn warning(&mut self, message: String) {
+        if self.status == "ok" {
+            self.status = "warning";
+        }
+        self.problems.push(Problem {
+            severity: "warning",
+            message,
+        });
+    }
+}
+
+fn certificate_checks(row: &mut HostReport, chain: &[rustls_pki_types::CertificateDer<'static>], now: i64) {
+    let summaries: Vec<CertSummary> = chain.iter().filter_map(tls::summarize).collect();
+    let Some(leaf) = summaries.first() else {
+        row.error("the leaf certificate cannot be parsed".into());
+        return;
+    };
+    row.issuer = Some(leaf.issuer_name.clone());
+    row.not_after = Some(leaf.not_after_text.clone());
+    let days = (leaf.not_after - now).div_euclid(86_400);
+    row.expires_in_days = Some(days);
+    if leaf.not_after < now {
+        row.error(format!(
+            "certificate expired {} days ago ({}): renew it",
+            -days, leaf.not_after_text
+        ));
+    } else if leaf.not_before > now {
+        row.error("certificate is not valid yet (check the clock, or wait)".into());
+    } else if days < EXPIRY_WARNING_DAYS {
+        row.warning(format!("certificate expires in {days} days: renew it"));
+    }
+    if let Some(bits) = leaf.rsa_bits.filter(|b| *b < 2048) {
+        row.error(format!("RSA key of {bits} bits: browsers need at least 2048"));
+    }
+    for pair in summaries.windows(2) {
+        if pair[0].issuer_raw != pair[1].subject_raw {
+            row.warning(format!(
+                "chain out of order: \"{}\" is followed by \"{}\", which did not issue it; put each certificate before its issuer",
+                pair[0].subject_name, pair[1].subject_name
+            ));
+            break;
+        }
+    }
+    if let Some(top) = summaries.last() {
+        if !top.self_signed && !tls::is_public_root_subject(&top.issuer_raw) {
+            row.warning(format!(
+                "serve the full chain: \"{}\" was issued by \"{}\", which is neither in the file nor a public root (use fullchain.pem, not cert.pem; ignore for a private CA your clients trust)",
+                top.subject_name, top.issuer_name
+            ));
+        }
+    }
+}
+
+#[cfg(unix)]
+fn key_file_checks(row: &mut HostReport, key: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(key) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            row.warning(format!(
+                "{} is readable by others (mode {mode:o}): chmod 600 it",
+                key.display()
+            ));
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn key_file_checks(_: &mut HostReport, _: &Path) {}
+
+/// The human form: one aligned row per host, then the file's own errors and a summary.
+pub fn render_text(report: &Report) -> String {
+    let mut out = String::new();
+    let rows: Vec<[String; 5]> = report
+        .hosts
+        .iter()
+        .map(|h| {
+            [
+                h.name.clone(),
+                h.status.to_string(),
+                h.expires_in_days.map_or("-".into(), |d| format!("{d}d")),
+                h.issuer.clone().unwrap_or_else(|| "-".into()),
+                if h.problems.is_empty() {
+                    "-".into()
+                } else {
+                    h.problems
+                        .iter()
+                        .map(|p| format!("{}: {}", p.severity, p.message))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                },
+            ]
+        })
+        .collect();
+    let header = ["HOST", "STATUS", "EXPIRES", "ISSUER", "PROBLEMS"].map(String::from);
+    let mut widths = [0usize; 4];
+    for row in std::iter::once(&header).chain(&rows) {
+        for (w, cell) in widths.iter_mut().zip(row.iter()) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        let _ = writeln!(
+            out,
+            "{:<w0$}  {:<w1$}  {:>w2$}  {:<w3$}  {}",
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2],
+            w3 = widths[3]
+        );
+    }
+    for e in &report.errors {
+        let _ = writeln!(out, "error: {e}");
+    }
+    let count = |s: &str| report.hosts.iter().filter(|h| h.status == s).count();
+    let _ = writeln!(
+        out,
+        "{}: {} hosts, {} ok, {} with warnings, {} with errors{}",
+        report.config,
+        report.hosts.len(),
+        count("ok"),
+        count("warning"),
+        count("error"),
+        if report.errors.is_empty() {
+            String::new()
+        } else {
+            format!(", {} file errors", report.errors.len())
+        }
+    );
+    out
+}

@@ -1,0 +1,254 @@
+//! `linkgate check`: the offline report, through the real binary.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use tempfile::TempDir;
+
+fn check(config: &Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_linkgate"))
+        .arg("check")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run linkgate check");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn json(config: &Path) -> (i32, serde_json::Value) {
+    let (code, out) = check(config, &["--format", "json"]);
+    (
+        code,
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}")),
+    )
+}
+
+fn write_pair(dir: &Path, stem: &str, leaf: &Leaf, chain: &[&str]) {
+    let mut pem = leaf.cert_pem.clone();
+    for c in chain {
+        pem.push_str(c);
+    }
+    std::fs::write(dir.join(format!("{stem}.pem")), pem).expect("write");
+    let key = dir.join(format!("{stem}.key"));
+    std::fs::write(&key, &leaf.key_pem).expect("write");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
+
+fn config(dir: &Path, hosts: &[(&str, &str)]) -> std::path::PathBuf {
+    let mut toml = "[listen]\nhttps = \"127.0.0.1:443\"\n".to_string();
+    for (name, stem) in hosts {
+        toml.push_str(&host_section(name, stem));
+    }
+    let path = dir.join("linkgate.toml");
+    std::fs::write(&path, toml).expect("write");
+    path
+}
+
+fn days(n: i64) -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc() + time::Duration::days(n)
+}
+
+#[test]
+fn a_good_configuration_passes_with_a_row_per_host() {
+    let dir = TempDir::new().expect("tempdir");
+    let root = Pki::new();
+    let inter = root.intermediate();
+    let leaf = inter.leaf_valid(&["url1.example.test", "url2.example.test"], days(-1), days(90));
+    write_pair(dir.path(), "san", &leaf, &[&inter.ca_pem]);
+    let path = config(
+        dir.path(),
+        &[("url1.example.test", "san"), ("url2.example.test", "san")],
+    );
+    let (code, report) = json(&path);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["errors"], serde_json::json!([]));
+    let hosts = report["hosts"].as_array().expect("hosts");
+    assert_eq!(hosts.len(), 2);
+    for h in hosts {
+        // The intermediate's issuer (the test root) is not a public root: a warning, not an error.
+        assert_eq!(h["status"], "warning", "{h}");
+        assert_eq!(h["issuer"], "linkgate test intermediate");
+        let d = h["expires_in_days"].as_i64().expect("days");
+        assert!((88..=90).contains(&d), "{d}");
+        assert!(h["not_after"].as_str().is_some_and(|t| t.ends_with('Z')), "{h}");
+        assert!(
+            h["problems"][0]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("serve the full chain")),
+            "{h}"
+        );
+    }
+    let (code, text) = check(&path, &[]);
+    assert_eq!(code, 0);
+    assert!(text.starts_with("HOST "), "{text}");
+    assert!(text.contains("url2.example.test  warning"), "{text}");
+    assert!(text.contains("2 hosts, 0 ok, 2 with warnings, 0 with errors"), "{text}");
+    let (code, _) = check(&path, &["--strict"]);
+    assert_eq!(code, 1, "--strict makes warnings fail");
+}
+
+#[test]
+fn expiry_is_an_error_when_past_and_a_warning_when_close() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    write_pair(
+        dir.path(),
+        "old",
+        &pki.leaf_valid(&["old.example.test"], days(-100), days(-3)),
+        &[],
+    );
+    write_pair(
+        dir.path(),
+        "soon",
+        &pki.leaf_valid(&["soon.example.test"], days(-80), days(10)),
+        &[],
+    );
+    write_pair(
+        dir.path(),
+        "future",
+        &pki.leaf_valid(&["future.example.test"], days(5), days(100)),
+        &[],
+    );
+    let path = config(
+        dir.path(),
+        &[
+            ("old.example.test", "old"),
+            ("soon.example.test", "soon"),
+            ("future.example.test", "future"),
+        ],
+    );
+    let (code, report) = json(&path);
+    assert_eq!(code, 1);
+    assert_eq!(report["ok"], false);
+    let row = |name: &str| {
+        report["hosts"]
+            .as_array()
+            .expect("hosts")
+            .iter()
+            .find(|h| h["name"] == name)
+            .cloned()
+            .expect("row")
+    };
+    let old = row("old.example.test");
+    assert_eq!(old["status"], "error");
+    assert!(old.to_string().contains("certificate expired 3 days ago"), "{old}");
+    let soon = row("soon.example.test");
+    assert!(
+        soon.to_string().contains("certificate expires in 9 days")
+            || soon.to_string().contains("certificate expires in 10 days"),
+        "{soon}"
+    );
+    assert_ne!(soon["status"], "error");
+    let future = row("future.example.test");
+    assert_eq!(future["status"], "error");
+    assert!(future.to_string().contains("not valid yet"), "{future}");
+}
+
+#[test]
+fn every_host_is_reported_even_when_one_is_broken() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    let inter = pki.intermediate();
+    write_pair(
+        dir.path(),
+        "wild",
+        &pki.leaf_valid(&["*.example.test"], days(-1), days(60)),
+        &[],
+    );
+    write_pair(
+        dir.path(),
+        "other",
+        &pki.leaf_valid(&["www.example.test"], days(-1), days(60)),
+        &[],
+    );
+    // A leaf without its intermediate.
+    write_pair(
+        dir.path(),
+        "bare",
+        &inter.leaf_valid(&["bare.example.test"], days(-1), days(60)),
+        &[],
+    );
+    let path = config(
+        dir.path(),
+        &[
+            ("url1.example.test", "wild"),
+            ("url1.links.example.test", "wild"),
+            ("click.example.test", "other"),
+            ("bare.example.test", "bare"),
+        ],
+    );
+    let (code, report) = json(&path);
+    assert_eq!(code, 1);
+    let rows = report["hosts"].as_array().expect("hosts");
+    assert_eq!(rows.len(), 4, "{report}");
+    assert_ne!(rows[0]["status"], "error", "{}", rows[0]);
+    assert!(
+        rows[1].to_string().contains(
+            "a wildcard covers exactly one label: *.example.test covers a.example.test but not url1.links.example.test"
+        ),
+        "{}",
+        rows[1]
+    );
+    assert!(
+        rows[2]
+            .to_string()
+            .contains("does not cover this host (its names: www.example.test)"),
+        "{}",
+        rows[2]
+    );
+    assert_eq!(rows[3]["status"], "warning");
+    assert!(rows[3].to_string().contains("serve the full chain"), "{}", rows[3]);
+}
+
+#[test]
+fn readable_keys_wrong_order_and_file_errors() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    let inter = pki.intermediate();
+    let leaf = inter.leaf_valid(&["a.example.test"], days(-1), days(60));
+    // Intermediate first, then the leaf: out of order.
+    std::fs::write(dir.path().join("a.pem"), format!("{}{}", inter.ca_pem, leaf.cert_pem)).expect("write");
+    std::fs::write(dir.path().join("a.key"), &leaf.key_pem).expect("write");
+    std::fs::set_permissions(dir.path().join("a.key"), std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let path = config(dir.path(), &[("a.example.test", "a")]);
+    let (_, report) = json(&path);
+    // The first certificate is the intermediate, so serve refuses the pair: an error, like serve.
+    assert_eq!(report["hosts"][0]["status"], "error", "{report}");
+
+    std::fs::write(dir.path().join("a.pem"), format!("{}{}", leaf.cert_pem, inter.ca_pem)).expect("write");
+    let (code, report) = json(&path);
+    assert_eq!(code, 0, "{report}");
+    assert!(
+        report
+            .to_string()
+            .contains("is readable by others (mode 644): chmod 600 it"),
+        "{report}"
+    );
+
+    std::fs::write(&path, "[listen]\nhttps = \"127.0.0.1:443\"\nport = 1\n").expect("write");
+    let (code, report) = json(&path);
+    assert_eq!(code, 1);
+    assert!(
+        report["errors"][0]
+            .as_str()
+            .is_some_and(|e| e.contains("unknown field `port`")),
+        "{report}"
+    );
+
+    let (code, _) = check(&dir.path().join("missing.toml"), &[]);
+    assert_eq!(code, 1);
+    let out = Command::new(env!("CARGO_BIN_EXE_linkgate"))
+        .args(["check", "--format", "yaml"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "unusable arguments");
+}
