@@ -10,6 +10,7 @@
 //! - [`host`]: host-name normalisation shared by config, SNI and Host checks.
 //! - [`tls`]: PEM loading, certificate/key/host checks, the SNI resolver.
 //! - [`check`]: `linkgate check`, the offline report on a config file.
+//! - [`doctor`]: `linkgate doctor`, DNS and HTTPS probes from the outside.
 //! - [`reload`]: the live configuration, SIGHUP and file-watch reloads.
 //! - [`server`]: listeners, PROXY headers, handshakes, connections, limits, drain.
 //! - [`proxy_protocol`]: reading PROXY v1/v2 headers.
@@ -29,6 +30,7 @@ pub mod admin;
 pub mod check;
 pub mod config;
 pub mod connection;
+pub mod doctor;
 pub mod host;
 pub mod metrics;
 pub mod proxy;

@@ -24,6 +24,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Probe every link branding from the outside, as SendGrid does: DNS (the
+    /// CNAME no longer answers sendgrid.net), HTTPS (valid certificate, tracked
+    /// URL reaches the provider with the branded Host) and plain HTTP.
+    /// Exit status: 0 all pass, 1 a check failed, 2 unusable arguments.
+    Doctor(Box<DoctorArgs>),
     /// Check a configuration offline, as `serve` would at start-up, plus warnings
     /// (expiry, chain, key permissions). Exit status: 0 no errors, 1 errors
     /// (or warnings with --strict), 2 unusable arguments.
@@ -46,6 +51,41 @@ enum Command {
     },
 }
 
+/// Arguments of `linkgate doctor`.
+#[derive(clap::Args)]
+struct DoctorArgs {
+    /// The configuration file.
+    #[arg(short, long, env = "LINKGATE_CONFIG", default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+    /// Probe only this host (repeatable); default: every configured host.
+    #[arg(long = "host")]
+    hosts: Vec<String>,
+    /// Name server to ask, IP:PORT; default: the system's.
+    #[arg(long)]
+    resolver: Option<std::net::SocketAddr>,
+    /// Fail unless each host's CNAME chain leads to this name (your load balancer's).
+    #[arg(long)]
+    expect_target: Option<String>,
+    /// Connect here for https instead of the resolved address on port 443.
+    #[arg(long)]
+    connect: Option<std::net::SocketAddr>,
+    /// Connect here for plain http instead of the resolved address on port 80.
+    #[arg(long)]
+    connect_http: Option<std::net::SocketAddr>,
+    /// Verify certificates against these roots (PEM) instead of the public web roots.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Path and query of a tracked URL to fetch (use one from a real test email).
+    #[arg(long, default_value = "/wf/open?upn=linkgate-doctor")]
+    url: String,
+    /// Bound on each probe.
+    #[arg(long, default_value = "10s", value_parser = |s: &str| config::parse_duration(s, false))]
+    timeout: std::time::Duration,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Format {
     Text,
@@ -55,6 +95,7 @@ enum Format {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Doctor(args) => doctor(*args),
         Command::Check { config, format, strict } => {
             let report = linkgate::check::check(&config);
             match format {
@@ -80,6 +121,72 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+fn doctor(args: DoctorArgs) -> ExitCode {
+    let targets = std::fs::read_to_string(&args.config)
+        .map_err(|e| format!("{}: cannot read: {e}", args.config.display()))
+        .and_then(|text| Config::probe_targets(&text, &args.config).map_err(|e| e.to_string()));
+    let (all, has_http) = match targets {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("linkgate: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let hosts = if args.hosts.is_empty() {
+        all
+    } else if let Some(unknown) = args
+        .hosts
+        .iter()
+        .find(|h| !all.iter().any(|a| a.eq_ignore_ascii_case(h)))
+    {
+        eprintln!(
+            "linkgate: error: --host {unknown}: not a [[host]] in {}",
+            args.config.display()
+        );
+        return ExitCode::from(2);
+    } else {
+        args.hosts
+    };
+    let opts = linkgate::doctor::Options {
+        hosts,
+        has_http,
+        resolver: args.resolver,
+        expect_target: args.expect_target,
+        connect: args.connect,
+        connect_http: args.connect_http,
+        ca_file: args.ca_file,
+        url: args.url,
+        timeout: args.timeout,
+    };
+    let report = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(linkgate::doctor::run(opts)));
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("linkgate: error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match args.format {
+        Format::Text => print!("{}", linkgate::doctor::render_text(&report)),
+        Format::Json => match serde_json::to_string_pretty(&report) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("linkgate: error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    }
+    if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -271,6 +271,17 @@ impl Config {
         Ok(raw.hosts.into_iter().map(|h| HostEntry::resolve(h, base)).collect())
     }
 
+    /// The host names of a config file and whether it has a plain-http
+    /// listener, without loading certificates (for `linkgate doctor`, which
+    /// may run where the keys are not).
+    pub fn probe_targets(text: &str, path: &Path) -> Result<(Vec<String>, bool), ConfigError> {
+        let raw = parse_raw(text, path)?;
+        Ok((
+            raw.hosts.into_iter().map(|h| h.name).collect(),
+            raw.listen.http.is_some(),
+        ))
+    }
+
     /// Parses and validates `text` as if read from `path` (relative file
     /// names are resolved against `path`'s folder).
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {

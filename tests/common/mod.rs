@@ -292,6 +292,11 @@ async fn handle(
             .header("x-kept", "yes")
             .body(full("hop"))
             .expect("response"),
+        // What a provider answers when the Host header was not the branded name.
+        _ if parts.headers.get("host").is_some_and(|h| h == "sendgrid.net") => Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(full("<html><title>Wrong Link</title>Wrong Link</html>"))
+            .expect("response"),
         _ => Response::builder()
             .header("x-upstream", "stand-in")
             .body(full("ok"))

@@ -1,0 +1,496 @@
+//! `linkgate doctor`: checks every link branding from the outside, the way
+//! SendGrid does before it enables SSL click tracking: (1) the host's CNAME
+//! no longer leads to sendgrid.net, and (2) the https version of a tracked
+//! URL loads with a valid certificate and reaches the provider with the
+//! branded Host. Also (3) the plain-http URL still answers, for emails sent
+//! before the switch. Hosts are probed concurrently, each probe bounded.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::{RData, RecordType};
+use hickory_resolver::TokioResolver;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use rustls::{AlertDescription, CertificateError};
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// What to probe and how.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The configured hosts to probe.
+    pub hosts: Vec<String>,
+    /// Whether the config has a plain-http listener (then probe http too).
+    pub has_http: bool,
+    /// Name server `IP:PORT`; the system's when `None`.
+    pub resolver: Option<SocketAddr>,
+    /// The CNAME chain must reach this name.
+    pub expect_target: Option<String>,
+    /// Connect here for https instead of the resolved address on 443.
+    pub connect: Option<SocketAddr>,
+    /// Connect here for http instead of the resolved address on 80.
+    pub connect_http: Option<SocketAddr>,
+    /// Trust these roots instead of the public web roots.
+    pub ca_file: Option<PathBuf>,
+    /// Path and query of the tracked URL to fetch.
+    pub url: String,
+    /// Bound on each probe (DNS, https, http) of each host.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Every host passed every check.
+    pub ok: bool,
+    pub hosts: Vec<HostReport>,
+    pub summary: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HostReport {
+    pub name: String,
+    pub cname_chain: Vec<String>,
+    pub addresses: Vec<String>,
+    pub dns: Outcome,
+    pub https: Outcome,
+    /// `None` when the config has no plain-http listener.
+    pub http: Option<Outcome>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Outcome {
+    /// `pass`, `fail` or `skipped`.
+    pub status: &'static str,
+    pub message: String,
+    /// What to do about a failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+impl Outcome {
+    fn pass(message: String) -> Self {
+        Self {
+            status: "pass",
+            message,
+            fix: None,
+        }
+    }
+
+    fn fail(message: String, fix: &str) -> Self {
+        Self {
+            status: "fail",
+            message,
+            fix: Some(fix.to_owned()),
+        }
+    }
+
+    fn skipped(message: &str) -> Self {
+        Self {
+            status: "skipped",
+            message: message.to_owned(),
+            fix: None,
+        }
+    }
+
+    fn passed(&self) -> bool {
+        self.status == "pass"
+    }
+}
+
+/// Runs every probe for every host and builds the report.
+pub async fn run(opts: Options) -> anyhow::Result<Report> {
+    let resolver = Arc::new(resolver(opts.resolver)?);
+    let tls = Arc::new(client_tls(opts.ca_file.as_deref())?);
+    let opts = Arc::new(opts);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, host) in opts.hosts.iter().enumerate() {
+        let (host, resolver, tls, opts) = (host.clone(), resolver.clone(), tls.clone(), opts.clone());
+        tasks.spawn(async move { (i, probe_host(&host, &resolver, &tls, &opts).await) });
+    }
+    let mut hosts: Vec<(usize, HostReport)> = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        hosts.push(done?);
+    }
+    hosts.sort_by_key(|(i, _)| *i);
+    let hosts: Vec<HostReport> = hosts.into_iter().map(|(_, h)| h).collect();
+    let failing: Vec<&HostReport> = hosts
+        .iter()
+        .filter(|h| !h.dns.passed() || !h.https.passed() || h.http.as_ref().is_some_and(|o| !o.passed()))
+        .collect();
+    let summary = if failing.is_empty() {
+        format!(
+            "all {} link brandings pass both checks — ask SendGrid Support to enable SSL click and open tracking. \
+             Do not re-validate these link brandings in the SendGrid UI: that validation expects the CNAME to point at \
+             sendgrid.net, fails now that it points at the proxy, and breaks the branding.",
+            hosts.len()
+        )
+    } else {
+        let list: Vec<String> = failing
+            .iter()
+            .map(|h| {
+                let mut what = Vec::new();
+                for (check, o) in [
+                    ("DNS", Some(&h.dns)),
+                    ("HTTPS", Some(&h.https)),
+                    ("HTTP", h.http.as_ref()),
+                ] {
+                    if let Some(o) = o.filter(|o| o.status == "fail") {
+                        what.push(format!("{check}: {}", o.fix.as_deref().unwrap_or(&o.message)));
+                    }
+                }
+                format!("{} ({})", h.name, what.join("; "))
+            })
+            .collect();
+        format!(
+            "{} of {} link brandings fail: {}. SendGrid enables SSL tracking only when every branding passes.",
+            failing.len(),
+            hosts.len(),
+            list.join(" | ")
+        )
+    };
+    Ok(Report {
+        ok: failing.is_empty(),
+        hosts,
+        summary,
+    })
+}
+
+fn resolver(server: Option<SocketAddr>) -> anyhow::Result<TokioResolver> {
+    let builder = match server {
+        Some(addr) => {
+            let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
+            for c in &mut ns.connections {
+                c.port = addr.port();
+            }
+            TokioResolver::builder_with_config(
+                ResolverConfig::from_name_servers(vec![ns]),
+                TokioRuntimeProvider::default(),
+            )
+        }
+        None => TokioResolver::builder_tokio()?,
+    };
+    Ok(builder.build()?)
+}
+
+fn client_tls(ca_file: Option<&std::path::Path>) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            for cert in crate::tls::load_certs(path).map_err(anyhow::Error::msg)? {
+                roots.add(cert)?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+async fn probe_host(
+    host: &str,
+    resolver: &TokioResolver,
+    tls: &Arc<rustls::ClientConfig>,
+    opts: &Options,
+) -> HostReport {
+    let (chain, addresses, dns) = match tokio::time::timeout(opts.timeout, dns(host, resolver, opts)).await {
+        Ok(r) => r,
+        Err(_) => (
+            Vec::new(),
+            Vec::new(),
+            Outcome::fail(
+                format!("DNS gave no answer within {:?}", opts.timeout),
+                "check the name servers of the zone",
+            ),
+        ),
+    };
+    let https_target = opts
+        .connect
+        .or_else(|| addresses.first().map(|ip| SocketAddr::new(*ip, 443)));
+    let https = match https_target {
+        None => Outcome::skipped("no address to connect to (give --connect to probe anyway)"),
+        Some(addr) => bounded(opts.timeout, https(host, addr, tls, &opts.url)).await,
+    };
+    let http = opts.has_http.then(|| {
+        opts.connect_http
+            .or_else(|| addresses.first().map(|ip| SocketAddr::new(*ip, 80)))
+    });
+    let http = match http {
+        None => None,
+        Some(None) => Some(Outcome::skipped(
+            "no address to connect to (give --connect-http to probe anyway)",
+        )),
+        Some(Some(addr)) => Some(bounded(opts.timeout, plain(host, addr, &opts.url)).await),
+    };
+    HostReport {
+        name: host.to_owned(),
+        cname_chain: chain,
+        addresses: addresses.iter().map(ToString::to_string).collect(),
+        dns,
+        https,
+        http,
+    }
+}
+
+async fn bounded(limit: Duration, probe: impl std::future::Future<Output = Outcome>) -> Outcome {
+    tokio::time::timeout(limit, probe).await.unwrap_or_else(|_| {
+        Outcome::fail(
+            format!("no answer within {limit:?}"),
+            "check that linkgate runs and that the address and port are reachable",
+        )
+    })
+}
+
+fn normalise(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// The CNAME chain of `host`, its addresses, and the verdict on them.
+async fn dns(host: &str, resolver: &TokioResolver, opts: &Options) -> (Vec<String>, Vec<IpAddr>, Outcome) {
+    let mut chain = Vec::new();
+    let mut current = normalise(host);
+    for _ in 0..8 {
+        let answer = match resolver.lookup(format!("{current}."), RecordType::CNAME).await {
+            Ok(answer) => answer,
+            Err(e) if e.is_nx_domain() && chain.is_empty() => {
+                return (
+                    chain,
+                    Vec::new(),
+                    Outcome::fail(
+                        format!("{host} does not exist in DNS (NXDOMAIN)"),
+                        "create the link branding's CNAME record, pointing at the proxy",
+                    ),
+                )
+            }
+            Err(_) => break,
+        };
+        let next = answer.answers().iter().find_map(|r| match &r.data {
+            RData::CNAME(target) if normalise(&r.name.to_string()) == current => Some(normalise(&target.0.to_string())),
+            _ => None,
+        });
+        match next {
+            Some(next) if !chain.contains(&next) => {
+                chain.push(next.clone());
+                current = next;
+            }
+            _ => break,
+        }
+    }
+    let addresses: Vec<IpAddr> = match resolver.lookup_ip(format!("{}.", normalise(host))).await {
+        Ok(ips) => ips.iter().collect(),
+        Err(_) => Vec::new(),
+    };
+    let shown = if chain.is_empty() {
+        "no CNAME".to_owned()
+    } else {
+        format!("CNAME {}", chain.join(" → "))
+    };
+    let outcome = if let Some(sg) = chain
+        .iter()
+        .find(|n| *n == "sendgrid.net" || n.ends_with(".sendgrid.net"))
+    {
+        Outcome::fail(
+            format!("{shown}: still points at SendGrid ({sg})"),
+            "step 4 not done: point the CNAME at the proxy (your linkgate load balancer's name)",
+        )
+    } else if let Some(target) = opts
+        .expect_target
+        .as_deref()
+        .map(normalise)
+        .filter(|t| !chain.contains(t))
+    {
+        Outcome::fail(
+            format!("{shown}: does not lead to {target}"),
+            "point the CNAME at the expected target",
+        )
+    } else if addresses.is_empty() {
+        Outcome::fail(
+            format!("{shown}: the name does not resolve to any address"),
+            "fix the CNAME's target or add A/AAAA records",
+        )
+    } else if chain.is_empty() {
+        Outcome::pass(format!(
+            "no CNAME; A/AAAA {} (an A record works for SendGrid only if it reaches linkgate)",
+            join(&addresses)
+        ))
+    } else {
+        Outcome::pass(format!("{shown}; addresses {}", join(&addresses)))
+    };
+    (chain, addresses, outcome)
+}
+
+fn join(ips: &[IpAddr]) -> String {
+    ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+}
+
+/// TLS with SNI = host, verified; then GET the tracked URL.
+async fn https(host: &str, addr: SocketAddr, tls: &Arc<rustls::ClientConfig>, url: &str) -> Outcome {
+    let tcp = match tokio::net::TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) => {
+            return Outcome::fail(
+                format!("cannot connect to {addr}: {e}"),
+                "check that linkgate listens there and the firewall allows 443",
+            )
+        }
+    };
+    let Ok(name) = rustls_pki_types::ServerName::try_from(host.to_owned()) else {
+        return Outcome::fail(format!("{host} is not a valid name"), "fix the host name in the config");
+    };
+    let stream = match tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp).await {
+        Ok(s) => s,
+        Err(e) => return tls_failure(host, &e),
+    };
+    classify(fetch(stream, host, url).await, "https")
+}
+
+/// Plain http: GET the tracked URL.
+async fn plain(host: &str, addr: SocketAddr, url: &str) -> Outcome {
+    match tokio::net::TcpStream::connect(addr).await {
+        Ok(s) => classify(fetch(s, host, url).await, "http"),
+        Err(e) => Outcome::fail(
+            format!("cannot connect to {addr}: {e}"),
+            "links in emails sent before the switch are plain http: keep the http listener reachable on port 80",
+        ),
+    }
+}
+
+/// Turns a TLS error into "Your connection is not private" with its cause and fix.
+fn tls_failure(host: &str, e: &std::io::Error) -> Outcome {
+    let rustls_error = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    let (cause, fix) = match rustls_error {
+        Some(rustls::Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. })) => {
+            ("the certificate has expired".to_owned(), "renew the certificate; linkgate reloads it without a restart")
+        }
+        Some(rustls::Error::InvalidCertificate(CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. })) => {
+            ("the certificate is not valid yet".to_owned(), "check the clocks, or wait until it is valid")
+        }
+        Some(rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        )) => (
+            format!("the certificate is not valid for {host}"),
+            "get a certificate that names this host; a wildcard covers exactly one label (*.example.com does not cover a.b.example.com)",
+        ),
+        Some(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)) => (
+            "the certificate's issuer is not trusted: unknown CA or incomplete chain".to_owned(),
+            "serve the full chain (fullchain.pem, leaf first, then intermediates) from a public CA",
+        ),
+        Some(rustls::Error::AlertReceived(AlertDescription::UnrecognisedName)) => (
+            format!("the server does not serve {host} (unrecognized_name)"),
+            "add this host as a [[host]] in linkgate's config",
+        ),
+        Some(other) => (format!("TLS error: {other}"), "check the certificate and the TLS settings"),
+        None => (format!("TLS handshake failed: {e}"), "check that the address is linkgate's https listener"),
+    };
+    Outcome::fail(format!("Your connection is not private: {cause}"), fix)
+}
+
+/// Status and the start of the body of one GET.
+type Fetched = Result<(u16, String), String>;
+
+async fn fetch<IO>(io: IO, host: &str, url: &str) -> Fetched
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(io))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = http::Request::get(url)
+        .header(http::header::HOST, host)
+        .header(
+            http::header::USER_AGENT,
+            concat!("linkgate-doctor/", env!("CARGO_PKG_VERSION")),
+        )
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = Limited::new(resp.into_body(), 64 * 1024)
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+fn classify(fetched: Fetched, scheme: &str) -> Outcome {
+    let (status, body) = match fetched {
+        Ok(r) => r,
+        Err(e) => {
+            return Outcome::fail(
+                format!("the request failed: {e}"),
+                "check that linkgate answers on this address",
+            )
+        }
+    };
+    let lower = body.to_ascii_lowercase();
+    if lower.contains("wrong link") || status == 404 {
+        Outcome::fail(
+            format!("{scheme} answered {status}: the provider's \"Wrong Link\" page"),
+            "the Host header is not forwarded: the proxy must send Host = the branded name (linkgate does; check what is in front of it)",
+        )
+    } else if (status == 502 || status == 504)
+        && (lower.contains("upstream unavailable") || lower.contains("upstream timed out"))
+    {
+        Outcome::fail(
+            format!("{scheme} answered {status} from linkgate: the provider is unreachable from linkgate"),
+            "check linkgate's outbound network and [upstream] url / connect_to; its log says why",
+        )
+    } else if status == 421 {
+        Outcome::fail(
+            format!("{scheme} answered 421"),
+            "linkgate does not serve this host: add it as a [[host]]",
+        )
+    } else if (200..400).contains(&status) {
+        Outcome::pass(format!("{scheme} answered {status}"))
+    } else {
+        Outcome::fail(
+            format!("{scheme} answered {status}"),
+            "check linkgate's log and the provider's answer",
+        )
+    }
+}
+
+/// The human form: one row per host, then the details of what failed, then the summary.
+pub fn render_text(report: &Report) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let width = report.hosts.iter().map(|h| h.name.len()).max().unwrap_or(4).max(4);
+    let _ = writeln!(out, "{:<width$}  {:<7}  {:<7}  {:<7}", "HOST", "DNS", "HTTPS", "HTTP");
+    for h in &report.hosts {
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<7}  {:<7}  {:<7}",
+            h.name,
+            h.dns.status,
+            h.https.status,
+            h.http.as_ref().map_or("-", |o| o.status)
+        );
+    }
+    for h in &report.hosts {
+        for (check, o) in [
+            ("dns", Some(&h.dns)),
+            ("https", Some(&h.https)),
+            ("http", h.http.as_ref()),
+        ] {
+            let Some(o) = o else { continue };
+            let _ = write!(out, "{} {check}: {}", h.name, o.message);
+            if let Some(fix) = &o.fix {
+                let _ = write!(out, " — fix: {fix}");
+            }
+            out.push('\n');
+        }
+    }
+    let _ = writeln!(out, "{}", report.summary);
+    out
+}

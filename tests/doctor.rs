@@ -1,0 +1,461 @@
+//! `linkgate doctor` against an in-test DNS server (hickory-server, UDP and
+//! TCP on loopback), linkgate in-process, and deliberately misconfigured
+//! servers for each failure SendGrid users meet.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use hickory_server::proto::rr::rdata::{A, CNAME, SOA};
+use hickory_server::proto::rr::{LowerName, Name, RData, Record};
+use hickory_server::store::in_memory::InMemoryZoneHandler;
+use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
+use tempfile::TempDir;
+
+/// An authoritative server for `example.test` on a loopback port (UDP and TCP).
+async fn dns_server() -> SocketAddr {
+    let origin = Name::from_str("example.test.").expect("name");
+    let mut zone: InMemoryZoneHandler = InMemoryZoneHandler::empty(origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
+    let name = |s: &str| Name::from_str(s).expect("name");
+    let soa = SOA::new(
+        name("ns.example.test."),
+        name("hostmaster.example.test."),
+        1,
+        3600,
+        600,
+        86400,
+        60,
+    );
+    zone.upsert_mut(Record::from_rdata(origin.clone(), 60, RData::SOA(soa)), 1);
+    zone.upsert_mut(
+        Record::from_rdata(name("lb.example.test."), 60, RData::A(A::new(127, 0, 0, 1))),
+        1,
+    );
+    for host in ["ok", "expired", "wrongname", "a.b", "nochain", "wronglink", "down"] {
+        zone.upsert_mut(
+            Record::from_rdata(
+                name(&format!("{host}.example.test.")),
+                60,
+                RData::CNAME(CNAME(name("lb.example.test."))),
+            ),
+            1,
+        );
+    }
+    zone.upsert_mut(
+        Record::from_rdata(
+            name("stale.example.test."),
+            60,
+            RData::CNAME(CNAME(name("u1234.wl.sendgrid.net."))),
+        ),
+        1,
+    );
+    let mut catalog = Catalog::new();
+    catalog.upsert(LowerName::new(&origin), vec![Arc::new(zone)]);
+    let mut server = hickory_server::Server::new(catalog);
+    // UDP and TCP on the same port number.
+    let (udp, tcp) = loop {
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("udp");
+        let port = udp.local_addr().expect("addr").port();
+        if let Ok(tcp) = tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            break (udp, tcp);
+        }
+    };
+    let addr = udp.local_addr().expect("addr");
+    server.register_socket(udp);
+    server.register_listener(tcp, Duration::from_secs(5), 4096);
+    tokio::spawn(async move {
+        let _ = server.block_until_done().await;
+    });
+    addr
+}
+
+fn doctor(config: &Path, dns: SocketAddr, args: &[&str]) -> (i32, serde_json::Value) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_linkgate"))
+        .arg("doctor")
+        .arg("--config")
+        .arg(config)
+        .args(["--resolver", &dns.to_string(), "--format", "json", "--timeout", "5s"])
+        .args(args)
+        .output()
+        .expect("run doctor");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), json)
+}
+
+/// Runs doctor in a blocking task (it is a child process) so the in-process servers keep running.
+async fn doctor_async(config: &Path, dns: SocketAddr, args: Vec<String>) -> (i32, serde_json::Value) {
+    let config = config.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        doctor(&config, dns, &args)
+    })
+    .await
+    .expect("join")
+}
+
+fn host<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    report["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .find(|h| h["name"] == name)
+        .expect("host row")
+}
+
+fn days(n: i64) -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc() + time::Duration::days(n)
+}
+
+/// A config naming every test host (doctor reads only names and whether there is an http listener).
+fn doctor_config(dir: &Path, http: bool) -> std::path::PathBuf {
+    let mut toml = String::from("[listen]\nhttps = \"127.0.0.1:443\"\n");
+    if http {
+        toml.push_str("http = \"127.0.0.1:80\"\n");
+    }
+    for h in [
+        "ok",
+        "stale",
+        "missing",
+        "expired",
+        "wrongname",
+        "a.b",
+        "nochain",
+        "wronglink",
+        "down",
+    ] {
+        toml.push_str(&format!(
+            "[[host]]\nname = \"{h}.example.test\"\ncert = \"x.pem\"\nkey = \"x.key\"\n"
+        ));
+    }
+    let path = dir.join("doctor.toml");
+    std::fs::write(&path, toml).expect("write");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ready_branding_passes_and_dns_mistakes_are_named() {
+    let dns = dns_server().await;
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    let ca = pki.write_ca(dir.path());
+    pki.write_leaf(dir.path(), "ok", &["ok.example.test"]);
+    let up = StandIn::plain().await;
+    let lg = Linkgate::start(
+        dir.path(),
+        &format!(
+            "{}{}{}",
+            listen_section(),
+            plain_upstream(&up),
+            host_section("ok.example.test", "ok")
+        ),
+    )
+    .await;
+    let config = doctor_config(dir.path(), true);
+    let base = |host: &str| {
+        vec![
+            "--host".to_string(),
+            host.to_string(),
+            "--connect".into(),
+            lg.https.to_string(),
+            "--connect-http".into(),
+            lg.http.expect("http").to_string(),
+            "--ca-file".into(),
+            ca.display().to_string(),
+        ]
+    };
+
+    let (code, report) = doctor_async(&config, dns, base("ok.example.test")).await;
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["ok"], true);
+    let ok = host(&report, "ok.example.test");
+    assert_eq!(ok["cname_chain"], serde_json::json!(["lb.example.test"]));
+    assert_eq!(ok["addresses"], serde_json::json!(["127.0.0.1"]));
+    for check in ["dns", "https", "http"] {
+        assert_eq!(ok[check]["status"], "pass", "{check}: {ok}");
+    }
+    let summary = report["summary"].as_str().expect("summary");
+    assert!(summary.contains("all 1 link brandings pass both checks"), "{summary}");
+    assert!(summary.contains("Do not re-validate"), "{summary}");
+    assert!(up
+        .received()
+        .iter()
+        .any(|r| r.target == "/wf/open?upn=linkgate-doctor" && r.header("host") == Some("ok.example.test")));
+
+    let mut expect = base("ok.example.test");
+    expect.extend(["--expect-target".into(), "lb.example.test".into()]);
+    assert_eq!(doctor_async(&config, dns, expect).await.0, 0);
+    let mut expect = base("ok.example.test");
+    expect.extend(["--expect-target".into(), "other-lb.example.test".into()]);
+    let (code, report) = doctor_async(&config, dns, expect).await;
+    assert_eq!(code, 1);
+    assert!(host(&report, "ok.example.test")["dns"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("does not lead to other-lb.example.test")));
+
+    let (code, report) = doctor_async(&config, dns, base("stale.example.test")).await;
+    assert_eq!(code, 1);
+    let stale = host(&report, "stale.example.test");
+    assert_eq!(stale["dns"]["status"], "fail");
+    assert!(
+        stale["dns"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("still points at SendGrid (u1234.wl.sendgrid.net)")),
+        "{stale}"
+    );
+    assert!(
+        stale["dns"]["fix"]
+            .as_str()
+            .is_some_and(|f| f.contains("step 4 not done")),
+        "{stale}"
+    );
+
+    let (code, report) = doctor_async(&config, dns, base("missing.example.test")).await;
+    assert_eq!(code, 1);
+    let missing = host(&report, "missing.example.test");
+    assert!(
+        missing["dns"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("does not exist in DNS")),
+        "{missing}"
+    );
+    lg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_problems_read_as_your_connection_is_not_private_with_the_cause() {
+    let dns = dns_server().await;
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    let ca = pki.write_ca(dir.path());
+    let config = doctor_config(dir.path(), false);
+
+    // linkgate serving an expired certificate (serve starts with it; check would have said so).
+    let expired = pki.leaf_valid(&["expired.example.test"], days(-100), days(-2));
+    std::fs::write(dir.path().join("expired.pem"), &expired.cert_pem).expect("write");
+    std::fs::write(dir.path().join("expired.key"), &expired.key_pem).expect("write");
+    let up = StandIn::plain().await;
+    let lg = Linkgate::start(
+        dir.path(),
+        &format!(
+            "{}{}{}",
+            listen_section(),
+            plain_upstream(&up),
+            host_section("expired.example.test", "expired")
+        ),
+    )
+    .await;
+    // Misconfigured servers: a certificate for another name, a one-label wildcard for a nested
+    // name, and a leaf served without its intermediate.
+    let wrong = StandIn::tls(&pki.leaf(&["www.example.test"])).await;
+    let wildcard = StandIn::tls(&pki.leaf(&["*.example.test"])).await;
+    let inter = pki.intermediate();
+    let bare = StandIn::tls(&inter.leaf_valid(&["nochain.example.test"], days(-1), days(30))).await;
+
+    for (name, addr, expected) in [
+        ("expired.example.test", lg.https, "the certificate has expired"),
+        (
+            "wrongname.example.test",
+            wrong.addr,
+            "the certificate is not valid for wrongname.example.test",
+        ),
+        (
+            "a.b.example.test",
+            wildcard.addr,
+            "the certificate is not valid for a.b.example.test",
+        ),
+        ("nochain.example.test", bare.addr, "unknown CA or incomplete chain"),
+    ] {
+        let args = vec![
+            "--host".into(),
+            name.into(),
+            "--connect".into(),
+            addr.to_string(),
+            "--ca-file".into(),
+            ca.display().to_string(),
+        ];
+        let (code, report) = doctor_async(&config, dns, args).await;
+        assert_eq!(code, 1, "{report}");
+        let row = host(&report, name);
+        assert_eq!(row["dns"]["status"], "pass", "{row}");
+        assert_eq!(row["https"]["status"], "fail", "{row}");
+        let message = row["https"]["message"].as_str().expect("message");
+        assert!(message.starts_with("Your connection is not private: "), "{message}");
+        assert!(message.contains(expected), "{name}: {message}");
+        assert!(row["https"]["fix"].is_string(), "{row}");
+        if name == "a.b.example.test" {
+            assert!(
+                row["https"]["fix"]
+                    .as_str()
+                    .is_some_and(|f| f.contains("a wildcard covers exactly one label")),
+                "{row}"
+            );
+        }
+        if name == "nochain.example.test" {
+            assert!(
+                row["https"]["fix"].as_str().is_some_and(|f| f.contains("full chain")),
+                "{row}"
+            );
+        }
+    }
+    assert!(up.received().is_empty());
+    lg.stop().await;
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn forward_without_host(
+    req: http::Request<hyper::body::Incoming>,
+    upstream: SocketAddr,
+) -> Result<http::Response<hyper::body::Incoming>, BoxError> {
+    let up = tokio::net::TcpStream::connect(upstream).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(up)).await?;
+    tokio::spawn(conn);
+    let (mut parts, body) = req.into_parts();
+    parts
+        .headers
+        .insert("host", http::HeaderValue::from_static("sendgrid.net"));
+    Ok(sender.send_request(http::Request::from_parts(parts, body)).await?)
+}
+
+/// A misconfigured proxy: terminates TLS for `name`, forwards to `upstream` with Host: sendgrid.net.
+async fn host_dropping_proxy(pki: &Pki, name: &str, upstream: SocketAddr) -> SocketAddr {
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    let leaf = pki.leaf(&[name]);
+    let key = <rustls_pki_types::PrivateKeyDer<'static> as rustls_pki_types::pem::PemObject>::from_pem_slice(
+        leaf.key_pem.as_bytes(),
+    )
+    .expect("key");
+    let config = rustls::ServerConfig::builder_with_provider(linkgate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der.clone()], key)
+        .expect("config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let svc = service_fn(move |req| forward_without_host(req, upstream));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_link_and_unreachable_upstream_are_told_apart() {
+    let dns = dns_server().await;
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    let ca = pki.write_ca(dir.path());
+    let config = doctor_config(dir.path(), false);
+    let up = StandIn::plain().await;
+    let bad_proxy = host_dropping_proxy(&pki, "wronglink.example.test", up.addr).await;
+
+    pki.write_leaf(dir.path(), "down", &["down.example.test"]);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let lg = Linkgate::start(
+        dir.path(),
+        &format!(
+            "{}[upstream]\nurl = \"http://sendgrid.net\"\nconnect_to = \"{closed}\"\n{}",
+            listen_section(),
+            host_section("down.example.test", "down")
+        ),
+    )
+    .await;
+
+    let args = |name: &str, addr: SocketAddr| {
+        vec![
+            "--host".into(),
+            name.into(),
+            "--connect".into(),
+            addr.to_string(),
+            "--ca-file".into(),
+            ca.display().to_string(),
+        ]
+    };
+    let (code, report) = doctor_async(&config, dns, args("wronglink.example.test", bad_proxy)).await;
+    assert_eq!(code, 1);
+    let row = host(&report, "wronglink.example.test");
+    assert!(
+        row["https"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("\"Wrong Link\" page")),
+        "{row}"
+    );
+    assert!(
+        row["https"]["fix"]
+            .as_str()
+            .is_some_and(|f| f.contains("Host header is not forwarded")),
+        "{row}"
+    );
+    assert_eq!(up.received()[0].header("host"), Some("sendgrid.net"));
+
+    let (code, report) = doctor_async(&config, dns, args("down.example.test", lg.https)).await;
+    assert_eq!(code, 1);
+    let row = host(&report, "down.example.test");
+    assert!(
+        row["https"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("502 from linkgate: the provider is unreachable")),
+        "{row}"
+    );
+
+    // Every host at once, concurrently; the text form names each failure and the summary lists them.
+    let out = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_linkgate"))
+                .args(["doctor", "--config"])
+                .arg(&config)
+                .args([
+                    "--resolver",
+                    &dns.to_string(),
+                    "--timeout",
+                    "3s",
+                    "--host",
+                    "stale.example.test",
+                    "--host",
+                    "missing.example.test",
+                ])
+                .output()
+                .expect("run")
+        }
+    })
+    .await
+    .expect("join");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text.starts_with("HOST"), "{text}");
+    assert!(text.contains("2 of 2 link brandings fail"), "{text}");
+    let unknown = std::process::Command::new(env!("CARGO_BIN_EXE_linkgate"))
+        .args(["doctor", "--config"])
+        .arg(&config)
+        .args(["--host", "not-configured.example.test"])
+        .output()
+        .expect("run");
+    assert_eq!(unknown.status.code(), Some(2));
+    lg.stop().await;
+}
