@@ -38,6 +38,8 @@ pub struct HostReport {
     /// RFC 3339.
     pub not_after: Option<String>,
     pub issuer: Option<String>,
+    /// The leaf's key type and size, e.g. `ECDSA P-256`, `RSA 2048`.
+    pub key: Option<String>,
     pub problems: Vec<Problem>,
 }
 
@@ -95,6 +97,7 @@ pub fn check(path: &Path) -> Report {
             expires_in_days: None,
             not_after: None,
             issuer: None,
+            key: None,
             problems: Vec::new(),
         };
         match config::load_host(entry, &mut loaded) {
@@ -142,6 +145,7 @@ fn certificate_checks(row: &mut HostReport, chain: &[rustls_pki_types::Certifica
         return;
     };
     row.issuer = Some(leaf.issuer_name.clone());
+    row.key = Some(leaf.key.clone());
     row.not_after = Some(leaf.not_after_text.clone());
     let days = (leaf.not_after - now).div_euclid(86_400);
     row.expires_in_days = Some(days);
@@ -197,7 +201,7 @@ fn key_file_checks(_: &mut HostReport, _: &Path) {}
 /// The human form: one aligned row per host, then the file's own errors and a summary.
 pub fn render_text(report: &Report) -> String {
     let mut out = String::new();
-    let rows: Vec<[String; 5]> = report
+    let rows: Vec<[String; 6]> = report
         .hosts
         .iter()
         .map(|h| {
@@ -205,6 +209,7 @@ pub fn render_text(report: &Report) -> String {
                 h.name.clone(),
                 h.status.to_string(),
                 h.expires_in_days.map_or("-".into(), |d| format!("{d}d")),
+                h.key.clone().unwrap_or_else(|| "-".into()),
                 h.issuer.clone().unwrap_or_else(|| "-".into()),
                 if h.problems.is_empty() {
                     "-".into()
@@ -218,8 +223,8 @@ pub fn render_text(report: &Report) -> String {
             ]
         })
         .collect();
-    let header = ["HOST", "STATUS", "EXPIRES", "ISSUER", "PROBLEMS"].map(String::from);
-    let mut widths = [0usize; 4];
+    let header = ["HOST", "STATUS", "EXPIRES", "KEY", "ISSUER", "PROBLEMS"].map(String::from);
+    let mut widths = [0usize; 5];
     for row in std::iter::once(&header).chain(&rows) {
         for (w, cell) in widths.iter_mut().zip(row.iter()) {
             *w = (*w).max(cell.chars().count());
@@ -228,16 +233,18 @@ pub fn render_text(report: &Report) -> String {
     for row in std::iter::once(&header).chain(&rows) {
         let _ = writeln!(
             out,
-            "{:<w0$}  {:<w1$}  {:>w2$}  {:<w3$}  {}",
+            "{:<w0$}  {:<w1$}  {:>w2$}  {:<w3$}  {:<w4$}  {}",
             row[0],
             row[1],
             row[2],
             row[3],
             row[4],
+            row[5],
             w0 = widths[0],
             w1 = widths[1],
             w2 = widths[2],
-            w3 = widths[3]
+            w3 = widths[3],
+            w4 = widths[4]
         );
     }
     for e in &report.errors {

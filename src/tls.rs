@@ -189,6 +189,8 @@ pub struct CertSummary {
     pub not_after_text: String,
     pub self_signed: bool,
     pub rsa_bits: Option<usize>,
+    /// The key's type and size, e.g. `ECDSA P-256`, `RSA 2048`.
+    pub key: String,
 }
 
 /// Reads the fields `check` needs from a certificate.
@@ -201,9 +203,10 @@ pub fn summarize(cert: &CertificateDer<'_>) -> Option<CertSummary> {
             .and_then(|cn| cn.as_str().ok())
             .map_or_else(|| n.to_string(), str::to_owned)
     };
-    let rsa_bits = match cert.public_key().parsed() {
-        Ok(PublicKey::RSA(rsa)) => Some(rsa.key_size()),
-        _ => None,
+    let (rsa_bits, key) = match cert.public_key().parsed() {
+        Ok(PublicKey::RSA(rsa)) => (Some(rsa.key_size()), format!("RSA {}", rsa.key_size())),
+        Ok(PublicKey::EC(ec)) => (None, format!("ECDSA P-{}", ec.key_size())),
+        _ => (None, cert.public_key().algorithm.algorithm.to_id_string()),
     };
     Some(CertSummary {
         subject_name: name(cert.subject()),
@@ -226,6 +229,7 @@ pub fn summarize(cert: &CertificateDer<'_>) -> Option<CertSummary> {
         },
         self_signed: cert.subject().as_raw() == cert.issuer().as_raw(),
         rsa_bits,
+        key,
     })
 }
 

@@ -82,6 +82,7 @@ fn a_good_configuration_passes_with_a_row_per_host() {
         // The intermediate's issuer (the test root) is not a public root: a warning, not an error.
         assert_eq!(h["status"], "warning", "{h}");
         assert_eq!(h["issuer"], "linkgate test intermediate");
+        assert_eq!(h["key"], "ECDSA P-256", "rcgen's default key");
         let d = h["expires_in_days"].as_i64().expect("days");
         assert!((88..=90).contains(&d), "{d}");
         assert!(h["not_after"].as_str().is_some_and(|t| t.ends_with('Z')), "{h}");
