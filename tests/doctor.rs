@@ -323,18 +323,7 @@ async fn forward_without_host(
 async fn host_dropping_proxy(pki: &Pki, name: &str, upstream: SocketAddr) -> SocketAddr {
     use hyper::service::service_fn;
     use hyper_util::rt::TokioIo;
-    let leaf = pki.leaf(&[name]);
-    let key = <rustls_pki_types::PrivateKeyDer<'static> as rustls_pki_types::pem::PemObject>::from_pem_slice(
-        leaf.key_pem.as_bytes(),
-    )
-    .expect("key");
-    let config = rustls::ServerConfig::builder_with_provider(linkgate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(vec![leaf.der.clone()], key)
-        .expect("config");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = pki.leaf(&[name]).acceptor();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {

@@ -42,6 +42,23 @@ pub struct Leaf {
     pub der: CertificateDer<'static>,
 }
 
+impl Leaf {
+    /// A TLS acceptor presenting this certificate for any name.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let key = <rustls_pki_types::PrivateKeyDer<'static> as rustls_pki_types::pem::PemObject>::from_pem_slice(
+            self.key_pem.as_bytes(),
+        )
+        .expect("key pem");
+        let config = rustls::ServerConfig::builder_with_provider(linkgate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![self.der.clone()], key)
+            .expect("server config");
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+}
+
 impl Pki {
     pub fn new() -> Self {
         let key = KeyPair::generate().expect("CA key");
@@ -169,18 +186,7 @@ impl StandIn {
 
     /// An https stand-in presenting `leaf`.
     pub async fn tls(leaf: &Leaf) -> Self {
-        let cert = CertificateDer::from(leaf.der.to_vec());
-        let key = <rustls_pki_types::PrivateKeyDer<'static> as rustls_pki_types::pem::PemObject>::from_pem_slice(
-            leaf.key_pem.as_bytes(),
-        )
-        .expect("key pem");
-        let config = rustls::ServerConfig::builder_with_provider(linkgate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(vec![cert], key)
-            .expect("server config");
-        Self::start(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+        Self::start(Some(leaf.acceptor())).await
     }
 
     async fn start(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
