@@ -1,10 +1,18 @@
 //! What is known about one client connection: its client address, the host
 //! its TLS handshake named, whether its forwarding headers are trusted, and
-//! the requests in flight on it (for the idle timeout).
+//! the requests in flight on it (for the idle timeout); and the bound on a
+//! connection whose client stops reading.
 
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 
 use crate::host::HostName;
 
@@ -93,5 +101,92 @@ impl Activity {
             };
             tokio::time::sleep_until(next).await;
         }
+    }
+}
+
+/// A connection's I/O with a bound on stalled writes: when the client stops
+/// reading (a slow reader, or HTTP/2 acknowledgements it never collects), a
+/// write that makes no progress for `limit` fails and the connection ends,
+/// instead of holding its buffers and its `max_connections` permit forever.
+pub struct WriteDeadline<IO> {
+    io: IO,
+    limit: Duration,
+    /// Allocated at the first stall, re-armed at each later one.
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+impl<IO> WriteDeadline<IO> {
+    pub fn new(io: IO, limit: Duration) -> Self {
+        Self {
+            io,
+            limit,
+            timer: None,
+            armed: false,
+        }
+    }
+
+    /// Called with the inner write's outcome: progress disarms the timer, a
+    /// stall arms it (once) and fails once it has run out.
+    fn watch<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if poll.is_ready() {
+            self.armed = false;
+            return poll;
+        }
+        let deadline = tokio::time::Instant::now() + self.limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.armed {
+            timer.as_mut().reset(deadline);
+            self.armed = true;
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client stopped reading: no write progress",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for WriteDeadline<IO> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.watch(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.watch(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_flush(cx);
+        this.watch(cx, poll)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.watch(cx, poll)
     }
 }

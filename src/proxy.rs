@@ -13,7 +13,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body_util::{Either, Full, Limited};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
 use crate::access::{AccessRecord, ProxyBody};
@@ -21,7 +22,7 @@ use crate::connection::ConnInfo;
 use crate::host::HostName;
 use crate::metrics::{KindLabels, Metrics};
 use crate::reload::Active;
-use crate::upstream::{Upstream, UpstreamError};
+use crate::upstream::{RequestBody, Upstream, UpstreamError};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -50,6 +51,8 @@ pub enum ProxyError {
     MethodNotAllowed,
     /// The request body is larger than `limits.max_request_body`.
     BodyTooLarge,
+    /// The request body did not start arriving within `limits.header_read_timeout`.
+    BodyTimeout,
     Upstream(UpstreamError),
 }
 
@@ -61,6 +64,7 @@ impl ProxyError {
             Self::Misdirected => StatusCode::MISDIRECTED_REQUEST,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Upstream(UpstreamError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
         }
@@ -73,6 +77,7 @@ impl ProxyError {
             Self::Misdirected => "misdirected request: this connection does not serve that host\n",
             Self::MethodNotAllowed => "method not allowed\n",
             Self::BodyTooLarge => "request body too large\n",
+            Self::BodyTimeout => "request body timed out\n",
             Self::Upstream(UpstreamError::Timeout(_)) => "upstream timed out\n",
             Self::Upstream(_) => "upstream unavailable\n",
         }
@@ -86,10 +91,8 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        if matches!(self, Self::BadRequest(_) | Self::MethodNotAllowed | Self::BodyTooLarge)
-            && version < Version::HTTP_2
-        {
-            // After a request we could not take safely, do not read another from the same stream.
+        if !matches!(self, Self::Upstream(_)) && version < Version::HTTP_2 {
+            // After a request we refused, do not read another from the same stream.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
@@ -189,6 +192,7 @@ impl Proxy {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::MethodNotAllowed);
         }
+        check_framing(&req)?;
         let host = request_host(&req)?;
         *host_out = Some(host.clone());
         let allowed = match &conn.sni {
@@ -200,7 +204,8 @@ impl Proxy {
         }
         let path_and_query = match req.uri().path_and_query() {
             Some(pq) if pq.as_str().starts_with('/') => pq.clone(),
-            None if req.uri().authority().is_some() => PathAndQuery::from_static("/"),
+            // Absolute-form without a path (`GET https://host HTTP/1.1`); authority-form has no scheme.
+            None if req.uri().scheme().is_some() => PathAndQuery::from_static("/"),
             _ => return Err(ProxyError::BadRequest("request target must be an absolute path\n")),
         };
         let max_body = self.active.config.limits.max_request_body;
@@ -221,8 +226,25 @@ impl Proxy {
         parts.extensions = http::Extensions::new();
         rewrite_request_headers(&mut parts.headers, &host, conn);
 
+        // Read the first body frame before anything is sent upstream, so that a
+        // malformed or oversized body start is refused without the upstream
+        // ever seeing the request. Later frames are streamed; a body that
+        // breaks after that aborts the upstream request before it completes.
+        let mut body = Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX));
+        let first = if body.is_end_stream() {
+            None
+        } else {
+            match tokio::time::timeout(self.active.config.limits.header_read_timeout, body.frame()).await {
+                Err(_) => return Err(ProxyError::BodyTimeout),
+                Ok(None) => None,
+                Ok(Some(Ok(frame))) => Some(frame),
+                Ok(Some(Err(e))) if e.is::<LengthLimitError>() => return Err(ProxyError::BodyTooLarge),
+                Ok(Some(Err(_))) => return Err(ProxyError::BadRequest("malformed request body\n")),
+            }
+        };
+        let body = RequestBody::new(first, body);
+
         let sent = Instant::now();
-        let body = Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX));
         let resp = self
             .upstream
             .send(Request::from_parts(parts, body))
@@ -240,6 +262,29 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers);
         Ok((Response::from_parts(parts, Either::Left(body)), upstream_time))
     }
+}
+
+/// Refuses what an upstream (or anything between) could frame differently
+/// from us, and protocol switches: linkgate forwards requests, never tunnels.
+/// HTTP/2 framing is checked by the h2 codec (which also rejects
+/// connection-specific headers).
+fn check_framing<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    let headers = req.headers();
+    if headers.contains_key(header::UPGRADE) {
+        return Err(ProxyError::BadRequest("protocol upgrades are not supported\n"));
+    }
+    // hyper's HTTP/1 parser already refuses Transfer-Encoding in HTTP/1.0 and
+    // codings not ending in chunked, and frames a request carrying both
+    // Content-Length and Transfer-Encoding by the latter alone, closing the
+    // connection after it (RFC 9112 §6.1). What it lets through and we do
+    // not: any coding besides chunked, which the upstream would have to undo.
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(coding) = codings.next() {
+        if codings.next().is_some() || !coding.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            return Err(ProxyError::BadRequest("Transfer-Encoding other than chunked\n"));
+        }
+    }
+    Ok(())
 }
 
 /// The host a request names, from its target's authority (absolute-form or

@@ -26,7 +26,7 @@ use tokio::time::{timeout_at, Instant};
 use tokio_rustls::LazyConfigAcceptor;
 
 use crate::config::{Config, Limits};
-use crate::connection::ConnInfo;
+use crate::connection::{ConnInfo, WriteDeadline};
 use crate::host::HostName;
 use crate::proxy::Proxy;
 use crate::reload::{Active, Live};
@@ -372,6 +372,10 @@ async fn refuse(mut io: TcpStream) {
     .await;
 }
 
+/// How long an idle connection gets to close gracefully (HTTP/2 GOAWAY and
+/// PING round trip) before it is dropped.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 /// The HTTP version a connection speaks: chosen by ALPN on TLS, HTTP/1 on plain http.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Protocol {
@@ -391,12 +395,16 @@ where
         let (proxy, info) = (proxy.clone(), info.clone());
         service_fn(move |req| proxy.clone().handle(info.clone(), req))
     };
-    let io = TokioIo::new(io);
+    // A client that stops reading is cut after idle_timeout without write progress.
+    let io = TokioIo::new(WriteDeadline::new(io, limits.idle_timeout));
     macro_rules! drive {
         ($conn:expr) => {{
             let conn = $conn;
             tokio::pin!(conn);
             let mut draining = false;
+            // Set when the idle timeout starts a graceful close: a client that
+            // never completes it (e.g. ignores HTTP/2's closing PING) is cut then.
+            let mut close_by: Option<tokio::time::Instant> = None;
             loop {
                 tokio::select! {
                     result = conn.as_mut() => {
@@ -411,7 +419,12 @@ where
                     }
                     () = info.activity.idle_for(limits.idle_timeout), if !draining => {
                         draining = true;
+                        close_by = Some(tokio::time::Instant::now() + IDLE_CLOSE_GRACE);
                         conn.as_mut().graceful_shutdown();
+                    }
+                    () = tokio::time::sleep_until(close_by.unwrap_or_else(tokio::time::Instant::now)), if close_by.is_some() => {
+                        tracing::debug!(client = %info.peer, "idle connection did not close gracefully; closed");
+                        break;
                     }
                 }
             }

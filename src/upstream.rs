@@ -15,8 +15,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Limited;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -29,7 +32,51 @@ use crate::config;
 type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// The request body sent upstream: the client's, streamed, capped at `limits.max_request_body`.
-pub type RequestBody = http_body_util::Limited<Incoming>;
+pub struct RequestBody {
+    first: Option<Frame<Bytes>>,
+    rest: Limited<Incoming>,
+}
+
+impl RequestBody {
+    /// A body whose first frame the proxy has already read (to refuse a
+    /// malformed body before anything reaches the upstream), then the rest.
+    pub fn new(first: Option<Frame<Bytes>>, rest: Limited<Incoming>) -> Self {
+        Self { first, rest }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Some(frame) = this.first.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        Pin::new(&mut this.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // The upstream gets a Content-Length whenever the client sent one.
+        let first = self
+            .first
+            .as_ref()
+            .and_then(Frame::data_ref)
+            .map_or(0, |d| d.len() as u64);
+        let rest = self.rest.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + first);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + first);
+        }
+        hint
+    }
+}
 
 /// A pooled client bound to one upstream.
 #[derive(Clone)]

@@ -248,7 +248,17 @@ async fn handle(
     release: Arc<Notify>,
 ) -> Result<Response<UpBody>, Infallible> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    // Only complete requests are recorded: a body that fails to arrive is an
+    // aborted request the upstream never acts on.
+    let body = match body.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(_) => {
+            return Ok(Response::builder()
+                .status(StatusCode::BAD_REQUEST)
+                .body(full("incomplete request"))
+                .expect("response"))
+        }
+    };
     let target = parts.uri.to_string();
     requests.lock().expect("lock").push(Recorded {
         method: parts.method.to_string(),

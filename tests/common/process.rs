@@ -20,9 +20,34 @@ pub struct Process {
 
 impl Process {
     pub fn start(config: &std::path::Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_linkgate"))
-            .args(["serve", "--config"])
-            .arg(config)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_linkgate"));
+        cmd.args(["serve", "--config"]).arg(config);
+        Self::spawn(cmd)
+    }
+
+    /// Like [`Process::start`], with the open-file limit (`ulimit -n`) set to `limit`.
+    pub fn start_with_fd_limit(config: &std::path::Path, limit: u32) -> Self {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("ulimit -n {limit} && exec \"$0\" serve --config \"$1\""))
+            .arg(env!("CARGO_BIN_EXE_linkgate"))
+            .arg(config);
+        Self::spawn(cmd)
+    }
+
+    /// Resident memory of the process, from /proc.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmRSS")
+            * 1024
+    }
+
+    fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
