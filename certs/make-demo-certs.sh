@@ -31,7 +31,8 @@ printf '%s\n' \
   "subjectAltName=DNS:click.example.test" \
   "basicConstraints=critical,CA:FALSE" \
   "keyUsage=critical,digitalSignature" \
-  "extendedKeyUsage=serverAuth" > click.example.test/ext.cnf
+  "extendedKeyUsage=serverAuth" \
+  "crlDistributionPoints=URI:http://crl.example.test/linkgate-demo.crl" > click.example.test/ext.cnf
 openssl x509 -req -in click.example.test/req.csr -CA demo-intermediate.pem -CAkey demo-intermediate.key \
   -CAcreateserial -days "$days" -sha256 -extfile click.example.test/ext.cnf -out click.example.test/cert.pem
 cat click.example.test/cert.pem demo-intermediate.pem > click.example.test/fullchain.pem

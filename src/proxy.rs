@@ -168,7 +168,7 @@ impl Proxy {
             self.metrics.upstream_duration.observe(t.as_secs_f64());
         }
         self.metrics.request_duration.observe(started.elapsed().as_secs_f64());
-        let known_host = host.filter(|h| self.active.hosts.contains(h));
+        let known_host = host.filter(|h| self.active.hosts.contains_key(h));
         self.active.counters(known_host.as_ref()).count(status);
         if let Some(r) = record.as_mut() {
             r.host = known_host;
@@ -176,7 +176,11 @@ impl Proxy {
             r.upstream = upstream_time;
             r.error = error;
         }
-        let (parts, body) = resp.into_parts();
+        let (mut parts, body) = resp.into_parts();
+        // HSTS only over https (RFC 6797 §7.2), on every answer for the host.
+        if let Some(hsts) = conn.sni.as_ref().and_then(|h| self.active.host(h)?.hsts.clone()) {
+            parts.headers.insert(header::STRICT_TRANSPORT_SECURITY, hsts);
+        }
         Ok(Response::from_parts(
             parts,
             ProxyBody::new(body, record.map(|r| (r, started)), conn),
@@ -197,7 +201,7 @@ impl Proxy {
         *host_out = Some(host.clone());
         let allowed = match &conn.sni {
             Some(sni) => *sni == host,
-            None => self.active.hosts.contains(&host),
+            None => self.active.hosts.contains_key(&host),
         };
         if !allowed {
             return Err(ProxyError::Misdirected);

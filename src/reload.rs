@@ -29,7 +29,8 @@ pub struct Active {
     pub config: Config,
     pub tls: Arc<ServerConfig>,
     pub sni: Arc<SniResolver>,
-    pub hosts: HashSet<HostName>,
+    /// Each configured host and its index in `config.hosts`.
+    pub hosts: HashMap<HostName, usize>,
     /// Request counters per configured host, and for everything else.
     counters: HashMap<HostName, HostCounters>,
     other: HostCounters,
@@ -38,6 +39,11 @@ pub struct Active {
 }
 
 impl Active {
+    /// The configuration of `host`, if it is configured.
+    pub fn host(&self, host: &HostName) -> Option<&crate::config::Host> {
+        self.hosts.get(host).map(|&i| &self.config.hosts[i])
+    }
+
     /// The request counters for `host` (`other` when it is not configured).
     pub fn counters(&self, host: Option<&HostName>) -> &HostCounters {
         host.and_then(|h| self.counters.get(h)).unwrap_or(&self.other)
@@ -127,7 +133,12 @@ fn build(
         config.hosts.iter().map(|h| (h.name.clone(), h.certified_key.clone())),
     ));
     let tls = tls::server_config(sni.clone(), ticketer.clone(), sessions.clone())?;
-    let hosts = config.hosts.iter().map(|h| h.name.clone()).collect();
+    let hosts = config
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (h.name.clone(), i))
+        .collect();
     let counters = config
         .hosts
         .iter()
@@ -272,7 +283,14 @@ impl FileWatcher {
                 config
                     .hosts
                     .iter()
-                    .flat_map(|h| [h.cert_path.as_path(), h.key_path.as_path()]),
+                    .flat_map(|h| {
+                        [
+                            Some(h.cert_path.as_path()),
+                            Some(h.key_path.as_path()),
+                            h.ocsp_path.as_deref(),
+                        ]
+                    })
+                    .flatten(),
             )
             .map(absolute)
             .collect();

@@ -67,6 +67,27 @@ pub fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<Certified
     Ok(certified)
 }
 
+/// Reads a DER OCSP response to staple. Only its envelope is checked (a
+/// successful OCSPResponse); whoever fetches it (e.g. `openssl ocsp` from
+/// cron) is responsible for its freshness, and a reload picks up a new one.
+pub fn load_ocsp(path: &Path) -> Result<Vec<u8>, String> {
+    let der = std::fs::read(path).map_err(|e| format!("{}: cannot read OCSP response: {e}", path.display()))?;
+    // OCSPResponse ::= SEQUENCE { responseStatus ENUMERATED, responseBytes [0] EXPLICIT ... }
+    let header_len = match der.get(1) {
+        Some(&n) if n < 0x80 => 2,
+        Some(&n) if (0x81..=0x84).contains(&n) => 2 + usize::from(n - 0x80),
+        _ => 0,
+    };
+    match (der.first(), der.get(header_len..header_len + 3)) {
+        (Some(0x30), Some([0x0a, 0x01, 0x00])) if header_len > 0 => Ok(der),
+        (Some(0x30), Some([0x0a, 0x01, status])) if header_len > 0 => Err(format!(
+            "{}: OCSP response status is {status}, not successful (0)",
+            path.display()
+        )),
+        _ => Err(format!("{}: not a DER OCSP response", path.display())),
+    }
+}
+
 /// Checks that the leaf certificate of `ck` is valid for `host` by the same
 /// rules a browser applies. The error lists the names the certificate does
 /// have, and explains the one-label wildcard rule when that is the cause.
@@ -171,6 +192,8 @@ pub fn server_config(
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Our suite order (all AEAD with forward secrecy, strongest first), not the client's.
+    config.ignore_client_order = true;
     config.ticketer = ticketer;
     config.session_storage = sessions;
     Ok(Arc::new(config))

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
+use http::HeaderValue;
 use rustls::sign::CertifiedKey;
 
 pub use units::{parse_duration, parse_size, IpNet};
@@ -169,8 +170,13 @@ pub struct Host {
     pub name: HostName,
     pub cert_path: PathBuf,
     pub key_path: PathBuf,
-    /// The loaded chain and key, shared between hosts that name the same files.
+    /// A DER OCSP response stapled to this host's handshakes.
+    pub ocsp_path: Option<PathBuf>,
+    /// The loaded chain and key (and OCSP response), shared between hosts
+    /// that name the same files.
     pub certified_key: Arc<CertifiedKey>,
+    /// `Strict-Transport-Security` added to every https response for this host.
+    pub hsts: Option<HeaderValue>,
 }
 
 impl fmt::Debug for Host {
@@ -179,6 +185,8 @@ impl fmt::Debug for Host {
             .field("name", &self.name)
             .field("cert_path", &self.cert_path)
             .field("key_path", &self.key_path)
+            .field("ocsp_path", &self.ocsp_path)
+            .field("hsts", &self.hsts)
             .finish_non_exhaustive()
     }
 }
@@ -189,6 +197,8 @@ pub struct HostEntry {
     pub name: String,
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub hsts: Option<String>,
+    pub ocsp: Option<PathBuf>,
 }
 
 impl HostEntry {
@@ -197,23 +207,35 @@ impl HostEntry {
             name: raw.name,
             cert: base.join(raw.cert),
             key: base.join(raw.key),
+            hsts: raw.hsts,
+            ocsp: raw.ocsp.map(|p| base.join(p)),
         }
     }
 }
 
-/// Certificate/key pairs already loaded, so hosts sharing a pair load it once.
-pub type LoadedPairs = BTreeMap<(PathBuf, PathBuf), Arc<CertifiedKey>>;
+/// Certificate/key(/OCSP) files already loaded, so hosts sharing them load them once.
+pub type LoadedPairs = BTreeMap<(PathBuf, PathBuf, Option<PathBuf>), Arc<CertifiedKey>>;
 
 /// Validates one host entry as `serve` does: its name, its files, that the
 /// key matches the certificate and that the certificate covers the name.
 pub fn load_host(entry: &HostEntry, loaded: &mut LoadedPairs) -> Result<Host, String> {
     let name = HostName::parse(&entry.name).map_err(|e| e.to_string())?;
-    let pair = (entry.cert.clone(), entry.key.clone());
-    let certified_key = match loaded.get(&pair) {
+    let hsts = entry
+        .hsts
+        .as_deref()
+        .map(parse_hsts)
+        .transpose()
+        .map_err(|m| format!("hsts: {m}"))?;
+    let files = (entry.cert.clone(), entry.key.clone(), entry.ocsp.clone());
+    let certified_key = match loaded.get(&files) {
         Some(ck) => ck.clone(),
         None => {
-            let ck = Arc::new(tls::load_certified_key(&entry.cert, &entry.key)?);
-            loaded.insert(pair, ck.clone());
+            let mut ck = tls::load_certified_key(&entry.cert, &entry.key)?;
+            if let Some(path) = &entry.ocsp {
+                ck.ocsp = Some(tls::load_ocsp(path)?);
+            }
+            let ck = Arc::new(ck);
+            loaded.insert(files, ck.clone());
             ck
         }
     };
@@ -222,8 +244,33 @@ pub fn load_host(entry: &HostEntry, loaded: &mut LoadedPairs) -> Result<Host, St
         name,
         cert_path: entry.cert.clone(),
         key_path: entry.key.clone(),
+        ocsp_path: entry.ocsp.clone(),
         certified_key,
+        hsts,
     })
+}
+
+/// Validates a `Strict-Transport-Security` value: `max-age=<seconds>`, then
+/// optionally `includeSubDomains` and `preload`, separated by `;`.
+fn parse_hsts(value: &str) -> Result<HeaderValue, String> {
+    let mut max_age = false;
+    for directive in value.split(';').map(str::trim) {
+        let lower = directive.to_ascii_lowercase();
+        if let Some(seconds) = lower.strip_prefix("max-age=") {
+            if max_age || seconds.trim_matches('"').parse::<u64>().is_err() {
+                return Err(format!("{value:?}: max-age must be given once, in seconds"));
+            }
+            max_age = true;
+        } else if lower != "includesubdomains" && lower != "preload" {
+            return Err(format!(
+                "{value:?}: unknown directive {directive:?} (expected max-age=<seconds>, includeSubDomains, preload)"
+            ));
+        }
+    }
+    if !max_age {
+        return Err(format!("{value:?}: max-age=<seconds> is required"));
+    }
+    HeaderValue::from_str(value).map_err(|_| format!("{value:?} is not a valid header value"))
 }
 
 /// Why a configuration was refused. Displays as one line.

@@ -52,6 +52,8 @@ pub struct RawHost {
     pub name: String,
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub hsts: Option<String>,
+    pub ocsp: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]

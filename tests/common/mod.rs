@@ -135,6 +135,13 @@ impl Pki {
         leaf
     }
 
+    /// Writes the CA's private key (PEM) to `<dir>/ca.key`, for tools that sign as the CA.
+    pub fn write_ca_key(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("ca.key");
+        std::fs::write(&path, self.issuer.key().serialize_pem()).expect("write CA key");
+        path
+    }
+
     pub fn write_ca(&self, dir: &Path) -> PathBuf {
         let path = dir.join("ca.pem");
         std::fs::write(&path, &self.ca_pem).expect("write CA");

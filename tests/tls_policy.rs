@@ -1,0 +1,214 @@
+//! Per-host TLS policy: HSTS on https answers only, OCSP stapling from a
+//! response file, and the refusals for bad values.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use common::*;
+use tempfile::TempDir;
+
+const CLICK: &str = "click.example.test";
+
+fn openssl(dir: &Path, args: &[&str]) -> Output {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn have_openssl() -> bool {
+    let ok = Command::new("openssl").arg("version").output().is_ok();
+    if !ok {
+        eprintln!("SKIPPED: openssl is not installed (apt-get install openssl)");
+    }
+    ok
+}
+
+#[tokio::test]
+async fn hsts_is_sent_on_https_only_and_only_for_hosts_that_ask() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    pki.write_leaf(dir.path(), "plain", &["plain.example.test"]);
+    let up = StandIn::plain().await;
+    let toml = format!(
+        "{}{}{}hsts = \"max-age=31536000; includeSubDomains\"\n{}",
+        listen_section(),
+        plain_upstream(&up),
+        host_section(CLICK, "click"),
+        host_section("plain.example.test", "plain"),
+    );
+    let lg = Linkgate::start(dir.path(), &toml).await;
+    let c = client(&pki, &lg, &[CLICK, "plain.example.test"]);
+    let resp = c.get(lg.url(CLICK, "/wf/open")).send().await.expect("request");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["strict-transport-security"],
+        "max-age=31536000; includeSubDomains"
+    );
+    // Also on answers linkgate makes itself.
+    let resp = c
+        .get(lg.url(CLICK, "/"))
+        .header("host", "plain.example.test")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 421);
+    assert!(resp.headers().contains_key("strict-transport-security"));
+    // Not for a host without it, and never over plain http (links in old emails keep working).
+    let resp = c.get(lg.url("plain.example.test", "/")).send().await.expect("request");
+    assert!(!resp.headers().contains_key("strict-transport-security"));
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
+        .get(format!("http://{}/ls/click", lg.http.expect("http")))
+        .header("host", CLICK)
+        .send()
+        .await
+        .expect("plain request");
+    assert_eq!(resp.status(), 200);
+    assert!(!resp.headers().contains_key("strict-transport-security"));
+    lg.stop().await;
+}
+
+#[test]
+fn bad_hsts_and_ocsp_values_are_refused_naming_the_host() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    std::fs::write(dir.path().join("junk.der"), b"not an OCSP response").expect("write");
+    for (extra, expected) in [
+        ("hsts = \"max-age=soon\"\n", "hsts"),
+        ("hsts = \"includeSubDomains\"\n", "max-age=<seconds> is required"),
+        ("hsts = \"max-age=1; nosniff\"\n", "unknown directive"),
+        ("ocsp = \"missing.der\"\n", "missing.der: cannot read OCSP response"),
+        ("ocsp = \"junk.der\"\n", "junk.der: not a DER OCSP response"),
+    ] {
+        let path = dir.path().join("linkgate.toml");
+        std::fs::write(
+            &path,
+            format!("{}{}{extra}", listen_section(), host_section(CLICK, "click")),
+        )
+        .expect("write config");
+        let err = linkgate::config::Config::load(&path).expect_err(extra).to_string();
+        assert!(err.contains(CLICK) && err.contains(expected), "{extra}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+}
+
+// openssl runs blocking on this thread while linkgate's reloader runs on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ocsp_response_is_stapled_and_replaced_on_reload() {
+    if !have_openssl() {
+        return;
+    }
+    let dir = TempDir::new().expect("tempdir");
+    let d = dir.path();
+    let pki = Pki::new();
+    pki.write_leaf(d, "click", &[CLICK]);
+    pki.write_ca(d);
+    pki.write_ca_key(d);
+    // An OCSP response for the leaf, signed by the CA, as `openssl ocsp` makes one.
+    let serial = String::from_utf8(openssl(d, &["x509", "-in", "click.pem", "-noout", "-serial"]).stdout)
+        .expect("utf8")
+        .trim()
+        .trim_start_matches("serial=")
+        .to_owned();
+    let make_response = |status: &str, out: &str| {
+        std::fs::write(
+            d.join("index.txt"),
+            format!(
+                "{status}\t301231235959Z\t{}\t{serial}\tunknown\t/CN={CLICK}\n",
+                if status == "R" { "251231235959Z" } else { "" }
+            ),
+        )
+        .expect("index");
+        openssl(
+            d,
+            &[
+                "ocsp",
+                "-issuer",
+                "ca.pem",
+                "-cert",
+                "click.pem",
+                "-no_nonce",
+                "-reqout",
+                "req.der",
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "ocsp",
+                "-index",
+                "index.txt",
+                "-rsigner",
+                "ca.pem",
+                "-rkey",
+                "ca.key",
+                "-CA",
+                "ca.pem",
+                "-reqin",
+                "req.der",
+                "-respout",
+                out,
+                "-ndays",
+                "1",
+            ],
+        );
+    };
+    make_response("V", "click.ocsp.der");
+    let up = StandIn::plain().await;
+    let toml = format!(
+        "{}{}{}ocsp = \"click.ocsp.der\"\n",
+        listen_section(),
+        plain_upstream(&up),
+        host_section(CLICK, "click"),
+    );
+    let lg = Linkgate::start_watching(d, &toml).await;
+    let port = lg.https.port().to_string();
+    let stapled = |tls: &'static str| {
+        let out = openssl(
+            d,
+            &[
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{port}"),
+                "-servername",
+                CLICK,
+                "-status",
+                tls,
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for tls in ["-tls1_3", "-tls1_2"] {
+        let out = stapled(tls);
+        assert!(out.contains("OCSP Response Status: successful"), "{tls}: {out}");
+        assert!(out.contains("Cert Status: good"), "{tls}: {out}");
+    }
+    // A fresh response file (here: the certificate revoked) is picked up without a restart.
+    make_response("R", "next.der");
+    std::fs::rename(d.join("next.der"), d.join("click.ocsp.der")).expect("rename");
+    let mut out = String::new();
+    for _ in 0..50 {
+        out = stapled("-tls1_3");
+        if out.contains("Cert Status: revoked") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(out.contains("Cert Status: revoked"), "{out}");
+    lg.stop().await;
+}
