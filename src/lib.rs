@@ -20,6 +20,7 @@
 //! - [`upstream`]: the pooled client to the provider, upstream TLS.
 //! - [`admin`]: /healthz, /readyz, /metrics.
 //! - [`metrics`]: the Prometheus metrics.
+//! - `fuzzing`: entry points for the fuzz targets in `fuzz/` (hidden).
 //!
 //! Tests start the real server in-process: load a [`config::Config`], bind
 //! [`server::Listeners`] on `127.0.0.1:0`, wrap the config in a
@@ -31,6 +32,8 @@ pub mod check;
 pub mod config;
 pub mod connection;
 pub mod doctor;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host;
 pub mod metrics;
 pub mod proxy;

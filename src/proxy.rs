@@ -24,13 +24,13 @@ use crate::metrics::{KindLabels, Metrics};
 use crate::reload::Active;
 use crate::upstream::{RequestBody, Upstream, UpstreamError};
 
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Headers that describe one hop and are never passed on (RFC 9110 §7.6.1),
 /// in addition to the names a `Connection` header lists.
-static HOP_BY_HOP: [HeaderName; 7] = [
+pub(crate) static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -294,7 +294,7 @@ fn check_framing<B>(req: &Request<B>) -> Result<(), ProxyError> {
 /// The host a request names, from its target's authority (absolute-form or
 /// HTTP/2 `:authority`) and its Host header. Both present and disagreeing,
 /// several Host headers, or neither present: refused.
-fn request_host<B>(req: &Request<B>) -> Result<HostName, ProxyError> {
+pub(crate) fn request_host<B>(req: &Request<B>) -> Result<HostName, ProxyError> {
     let mut values = req.headers().get_all(header::HOST).iter();
     let header_value = values.next();
     if values.next().is_some() {
@@ -325,7 +325,7 @@ fn request_host<B>(req: &Request<B>) -> Result<HostName, ProxyError> {
 /// Host set to the branded name, X-Forwarded-For appended to (trusted peers)
 /// or replaced (anyone else), X-Forwarded-Proto kept from a trusted peer or
 /// set, X-Forwarded-Host set.
-fn rewrite_request_headers(headers: &mut HeaderMap, host: &HostName, conn: &ConnInfo) {
+pub(crate) fn rewrite_request_headers(headers: &mut HeaderMap, host: &HostName, conn: &ConnInfo) {
     strip_hop_by_hop(headers);
     // A HostName is a valid header value by construction (letters, digits, '-', '_', '.').
     if let Ok(value) = HeaderValue::from_str(host.as_str()) {
@@ -352,7 +352,8 @@ fn rewrite_request_headers(headers: &mut HeaderMap, host: &HostName, conn: &Conn
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
-    if !(conn.keep_forwarded && headers.contains_key(&X_FORWARDED_PROTO)) {
+    // Kept from a trusted proxy only when it sent exactly one: several could be read either way.
+    if !(conn.keep_forwarded && headers.get_all(&X_FORWARDED_PROTO).iter().count() == 1) {
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(conn.proto()));
     }
 }

@@ -26,18 +26,30 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// Reads every certificate in a PEM file, in file order.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("{}: {}", path.display(), pem_error(&e)))?;
+    let pem = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    parse_certs(&pem).map_err(|m| format!("{}: {m}", path.display()))
+}
+
+/// Every certificate in PEM text, in order.
+pub fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(&e))?;
     if certs.is_empty() {
-        return Err(format!("{}: no CERTIFICATE block found", path.display()));
+        return Err("no CERTIFICATE block found".into());
     }
     Ok(certs)
 }
 
 /// Reads the first private key (PKCS#8, PKCS#1 or SEC1) in a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{}: {}", path.display(), pem_error(&e)))
+    let pem = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    parse_key(&pem).map_err(|m| format!("{}: {m}", path.display()))
+}
+
+/// The first private key (PKCS#8, PKCS#1 or SEC1) in PEM text.
+pub fn parse_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| pem_error(&e))
 }
 
 fn pem_error(e: &rustls_pki_types::pem::Error) -> String {
@@ -72,6 +84,13 @@ pub fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<Certified
 /// cron) is responsible for its freshness, and a reload picks up a new one.
 pub fn load_ocsp(path: &Path) -> Result<Vec<u8>, String> {
     let der = std::fs::read(path).map_err(|e| format!("{}: cannot read OCSP response: {e}", path.display()))?;
+    check_ocsp(&der).map_err(|m| format!("{}: {m}", path.display()))?;
+    Ok(der)
+}
+
+/// Checks the envelope of a DER OCSP response: a SEQUENCE starting with
+/// responseStatus successful.
+pub fn check_ocsp(der: &[u8]) -> Result<(), String> {
     // OCSPResponse ::= SEQUENCE { responseStatus ENUMERATED, responseBytes [0] EXPLICIT ... }
     let header_len = match der.get(1) {
         Some(&n) if n < 0x80 => 2,
@@ -79,12 +98,11 @@ pub fn load_ocsp(path: &Path) -> Result<Vec<u8>, String> {
         _ => 0,
     };
     match (der.first(), der.get(header_len..header_len + 3)) {
-        (Some(0x30), Some([0x0a, 0x01, 0x00])) if header_len > 0 => Ok(der),
-        (Some(0x30), Some([0x0a, 0x01, status])) if header_len > 0 => Err(format!(
-            "{}: OCSP response status is {status}, not successful (0)",
-            path.display()
-        )),
-        _ => Err(format!("{}: not a DER OCSP response", path.display())),
+        (Some(0x30), Some([0x0a, 0x01, 0x00])) if header_len > 0 => Ok(()),
+        (Some(0x30), Some([0x0a, 0x01, status])) if header_len > 0 => {
+            Err(format!("OCSP response status is {status}, not successful (0)"))
+        }
+        _ => Err("not a DER OCSP response".into()),
     }
 }
 
