@@ -115,6 +115,15 @@ pub fn check(path: &Path) -> Report {
         }
         report.hosts.push(row);
     }
+    // A host refused for something beyond its files (its upstream, say):
+    // the verdict's reason goes on that host's row.
+    if let Err(config::ConfigError::Host { host, message, .. }) = &whole {
+        match report.hosts.iter_mut().find(|r| r.name == *host) {
+            Some(row) if row.status != "error" => row.error(message.clone()),
+            Some(_) => {}
+            None => report.errors.push(format!("host {host}: {message}")),
+        }
+    }
     report
 }
 

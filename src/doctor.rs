@@ -5,6 +5,7 @@
 //! branded Host. Also (3) the plain-http URL still answers, for emails sent
 //! before the switch. Hosts are probed concurrently, each probe bounded.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,6 +22,8 @@ use rustls::{AlertDescription, CertificateError};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::provider::{self, Preset};
+
 /// What to probe and how.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -28,6 +31,9 @@ pub struct Options {
     pub hosts: Vec<String>,
     /// Whether the config has a plain-http listener (then probe http too).
     pub has_http: bool,
+    /// Each host's provider preset (by lower-case name), for what "not
+    /// switched yet" and a wrong-host answer look like. SendGrid when absent.
+    pub providers: HashMap<String, &'static Preset>,
     /// Name server `IP:PORT`; the system's when `None`.
     pub resolver: Option<SocketAddr>,
     /// The CNAME chain must reach this name.
@@ -202,7 +208,12 @@ async fn probe_host(
     tls: &Arc<rustls::ClientConfig>,
     opts: &Options,
 ) -> HostReport {
-    let (chain, addresses, dns) = match tokio::time::timeout(opts.timeout, dns(host, resolver, opts)).await {
+    let preset = opts
+        .providers
+        .get(&normalise(host))
+        .copied()
+        .or_else(|| provider::find(provider::DEFAULT).ok());
+    let (chain, addresses, dns) = match tokio::time::timeout(opts.timeout, dns(host, resolver, opts, preset)).await {
         Ok(r) => r,
         Err(_) => (
             Vec::new(),
@@ -218,7 +229,7 @@ async fn probe_host(
         .or_else(|| addresses.first().map(|ip| SocketAddr::new(*ip, 443)));
     let https = match https_target {
         None => Outcome::skipped("no address to connect to (give --connect to probe anyway)"),
-        Some(addr) => bounded(opts.timeout, https(host, addr, tls, &opts.url)).await,
+        Some(addr) => bounded(opts.timeout, https(host, addr, tls, &opts.url, preset)).await,
     };
     let http = opts.has_http.then(|| {
         opts.connect_http
@@ -229,7 +240,7 @@ async fn probe_host(
         Some(None) => Some(Outcome::skipped(
             "no address to connect to (give --connect-http to probe anyway)",
         )),
-        Some(Some(addr)) => Some(bounded(opts.timeout, plain(host, addr, &opts.url)).await),
+        Some(Some(addr)) => Some(bounded(opts.timeout, plain(host, addr, &opts.url, preset)).await),
     };
     HostReport {
         name: host.to_owned(),
@@ -255,7 +266,12 @@ fn normalise(name: &str) -> String {
 }
 
 /// The CNAME chain of `host`, its addresses, and the verdict on them.
-async fn dns(host: &str, resolver: &TokioResolver, opts: &Options) -> (Vec<String>, Vec<IpAddr>, Outcome) {
+async fn dns(
+    host: &str,
+    resolver: &TokioResolver,
+    opts: &Options,
+    preset: Option<&'static Preset>,
+) -> (Vec<String>, Vec<IpAddr>, Outcome) {
     let mut chain = Vec::new();
     let mut current = normalise(host);
     for _ in 0..8 {
@@ -294,12 +310,18 @@ async fn dns(host: &str, resolver: &TokioResolver, opts: &Options) -> (Vec<Strin
     } else {
         format!("CNAME {}", chain.join(" → "))
     };
-    let outcome = if let Some(sg) = chain
-        .iter()
-        .find(|n| *n == "sendgrid.net" || n.ends_with(".sendgrid.net"))
-    {
+    let provider_targets = preset.map(Preset::cname_suffixes).unwrap_or_default();
+    let still_provider = chain.iter().find(|n| {
+        provider_targets
+            .iter()
+            .any(|t| *n == t || n.ends_with(&format!(".{t}")))
+    });
+    let outcome = if let Some(target) = still_provider {
         Outcome::fail(
-            format!("{shown}: still points at SendGrid ({sg})"),
+            format!(
+                "{shown}: still points at {} ({target})",
+                preset.map_or("the provider", |p| p.display)
+            ),
             "step 4 not done: point the CNAME at the proxy (your linkgate load balancer's name)",
         )
     } else if let Some(target) = opts
@@ -333,7 +355,13 @@ fn join(ips: &[IpAddr]) -> String {
 }
 
 /// TLS with SNI = host, verified; then GET the tracked URL.
-async fn https(host: &str, addr: SocketAddr, tls: &Arc<rustls::ClientConfig>, url: &str) -> Outcome {
+async fn https(
+    host: &str,
+    addr: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+    url: &str,
+    preset: Option<&'static Preset>,
+) -> Outcome {
     let tcp = match tokio::net::TcpStream::connect(addr).await {
         Ok(s) => s,
         Err(e) => {
@@ -350,13 +378,13 @@ async fn https(host: &str, addr: SocketAddr, tls: &Arc<rustls::ClientConfig>, ur
         Ok(s) => s,
         Err(e) => return tls_failure(host, &e),
     };
-    classify(fetch(stream, host, url).await, "https")
+    classify(fetch(stream, host, url).await, "https", preset)
 }
 
 /// Plain http: GET the tracked URL.
-async fn plain(host: &str, addr: SocketAddr, url: &str) -> Outcome {
+async fn plain(host: &str, addr: SocketAddr, url: &str, preset: Option<&'static Preset>) -> Outcome {
     match tokio::net::TcpStream::connect(addr).await {
-        Ok(s) => classify(fetch(s, host, url).await, "http"),
+        Ok(s) => classify(fetch(s, host, url).await, "http", preset),
         Err(e) => Outcome::fail(
             format!("cannot connect to {addr}: {e}"),
             "links in emails sent before the switch are plain http: keep the http listener reachable on port 80",
@@ -423,7 +451,7 @@ where
     Ok((status, body))
 }
 
-fn classify(fetched: Fetched, scheme: &str) -> Outcome {
+fn classify(fetched: Fetched, scheme: &str, preset: Option<&'static Preset>) -> Outcome {
     let (status, body) = match fetched {
         Ok(r) => r,
         Err(e) => {
@@ -434,9 +462,13 @@ fn classify(fetched: Fetched, scheme: &str) -> Outcome {
         }
     };
     let lower = body.to_ascii_lowercase();
-    if lower.contains("wrong link") || status == 404 {
+    let marker = preset.map_or("", |p| p.wrong_host_marker);
+    if (!marker.is_empty() && lower.contains(marker)) || status == 404 {
         Outcome::fail(
-            format!("{scheme} answered {status}: the provider's \"Wrong Link\" page"),
+            format!(
+                "{scheme} answered {status}: {}",
+                preset.map_or("the provider's answer for an unknown tracking host", |p| p.wrong_host_page)
+            ),
             "the Host header is not forwarded: the proxy must send Host = the branded name (linkgate does; check what is in front of it)",
         )
     } else if (status == 502 || status == 504)

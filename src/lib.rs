@@ -18,6 +18,8 @@
 //! - [`proxy`]: authority check, header rewrite, streaming forward, error → status.
 //! - [`access`]: the response body wrapper: bytes sent, end of request, access log line.
 //! - [`upstream`]: the pooled client to the provider, upstream TLS.
+//! - [`provider`]: the provider presets (SendGrid, Amazon SES, …), as data.
+//! - [`files`]: app-association files a host serves itself.
 //! - [`admin`]: /healthz, /readyz, /metrics.
 //! - [`metrics`]: the Prometheus metrics.
 //! - `fuzzing`: entry points for the fuzz targets in `fuzz/` (hidden).
@@ -32,10 +34,12 @@ pub mod check;
 pub mod config;
 pub mod connection;
 pub mod doctor;
+pub mod files;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod host;
 pub mod metrics;
+pub mod provider;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod reload;

@@ -128,7 +128,12 @@ fn doctor(args: DoctorArgs) -> ExitCode {
     let targets = std::fs::read_to_string(&args.config)
         .map_err(|e| format!("{}: cannot read: {e}", args.config.display()))
         .and_then(|text| Config::probe_targets(&text, &args.config).map_err(|e| e.to_string()));
-    let (all, has_http) = match targets {
+    let targets = targets.and_then(|(all, has_http)| {
+        let text = std::fs::read_to_string(&args.config).map_err(|e| e.to_string())?;
+        let providers = Config::host_providers(&text, &args.config).map_err(|e| e.to_string())?;
+        Ok((all, has_http, providers))
+    });
+    let (all, has_http, providers) = match targets {
         Ok(t) => t,
         Err(e) => {
             eprintln!("linkgate: error: {e}");
@@ -153,6 +158,7 @@ fn doctor(args: DoctorArgs) -> ExitCode {
     let opts = linkgate::doctor::Options {
         hosts,
         has_http,
+        providers,
         resolver: args.resolver,
         expect_target: args.expect_target,
         connect: args.connect,

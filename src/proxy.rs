@@ -18,6 +18,7 @@ use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
 use crate::access::{AccessRecord, ProxyBody};
+use crate::config::HttpMode;
 use crate::connection::ConnInfo;
 use crate::host::HostName;
 use crate::metrics::{KindLabels, Metrics};
@@ -53,6 +54,8 @@ pub enum ProxyError {
     BodyTooLarge,
     /// The request body did not start arriving within `limits.header_read_timeout`.
     BodyTimeout,
+    /// The request head is larger than the host's provider accepts.
+    HeadTooLarge,
     Upstream(UpstreamError),
 }
 
@@ -65,6 +68,7 @@ impl ProxyError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Upstream(UpstreamError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
         }
@@ -78,6 +82,7 @@ impl ProxyError {
             Self::MethodNotAllowed => "method not allowed\n",
             Self::BodyTooLarge => "request body too large\n",
             Self::BodyTimeout => "request body timed out\n",
+            Self::HeadTooLarge => "request headers too large for the upstream\n",
             Self::Upstream(UpstreamError::Timeout(_)) => "upstream timed out\n",
             Self::Upstream(_) => "upstream unavailable\n",
         }
@@ -103,7 +108,8 @@ impl ProxyError {
 /// active configuration, this worker's upstream pool, and the metrics.
 pub struct Proxy {
     pub active: Arc<Active>,
-    pub upstream: Upstream,
+    /// One pooled client per entry of `active.config.upstreams`, same order.
+    pub upstreams: Vec<Upstream>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -142,7 +148,7 @@ impl Proxy {
         let mut host = None;
         let result = self.forward(&conn, req, &mut host).await;
         let (resp, upstream_time, error) = match result {
-            Ok((resp, t)) => (resp, Some(t), None),
+            Ok((resp, t)) => (resp, t, None),
             Err(e) => {
                 if let ProxyError::Upstream(err) = &e {
                     let kind = match err {
@@ -192,7 +198,7 @@ impl Proxy {
         conn: &ConnInfo,
         req: Request<Incoming>,
         host_out: &mut Option<HostName>,
-    ) -> Result<(Response<Either<Incoming, Full<Bytes>>>, Duration), ProxyError> {
+    ) -> Result<(Response<Either<Incoming, Full<Bytes>>>, Option<Duration>), ProxyError> {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::MethodNotAllowed);
         }
@@ -203,15 +209,31 @@ impl Proxy {
             Some(sni) => *sni == host,
             None => self.active.hosts.contains_key(&host),
         };
-        if !allowed {
+        let Some(host_cfg) = self.active.host(&host).filter(|_| allowed) else {
             return Err(ProxyError::Misdirected);
-        }
+        };
         let path_and_query = match req.uri().path_and_query() {
             Some(pq) if pq.as_str().starts_with('/') => pq.clone(),
             // Absolute-form without a path (`GET https://host HTTP/1.1`); authority-form has no scheme.
             None if req.uri().scheme().is_some() => PathAndQuery::from_static("/"),
             _ => return Err(ProxyError::BadRequest("request target must be an absolute path\n")),
         };
+        // Answered here, never forwarded: plain http redirected to https, then the host's own files.
+        if conn.sni.is_none() && host_cfg.http == HttpMode::Redirect {
+            let location = format!("https://{host}{path_and_query}");
+            let resp = Response::builder()
+                .status(StatusCode::PERMANENT_REDIRECT)
+                .header(header::LOCATION, location)
+                .body(Either::Right(Full::new(Bytes::new())))
+                .map_err(|_| ProxyError::BadRequest("invalid request target\n"))?;
+            return Ok((resp, None));
+        }
+        if let Some(file) = host_cfg.files.get(path_and_query.path()) {
+            let (parts, body) = file.respond(req.method(), req.headers()).into_parts();
+            return Ok((Response::from_parts(parts, Either::Right(Full::new(body))), None));
+        }
+        let upstream = &self.upstreams[host_cfg.upstream];
+        let head_cap = self.active.config.upstreams[host_cfg.upstream].max_header_bytes;
         let max_body = self.active.config.limits.max_request_body;
         let declared = req
             .headers()
@@ -222,13 +244,15 @@ impl Proxy {
         }
 
         let (mut parts, body) = req.into_parts();
-        parts.uri = self
-            .upstream
+        parts.uri = upstream
             .uri_for(path_and_query)
             .map_err(|_| ProxyError::BadRequest("invalid request target\n"))?;
         parts.version = Version::HTTP_11;
         parts.extensions = http::Extensions::new();
         rewrite_request_headers(&mut parts.headers, &host, conn);
+        if head_cap.is_some_and(|cap| head_size(&parts) > cap) {
+            return Err(ProxyError::HeadTooLarge);
+        }
 
         // Read the first body frame before anything is sent upstream, so that a
         // malformed or oversized body start is refused without the upstream
@@ -249,23 +273,32 @@ impl Proxy {
         let body = RequestBody::new(first, body);
 
         let sent = Instant::now();
-        let resp = self
-            .upstream
-            .send(Request::from_parts(parts, body))
-            .await
-            .map_err(|e| {
-                if e.is_body_limit() {
-                    ProxyError::BodyTooLarge
-                } else {
-                    ProxyError::Upstream(e)
-                }
-            })?;
+        let resp = upstream.send(Request::from_parts(parts, body)).await.map_err(|e| {
+            if e.is_body_limit() {
+                ProxyError::BodyTooLarge
+            } else {
+                ProxyError::Upstream(e)
+            }
+        })?;
         let upstream_time = sent.elapsed();
 
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Ok((Response::from_parts(parts, Either::Left(body)), upstream_time))
+        Ok((Response::from_parts(parts, Either::Left(body)), Some(upstream_time)))
     }
+}
+
+/// The size of a request head as sent upstream in HTTP/1.1: request line,
+/// header lines, blank line.
+fn head_size(parts: &http::request::Parts) -> usize {
+    let target = parts.uri.path_and_query().map_or(1, |pq| pq.as_str().len());
+    let line = parts.method.as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
+    let headers: usize = parts
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + 2 + v.len() + 2)
+        .sum();
+    line + headers + 2
 }
 
 /// Refuses what an upstream (or anything between) could frame differently

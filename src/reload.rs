@@ -279,19 +279,16 @@ impl FileWatcher {
     fn watch(&mut self, config: &Config) {
         let Some(watches) = self.watches.as_mut() else { return };
         let files: HashSet<PathBuf> = std::iter::once(config.path.as_path())
-            .chain(
-                config
-                    .hosts
-                    .iter()
-                    .flat_map(|h| {
-                        [
-                            Some(h.cert_path.as_path()),
-                            Some(h.key_path.as_path()),
-                            h.ocsp_path.as_deref(),
-                        ]
-                    })
-                    .flatten(),
-            )
+            .chain(config.hosts.iter().flat_map(|h| {
+                [
+                    Some(h.cert_path.as_path()),
+                    Some(h.key_path.as_path()),
+                    h.ocsp_path.as_deref(),
+                ]
+                .into_iter()
+                .flatten()
+                .chain(h.files.values().map(|f| f.path.as_path()))
+            }))
             .map(absolute)
             .collect();
         let wanted: BTreeSet<PathBuf> = files.iter().map(|f| folder_of(f)).collect();

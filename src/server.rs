@@ -96,15 +96,22 @@ struct Shared {
 /// get `shutdown.grace_period` to finish.
 pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let config = live.load().config.clone();
-    // Fail now, not on the first connection, if the upstream client cannot be built.
-    Upstream::new(&config.upstream)?;
+    // Fail now, not on the first connection, if an upstream client cannot be built.
+    for upstream in &config.upstreams {
+        Upstream::new(upstream)?;
+    }
     let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     tracing::info!(
         https = %listeners.https_addr()?,
         http = %listeners.http_addr().transpose()?.map_or("-".into(), |a| a.to_string()),
         admin = %listeners.admin_addr().transpose()?.map_or("-".into(), |a| a.to_string()),
         hosts = config.hosts.len(),
-        upstream = %format!("{}://{}", config.upstream.scheme, config.upstream.authority),
+        upstream = %config
+            .upstreams
+            .iter()
+            .map(|u| format!("{}://{}", u.scheme, u.authority))
+            .collect::<Vec<_>>()
+            .join(" "),
         workers,
         "linkgate listening"
     );
@@ -180,7 +187,7 @@ async fn worker(shared: Arc<Shared>, https: std::net::TcpListener, http: Option<
     };
     // Every connection task holds a sender; when all are dropped, the worker is drained.
     let (open, mut drained) = mpsc::channel::<()>(1);
-    let mut proxy: Option<Arc<Proxy>> = None;
+    let proxies = Arc::new(ProxyCache::new(shared.live.clone()));
     let mut stopping = shared.stopping.clone();
     loop {
         let permit = tokio::select! {
@@ -203,14 +210,14 @@ async fn worker(shared: Arc<Shared>, https: std::net::TcpListener, http: Option<
                 continue;
             }
         };
-        let Some(current) = current_proxy(&shared.live, &mut proxy) else {
+        let Some(current) = proxies.current() else {
             continue;
         };
-        let (open, shared) = (open.clone(), shared.clone());
+        let (open, shared, proxies) = (open.clone(), shared.clone(), proxies.clone());
         tokio::spawn(async move {
             let metrics = &shared.live.metrics;
             metrics.open_connections.inc();
-            connection(&shared, current, stream, peer, is_tls).await;
+            connection(&shared, current, proxies, stream, peer, is_tls).await;
             metrics.open_connections.dec();
             drop(permit);
             drop(open);
@@ -223,30 +230,56 @@ async fn worker(shared: Arc<Shared>, https: std::net::TcpListener, http: Option<
     }
 }
 
+/// One worker's proxy for the configuration in force, looked up per request
+/// so that a reload applies to requests on connections that are already
+/// open (files, upstreams, hosts), not only to new connections.
+struct ProxyCache {
+    live: Arc<Live>,
+    cached: std::sync::Mutex<Option<Arc<Proxy>>>,
+}
+
+impl ProxyCache {
+    fn new(live: Arc<Live>) -> Self {
+        Self {
+            live,
+            cached: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The proxy for the configuration in force (the previous one if the new
+    /// one cannot be built).
+    fn current(&self) -> Option<Arc<Proxy>> {
+        // Uncontended: one worker's connections run on one thread.
+        let mut cached = self.cached.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        current_proxy(&self.live, &mut cached)
+    }
+}
+
 /// This worker's proxy for the configuration in force: rebuilt after a
-/// reload, keeping the upstream pool when the upstream settings did not change.
+/// reload, keeping the pool of every upstream whose settings did not change.
 fn current_proxy(live: &Live, cached: &mut Option<Arc<Proxy>>) -> Option<Arc<Proxy>> {
     let active = live.load();
     if let Some(p) = cached.as_ref().filter(|p| p.active.generation == active.generation) {
         return Some(p.clone());
     }
-    let upstream = match cached
-        .as_ref()
-        .filter(|p| p.active.config.upstream == active.config.upstream)
-    {
-        Some(p) => p.upstream.clone(),
-        None => match Upstream::new(&active.config.upstream) {
-            Ok(u) => u,
+    let mut upstreams = Vec::with_capacity(active.config.upstreams.len());
+    for settings in &active.config.upstreams {
+        let kept = cached.as_ref().and_then(|p| {
+            let i = p.active.config.upstreams.iter().position(|u| u == settings)?;
+            p.upstreams.get(i).cloned()
+        });
+        match kept.map_or_else(|| Upstream::new(settings), Ok) {
+            Ok(u) => upstreams.push(u),
             Err(e) => {
                 // The roots were checked at start-up and on reload; keep what works if this still fails.
-                tracing::error!(error = %e, "cannot build the upstream client for the new configuration");
+                tracing::error!(error = %e, "cannot build an upstream client for the new configuration");
                 return cached.clone();
             }
-        },
-    };
+        }
+    }
     let p = Arc::new(Proxy {
         active,
-        upstream,
+        upstreams,
         metrics: live.metrics.clone(),
     });
     *cached = Some(p.clone());
@@ -261,7 +294,14 @@ async fn accept_optional(listener: Option<&TcpListener>) -> io::Result<(TcpStrea
 }
 
 /// One client connection, from accept to close.
-async fn connection(shared: &Shared, proxy: Arc<Proxy>, mut stream: TcpStream, peer: SocketAddr, is_tls: bool) {
+async fn connection(
+    shared: &Shared,
+    proxy: Arc<Proxy>,
+    proxies: Arc<ProxyCache>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    is_tls: bool,
+) {
     let _ = stream.set_nodelay(true);
     let listen = &proxy.active.config.listen;
     let limits = &proxy.active.config.limits;
@@ -290,7 +330,7 @@ async fn connection(shared: &Shared, proxy: Arc<Proxy>, mut stream: TcpStream, p
     let stopping = shared.stopping.clone();
     if !is_tls {
         let info = ConnInfo::new(client, None, keep_forwarded, None);
-        serve(proxy, stream, info, Protocol::Http1, stopping).await;
+        serve(proxy, proxies, stream, info, Protocol::Http1, stopping).await;
         return;
     }
     let Some((tls, host)) = handshake(&proxy.active, &shared.live, stream, client, deadline).await else {
@@ -308,7 +348,7 @@ async fn connection(shared: &Shared, proxy: Arc<Proxy>, mut stream: TcpStream, p
         _ => None,
     };
     let info = ConnInfo::new(client, Some(host), keep_forwarded, version);
-    serve(proxy, tls, info, protocol, stopping).await;
+    serve(proxy, proxies, tls, info, protocol, stopping).await;
 }
 
 /// Runs the TLS handshake. A ClientHello without SNI or naming a host we do
@@ -385,15 +425,24 @@ enum Protocol {
 
 /// Serves HTTP on one established connection until it closes, is idle for
 /// `limits.idle_timeout`, or the server drains.
-async fn serve<IO>(proxy: Arc<Proxy>, io: IO, info: ConnInfo, protocol: Protocol, mut stopping: watch::Receiver<bool>)
-where
+async fn serve<IO>(
+    proxy: Arc<Proxy>,
+    proxies: Arc<ProxyCache>,
+    io: IO,
+    info: ConnInfo,
+    protocol: Protocol,
+    mut stopping: watch::Receiver<bool>,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = proxy.active.config.limits.clone();
     let info = Arc::new(info);
     let service = {
-        let (proxy, info) = (proxy.clone(), info.clone());
-        service_fn(move |req| proxy.clone().handle(info.clone(), req))
+        let (fallback, info) = (proxy.clone(), info.clone());
+        service_fn(move |req| {
+            let proxy = proxies.current().unwrap_or_else(|| fallback.clone());
+            proxy.handle(info.clone(), req)
+        })
     };
     // A client that stops reading is cut after idle_timeout without write progress.
     let io = TokioIo::new(WriteDeadline::new(io, limits.idle_timeout));

@@ -54,6 +54,14 @@ async fn dns_server() -> SocketAddr {
         ),
         1,
     );
+    zone.upsert_mut(
+        Record::from_rdata(
+            name("mgstale.example.test."),
+            60,
+            RData::CNAME(CNAME(name("email.eu.mailgun.org."))),
+        ),
+        1,
+    );
     let mut catalog = Catalog::new();
     catalog.upsert(LowerName::new(&origin), vec![Arc::new(zone)]);
     let mut server = hickory_server::Server::new(catalog);
@@ -143,6 +151,8 @@ fn doctor_config(dir: &Path, http: bool) -> std::path::PathBuf {
             "[[host]]\nname = \"{h}.example.test\"\ncert = \"x.pem\"\nkey = \"x.key\"\n"
         ));
     }
+    // A Mailgun branding: doctor knows Mailgun's CNAME targets from the preset.
+    toml.push_str("[[host]]\nname = \"mgstale.example.test\"\ncert = \"x.pem\"\nkey = \"x.key\"\nprovider = \"mailgun\"\nregion = \"eu\"\n");
     let path = dir.join("doctor.toml");
     std::fs::write(&path, toml).expect("write");
     path
@@ -207,6 +217,14 @@ async fn a_ready_branding_passes_and_dns_mistakes_are_named() {
     assert!(host(&report, "ok.example.test")["dns"]["message"]
         .as_str()
         .is_some_and(|m| m.contains("does not lead to other-lb.example.test")));
+
+    let (code, report) = doctor_async(&config, dns, base("mgstale.example.test")).await;
+    assert_eq!(code, 1);
+    let mg = host(&report, "mgstale.example.test");
+    assert!(
+        has(&mg["dns"]["message"], "still points at Mailgun (email.eu.mailgun.org)"),
+        "{mg}"
+    );
 
     let (code, report) = doctor_async(&config, dns, base("stale.example.test")).await;
     assert_eq!(code, 1);

@@ -10,7 +10,7 @@
 mod raw;
 mod units;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -23,14 +23,14 @@ use rustls::sign::CertifiedKey;
 
 pub use units::{parse_duration, parse_size, IpNet};
 
+use crate::files::{self, StaticFile};
 use crate::host::HostName;
+use crate::provider::{self, Preset};
 use crate::tls;
 use raw::{RawConfig, RawLimits, RawLog, RawShutdown, RawUpstream, SizeValue};
 
 /// Where to read the config when neither `--config` nor `$LINKGATE_CONFIG` says.
 pub const DEFAULT_PATH: &str = "config/linkgate.toml";
-/// The upstream used when `[upstream] url` is not set.
-pub const DEFAULT_UPSTREAM: &str = "https://sendgrid.net";
 
 /// A validated configuration. Every value in it has been checked.
 #[derive(Debug, Clone)]
@@ -38,7 +38,10 @@ pub struct Config {
     /// The file it was read from.
     pub path: PathBuf,
     pub listen: Listen,
+    /// `[upstream]`: the default for hosts that do not name their own.
     pub upstream: Upstream,
+    /// Every distinct upstream, `[upstream]`'s first; hosts refer to them by index.
+    pub upstreams: Vec<Upstream>,
     /// One entry per `[[host]]`, in file order, names unique.
     pub hosts: Vec<Host>,
     /// `[admin] listen`: where /healthz, /readyz and /metrics are served.
@@ -151,6 +154,10 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub pool_idle_timeout: Duration,
+    /// The provider preset it came from (`None` for a bare `url`).
+    pub provider: Option<&'static Preset>,
+    /// The provider's cap on request heads: above it, 431 instead of forwarding.
+    pub max_header_bytes: Option<usize>,
 }
 
 impl PartialEq for Upstream {
@@ -162,6 +169,8 @@ impl PartialEq for Upstream {
             && self.connect_timeout == other.connect_timeout
             && self.response_timeout == other.response_timeout
             && self.pool_idle_timeout == other.pool_idle_timeout
+            && self.max_header_bytes == other.max_header_bytes
+            && self.provider.map(|p| p.name) == other.provider.map(|p| p.name)
     }
 }
 
@@ -177,6 +186,21 @@ pub struct Host {
     pub certified_key: Arc<CertifiedKey>,
     /// `Strict-Transport-Security` added to every https response for this host.
     pub hsts: Option<HeaderValue>,
+    /// Index of this host's upstream in [`Config::upstreams`].
+    pub upstream: usize,
+    /// URL path → file answered locally, never forwarded.
+    pub files: HashMap<String, Arc<StaticFile>>,
+    /// What the plain-http listener does for this host.
+    pub http: HttpMode,
+}
+
+/// What the plain-http listener does with a configured host's requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpMode {
+    /// Forward as over https (links in emails sent before the switch keep working).
+    Forward,
+    /// Answer 308 to the same URL over https.
+    Redirect,
 }
 
 impl fmt::Debug for Host {
@@ -187,6 +211,9 @@ impl fmt::Debug for Host {
             .field("key_path", &self.key_path)
             .field("ocsp_path", &self.ocsp_path)
             .field("hsts", &self.hsts)
+            .field("upstream", &self.upstream)
+            .field("files", &self.files.keys().collect::<Vec<_>>())
+            .field("http", &self.http)
             .finish_non_exhaustive()
     }
 }
@@ -199,6 +226,11 @@ pub struct HostEntry {
     pub key: PathBuf,
     pub hsts: Option<String>,
     pub ocsp: Option<PathBuf>,
+    /// URL path → file, resolved.
+    pub files: Vec<(String, PathBuf)>,
+    pub http: Option<String>,
+    /// The host's own upstream settings (paths as written).
+    pub upstream: RawUpstream,
 }
 
 impl HostEntry {
@@ -209,6 +241,53 @@ impl HostEntry {
             key: base.join(raw.key),
             hsts: raw.hsts,
             ocsp: raw.ocsp.map(|p| base.join(p)),
+            files: raw
+                .files
+                .into_iter()
+                .map(|(url, file)| (url, base.join(file)))
+                .collect(),
+            http: raw.http,
+            upstream: RawUpstream {
+                provider: raw.provider,
+                region: raw.region,
+                url: raw.url,
+                connect_to: raw.connect_to,
+                ca_file: raw.ca_file,
+                ..RawUpstream::default()
+            },
+        }
+    }
+
+    /// This host's upstream settings: its own endpoint (`provider`/`url`, with
+    /// its `region`, `connect_to` and `ca_file`) when it names one; otherwise
+    /// `[upstream]`'s, with the host's `region`, `connect_to` and `ca_file`
+    /// taking precedence. Timeouts always come from `[upstream]`.
+    pub fn upstream_settings(&self, default: &RawUpstream) -> RawUpstream {
+        let own = &self.upstream;
+        let timeouts = RawUpstream {
+            connect_timeout: default.connect_timeout.clone(),
+            response_timeout: default.response_timeout.clone(),
+            pool_idle_timeout: default.pool_idle_timeout.clone(),
+            ..RawUpstream::default()
+        };
+        if own.provider.is_some() || own.url.is_some() {
+            RawUpstream {
+                provider: own.provider.clone(),
+                region: own.region.clone(),
+                url: own.url.clone(),
+                connect_to: own.connect_to.clone(),
+                ca_file: own.ca_file.clone(),
+                ..timeouts
+            }
+        } else {
+            RawUpstream {
+                provider: default.provider.clone(),
+                region: own.region.clone().or_else(|| default.region.clone()),
+                url: default.url.clone(),
+                connect_to: own.connect_to.clone().or_else(|| default.connect_to.clone()),
+                ca_file: own.ca_file.clone().or_else(|| default.ca_file.clone()),
+                ..timeouts
+            }
         }
     }
 }
@@ -240,6 +319,16 @@ pub fn load_host(entry: &HostEntry, loaded: &mut LoadedPairs) -> Result<Host, St
         }
     };
     tls::check_covers(&certified_key, &name).map_err(|m| format!("{}: {m}", entry.cert.display()))?;
+    let mut files = HashMap::new();
+    for (url_path, file) in &entry.files {
+        files::check_url_path(url_path).map_err(|m| format!("files: {m}"))?;
+        files.insert(url_path.clone(), Arc::new(StaticFile::load(file)?));
+    }
+    let http = match entry.http.as_deref() {
+        None | Some("forward") => HttpMode::Forward,
+        Some("redirect") => HttpMode::Redirect,
+        Some(other) => return Err(format!("http: {other:?} is neither \"forward\" nor \"redirect\"")),
+    };
     Ok(Host {
         name,
         cert_path: entry.cert.clone(),
@@ -247,6 +336,9 @@ pub fn load_host(entry: &HostEntry, loaded: &mut LoadedPairs) -> Result<Host, St
         ocsp_path: entry.ocsp.clone(),
         certified_key,
         hsts,
+        upstream: 0,
+        files,
+        http,
     })
 }
 
@@ -329,6 +421,27 @@ impl Config {
         ))
     }
 
+    /// Each host's provider preset (lower-case name → preset), without
+    /// loading any file (for `linkgate doctor`). Hosts with a bare `url`
+    /// have none.
+    pub fn host_providers(text: &str, path: &Path) -> Result<HashMap<String, &'static Preset>, ConfigError> {
+        let raw = parse_raw(text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut out = HashMap::new();
+        for entry in raw.hosts.clone().into_iter().map(|h| HostEntry::resolve(h, base)) {
+            let preset =
+                preset_of(&entry.upstream_settings(&raw.upstream)).map_err(|(_, message)| ConfigError::Host {
+                    path: path.to_path_buf(),
+                    host: entry.name.clone(),
+                    message,
+                })?;
+            if let Some(p) = preset {
+                out.insert(entry.name.to_ascii_lowercase(), p);
+            }
+        }
+        Ok(out)
+    }
+
     /// Parses and validates `text` as if read from `path` (relative file
     /// names are resolved against `path`'s folder).
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
@@ -368,7 +481,9 @@ impl Config {
             return Err(key_err("listen.http", "must differ from listen.https".into()));
         }
 
+        let default_upstream = raw.upstream.clone();
         let upstream = build_upstream(raw.upstream, base).map_err(|(key, m)| key_err(key, m))?;
+        let mut upstreams = vec![upstream.clone()];
         let admin = raw
             .admin
             .listen
@@ -395,7 +510,16 @@ impl Config {
                 host: entry.name.clone(),
                 message,
             };
-            let host = load_host(&entry, &mut loaded).map_err(host_err)?;
+            let mut host = load_host(&entry, &mut loaded).map_err(host_err)?;
+            let own = build_upstream(entry.upstream_settings(&default_upstream), base)
+                .map_err(|(key, m)| host_err(format!("{}: {m}", key.trim_start_matches("upstream."))))?;
+            host.upstream = match upstreams.iter().position(|u| *u == own) {
+                Some(i) => i,
+                None => {
+                    upstreams.push(own);
+                    upstreams.len() - 1
+                }
+            };
             if !seen.insert(host.name.clone()) {
                 return Err(host_err("duplicate host: each name may appear once".into()));
             }
@@ -406,6 +530,7 @@ impl Config {
             path: path.to_path_buf(),
             listen,
             upstream,
+            upstreams,
             hosts,
             admin,
             limits,
@@ -415,14 +540,46 @@ impl Config {
     }
 }
 
+/// The provider preset `raw` names: its `provider`, else sendgrid unless a bare `url` is given.
+pub fn preset_of(raw: &RawUpstream) -> Result<Option<&'static Preset>, KeyError> {
+    match (&raw.provider, &raw.url) {
+        (Some(name), _) => provider::find(name).map(Some).map_err(|m| ("upstream.provider", m)),
+        (None, None) => Ok(provider::find(provider::DEFAULT).ok()),
+        (None, Some(_)) => Ok(None),
+    }
+}
+
 fn build_upstream(raw: RawUpstream, base: &Path) -> Result<Upstream, KeyError> {
-    let url = raw.url.as_deref().unwrap_or(DEFAULT_UPSTREAM);
+    let preset = preset_of(&raw)?;
+    let url = match (&raw.url, preset) {
+        (Some(url), _) => {
+            if raw.region.is_some() {
+                return Err((
+                    "upstream.region",
+                    "applies to a provider preset; url already names the endpoint".into(),
+                ));
+            }
+            url.clone()
+        }
+        (None, Some(p)) => p.url(raw.region.as_deref()).map_err(|m| ("upstream.region", m))?,
+        (None, None) => unreachable!("preset_of gives a preset when there is no url"),
+    };
+    let url = url.as_str();
     let uri: http::Uri = url.parse().map_err(|e| ("upstream.url", format!("{url:?}: {e}")))?;
     let scheme = match uri.scheme_str() {
         Some("http") => Scheme::HTTP,
         Some("https") => Scheme::HTTPS,
         _ => return Err(("upstream.url", format!("{url:?}: must start with http:// or https://"))),
     };
+    if let Some(p) = preset.filter(|p| p.http_only && scheme == Scheme::HTTPS) {
+        return Err((
+            "upstream.url",
+            format!(
+                "{url:?}: {} does not accept HTTPS from a proxy; use http:// (linkgate still serves https to clients)",
+                p.name
+            ),
+        ));
+    }
     let authority = uri
         .authority()
         .cloned()
@@ -468,6 +625,8 @@ fn build_upstream(raw: RawUpstream, base: &Path) -> Result<Upstream, KeyError> {
             raw.pool_idle_timeout,
             Duration::from_secs(90),
         )?,
+        provider: preset,
+        max_header_bytes: preset.and_then(|p| p.max_header_bytes),
     })
 }
 

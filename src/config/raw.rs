@@ -2,6 +2,7 @@
 //! TOML, with every unknown key refused. [`super::Config::from_toml`] turns
 //! them into checked values.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::Deserialize;
@@ -35,9 +36,11 @@ pub struct RawListen {
     pub trusted_proxies: Vec<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
+    pub provider: Option<String>,
+    pub region: Option<String>,
     pub url: Option<String>,
     pub connect_to: Option<String>,
     pub ca_file: Option<PathBuf>,
@@ -46,7 +49,7 @@ pub struct RawUpstream {
     pub pool_idle_timeout: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHost {
     pub name: String,
@@ -54,6 +57,17 @@ pub struct RawHost {
     pub key: PathBuf,
     pub hsts: Option<String>,
     pub ocsp: Option<PathBuf>,
+    /// This host's own upstream, when it is not `[upstream]`'s.
+    pub provider: Option<String>,
+    pub region: Option<String>,
+    pub url: Option<String>,
+    pub connect_to: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    /// URL path → local file served instead of forwarding (app-association files).
+    #[serde(default)]
+    pub files: BTreeMap<String, PathBuf>,
+    /// `forward` or `redirect`: what the plain-http listener does for this host.
+    pub http: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
