@@ -129,7 +129,18 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         .iter()
         .filter(|h| !h.dns.passed() || !h.https.passed() || h.http.as_ref().is_some_and(|o| !o.passed()))
         .collect();
-    let summary = if failing.is_empty() {
+    let all_sendgrid = hosts.iter().all(|h| {
+        opts.providers
+            .get(&normalise(&h.name))
+            .is_none_or(|p| p.name == provider::DEFAULT)
+    });
+    let summary = if failing.is_empty() && !all_sendgrid {
+        format!(
+            "all {} link brandings pass both checks — ask each provider to switch its tracking links to https \
+             (README, \"Providers\"), and keep the CNAMEs pointing at the proxy.",
+            hosts.len()
+        )
+    } else if failing.is_empty() {
         format!(
             "all {} link brandings pass both checks — ask SendGrid Support to enable SSL click and open tracking. \
              Do not re-validate these link brandings in the SendGrid UI: that validation expects the CNAME to point at \

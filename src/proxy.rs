@@ -218,7 +218,13 @@ impl Proxy {
             None if req.uri().scheme().is_some() => PathAndQuery::from_static("/"),
             _ => return Err(ProxyError::BadRequest("request target must be an absolute path\n")),
         };
-        // Answered here, never forwarded: plain http redirected to https, then the host's own files.
+        // Answered here, never forwarded: the host's own files (never redirected:
+        // Apple and Google fetch them without following redirects), then plain
+        // http redirected to https.
+        if let Some(file) = host_cfg.files.get(path_and_query.path()) {
+            let (parts, body) = file.respond(req.method(), req.headers()).into_parts();
+            return Ok((Response::from_parts(parts, Either::Right(Full::new(body))), None));
+        }
         if conn.sni.is_none() && host_cfg.http == HttpMode::Redirect {
             let location = format!("https://{host}{path_and_query}");
             let resp = Response::builder()
@@ -227,10 +233,6 @@ impl Proxy {
                 .body(Either::Right(Full::new(Bytes::new())))
                 .map_err(|_| ProxyError::BadRequest("invalid request target\n"))?;
             return Ok((resp, None));
-        }
-        if let Some(file) = host_cfg.files.get(path_and_query.path()) {
-            let (parts, body) = file.respond(req.method(), req.headers()).into_parts();
-            return Ok((Response::from_parts(parts, Either::Right(Full::new(body))), None));
         }
         let upstream = &self.upstreams[host_cfg.upstream];
         let head_cap = self.active.config.upstreams[host_cfg.upstream].max_header_bytes;

@@ -330,8 +330,9 @@ async fn plain_http_forwards_by_default_and_redirects_when_asked() {
     pki.write_leaf(dir.path(), "old", &["old.example.test"]);
     pki.write_leaf(dir.path(), "new", &["new.example.test"]);
     let up = StandIn::plain().await;
+    std::fs::write(dir.path().join("assetlinks.json"), ASSETLINKS).expect("write");
     let toml = format!(
-        "{}{}{}{}http = \"redirect\"\n",
+        "{}{}{}{}http = \"redirect\"\n[host.files]\n\"/.well-known/assetlinks.json\" = \"assetlinks.json\"\n",
         listen_section(),
         plain_upstream(&up),
         host_section("old.example.test", "old"),
@@ -363,6 +364,15 @@ async fn plain_http_forwards_by_default_and_redirects_when_asked() {
         redirected.headers()["location"],
         "https://new.example.test/ls/click?upn=a%20b&x=1"
     );
+    // The host's files are answered, not redirected.
+    let file = c
+        .get(format!("http://{http}/.well-known/assetlinks.json"))
+        .header("host", "new.example.test")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(file.status(), 200);
+    assert_eq!(file.text().await.expect("body"), ASSETLINKS);
     // https on the redirecting host is forwarded as usual.
     let resp = client(&pki, &lg, &["new.example.test"])
         .get(lg.url("new.example.test", "/wf/open"))
