@@ -72,3 +72,38 @@ fn answer(live: &Live, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n"),
     }
 }
+
+/// One GET of `path` on the admin listener at `addr` (an unspecified address
+/// such as 0.0.0.0 is probed on loopback), bounded by `timeout`; the status
+/// code. Blocking and dependency-free: it is what `linkgate health` runs.
+pub fn probe(addr: std::net::SocketAddr, path: &str, timeout: std::time::Duration) -> std::io::Result<u16> {
+    use std::io::{Read, Write};
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut head = [0u8; 64];
+    let mut len = 0;
+    while len < 12 {
+        match stream.read(&mut head[len..])? {
+            0 => break,
+            n => len += n,
+        }
+    }
+    std::str::from_utf8(&head[..len])
+        .ok()
+        .and_then(|s| s.strip_prefix("HTTP/1.1 ").or_else(|| s.strip_prefix("HTTP/1.0 ")))
+        .and_then(|s| s.get(..3)?.parse().ok())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer"))
+}

@@ -43,6 +43,21 @@ enum Command {
         #[arg(long)]
         strict: bool,
     },
+    /// Ask a running linkgate, over its admin listener, whether it is alive
+    /// (/healthz) or ready (/readyz, with --ready). Needs no shell or curl, for
+    /// container HEALTHCHECKs. Exit status: 0 healthy, 1 not, 2 unusable
+    /// arguments (no [admin] listen in the config).
+    Health {
+        /// The configuration file (its `[admin] listen` is probed).
+        #[arg(short, long, env = "LINKGATE_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// Probe /readyz (accepting traffic) instead of /healthz (alive).
+        #[arg(long)]
+        ready: bool,
+        /// Bound on the probe.
+        #[arg(long, default_value = "2s", value_parser = |s: &str| config::parse_duration(s, false))]
+        timeout: std::time::Duration,
+    },
     /// Run the proxy until SIGINT or SIGTERM.
     Serve {
         /// The configuration file.
@@ -112,6 +127,37 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            }
+        }
+        Command::Health { config, ready, timeout } => {
+            let path = if ready { "/readyz" } else { "/healthz" };
+            let admin = std::fs::read_to_string(&config)
+                .map_err(|e| format!("{}: cannot read: {e}", config.display()))
+                .and_then(|text| Config::admin_address(&text, &config).map_err(|e| e.to_string()));
+            let addr = match admin {
+                Ok(Some(addr)) => addr,
+                Ok(None) => {
+                    eprintln!("linkgate: error: {}: no [admin] listen to probe", config.display());
+                    return ExitCode::from(2);
+                }
+                Err(e) => {
+                    eprintln!("linkgate: error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match linkgate::admin::probe(addr, path, timeout) {
+                Ok(200) => {
+                    println!("{path}: 200");
+                    ExitCode::SUCCESS
+                }
+                Ok(status) => {
+                    println!("{path}: {status}");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    println!("{path}: {e}");
+                    ExitCode::FAILURE
+                }
             }
         }
         Command::Serve { config } => match serve(&config) {

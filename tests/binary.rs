@@ -186,3 +186,54 @@ async fn sighup_reloads_certificates_and_the_access_log_tells_what_happened() {
     let access = wait_line(&lg.lines, |v| v["target"] == "linkgate::access");
     assert_eq!(access["path"], "/ls/click?upn=secret-token");
 }
+
+fn health(config: &std::path::Path, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_linkgate"))
+        .args(["health", "--config"])
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run linkgate health");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test]
+async fn health_subcommand_probes_the_admin_listener() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let up = StandIn::plain().await;
+    let path = config(dir.path(), &up, "[shutdown]\ndrain_delay = \"3s\"\n");
+    let mut lg = Process::start(&path);
+    // The config says port 0; point a copy at the port actually bound.
+    let probe = dir.path().join("probe.toml");
+    let text = std::fs::read_to_string(&path).expect("read");
+    std::fs::write(
+        &probe,
+        text.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{}\"", lg.admin)),
+    )
+    .expect("write");
+    assert_eq!(health(&probe, &[]), (0, "/healthz: 200\n".to_owned()));
+    assert_eq!(health(&probe, &["--ready"]), (0, "/readyz: 200\n".to_owned()));
+    // Draining: alive, not ready.
+    lg.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(health(&probe, &[]).0, 0);
+    assert_eq!(health(&probe, &["--ready"]), (1, "/readyz: 503\n".to_owned()));
+    assert_eq!(lg.wait(), 0);
+    // Gone: not alive.
+    assert_eq!(health(&probe, &[]).0, 1);
+    // No admin listener to probe: unusable arguments.
+    let bare = dir.path().join("bare.toml");
+    std::fs::write(&bare, format!("{}{}", listen_section(), host_section(CLICK, "click"))).expect("write");
+    let (code, text) = health(&bare, &[]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("no [admin] listen"), "{text}");
+}

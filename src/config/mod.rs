@@ -421,6 +421,22 @@ impl Config {
         ))
     }
 
+    /// The `[admin] listen` address of a config file, without loading any
+    /// certificate (for `linkgate health`).
+    pub fn admin_address(text: &str, path: &Path) -> Result<Option<SocketAddr>, ConfigError> {
+        let raw = parse_raw(text, path)?;
+        raw.admin
+            .listen
+            .as_deref()
+            .map(parse_addr)
+            .transpose()
+            .map_err(|message| ConfigError::Key {
+                path: path.to_path_buf(),
+                key: "admin.listen",
+                message,
+            })
+    }
+
     /// Each host's provider preset (lower-case name → preset), without
     /// loading any file (for `linkgate doctor`). Hosts with a bare `url`
     /// have none.
