@@ -1,7 +1,11 @@
-//! Behind a real load balancer: HAProxy (TCP mode, PROXY protocol v2, health
-//! checks on /readyz) in front of two linkgate processes. A rolling restart
-//! under continuous load loses no request. Skipped, with the reason printed,
-//! where haproxy is not installed; .ci/run installs it.
+//! Scale-out behind a real load balancer: HAProxy (TCP mode, PROXY protocol
+//! v2, health checks on /readyz) in front of three linkgate replicas, under
+//! continuous load: a rolling restart of every replica loses no request; a
+//! replica killed with SIGKILL loses at most the requests in flight on it
+//! and HAProxy routes around it within its check interval; a certificate
+//! renewed on all replicas is picked up with no failed request. The counts
+//! are printed. Skipped, with the reason printed, where haproxy is not
+//! installed; .ci/run installs it.
 
 mod common;
 
@@ -51,7 +55,7 @@ fn linkgate_config(dir: &std::path::Path, name: &str, up: &StandIn, https: u16, 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rolling_restart_behind_haproxy_loses_no_request() {
+async fn three_replicas_roll_die_and_reload_behind_haproxy() {
     if Command::new("haproxy").arg("-v").output().is_err() {
         eprintln!("SKIPPED: haproxy is not installed (apt-get install haproxy); .ci/run installs it");
         return;
@@ -60,7 +64,7 @@ async fn rolling_restart_behind_haproxy_loses_no_request() {
     let pki = Pki::new();
     pki.write_leaf(dir.path(), "click", &[CLICK]);
     let up = StandIn::plain().await;
-    let ports: Vec<(u16, u16)> = (0..2).map(|_| (free_port(), free_port())).collect();
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
     let configs: Vec<_> = ports
         .iter()
         .enumerate()
@@ -97,7 +101,7 @@ async fn rolling_restart_behind_haproxy_loses_no_request() {
             .expect("start haproxy"),
     );
     let lb: SocketAddr = format!("127.0.0.1:{frontend}").parse().expect("addr");
-    // Wait until both servers are up in HAProxy's eyes (two passed checks each).
+    // Wait until every server is up in HAProxy's eyes (two passed checks each).
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -149,14 +153,72 @@ async fn rolling_restart_behind_haproxy_loses_no_request() {
         );
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let (rolled_ok, rolled_failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("rolling restart of 3 replicas: {rolled_ok} requests succeeded, {rolled_failed} failed");
+    assert!(rolled_ok > 100, "enough traffic to mean something: {rolled_ok}");
+    assert_eq!(rolled_failed, 0, "no request lost during the rolling restart");
+
+    // SIGKILL one replica: only what was in flight on it may fail, and once
+    // HAProxy's checks (200 ms x 2) have marked it down, nothing more does.
+    let (ok0, failed0) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let _ = instances[1].child.kill();
+    let _ = instances[1].child.wait();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let failed_after_check = failed.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (ok1, failed1) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!(
+        "SIGKILL of one replica: {} succeeded, {} failed (all within the check interval)",
+        ok1 - ok0,
+        failed1 - failed0
+    );
+    assert!(
+        failed1 - failed0 <= 8,
+        "at most the requests in flight on the killed replica fail"
+    );
+    assert_eq!(
+        failed1, failed_after_check,
+        "no failure once HAProxy marked the replica down"
+    );
+    assert!(ok1 > ok0 + 50, "the other replicas kept serving");
+    instances[1] = Process::start(&configs[1]);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    // Renew the certificate on all replicas (certbot's write-then-rename):
+    // every replica reloads it, and no request fails.
+    let (ok2, failed2) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let renewed = pki.leaf(&[CLICK]);
+    std::fs::write(dir.path().join("click.pem.new"), &renewed.cert_pem).expect("write");
+    std::fs::write(dir.path().join("click.key.new"), &renewed.key_pem).expect("write");
+    std::fs::rename(dir.path().join("click.key.new"), dir.path().join("click.key")).expect("rename");
+    std::fs::rename(dir.path().join("click.pem.new"), dir.path().join("click.pem")).expect("rename");
+    for (i, instance) in instances.iter().enumerate() {
+        let reloaded = tokio::task::block_in_place(|| {
+            common::process::wait_line(&instance.lines, |v| v["message"] == "configuration reloaded")
+        });
+        assert!(reloaded["generation"].as_u64().is_some(), "replica {i} reloaded");
+    }
+    // Every new handshake through the balancer now gets the renewed certificate.
+    for _ in 0..6 {
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_tls(&pki, &[b"http/1.1"])));
+        let tcp = tokio::net::TcpStream::connect(lb).await.expect("connect");
+        let name = rustls_pki_types::ServerName::try_from(CLICK).expect("name");
+        let tls = connector.connect(name, tcp).await.expect("handshake");
+        let served = tls.get_ref().1.peer_certificates().expect("certificate")[0].clone();
+        assert_eq!(served, renewed.der, "a replica still serves the old certificate");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.await.expect("client task");
     }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    eprintln!("rolling restart: {ok} requests succeeded, {failed} failed");
-    assert!(ok > 100, "enough traffic to mean something: {ok}");
-    assert_eq!(failed, 0, "no request lost during the rolling restart");
+    let (ok3, failed3) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!(
+        "certificate renewed on 3 replicas: {} succeeded, {} failed",
+        ok3 - ok2,
+        failed3 - failed2
+    );
+    assert_eq!(failed3, failed2, "no request lost while the certificate was reloaded");
     // The client address came through PROXY protocol v2 (the test client is on loopback).
     assert!(up
         .received()
