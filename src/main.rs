@@ -173,12 +173,11 @@ fn main() -> ExitCode {
 fn doctor(args: DoctorArgs) -> ExitCode {
     let targets = std::fs::read_to_string(&args.config)
         .map_err(|e| format!("{}: cannot read: {e}", args.config.display()))
-        .and_then(|text| Config::probe_targets(&text, &args.config).map_err(|e| e.to_string()));
-    let targets = targets.and_then(|(all, has_http)| {
-        let text = std::fs::read_to_string(&args.config).map_err(|e| e.to_string())?;
-        let providers = Config::host_providers(&text, &args.config).map_err(|e| e.to_string())?;
-        Ok((all, has_http, providers))
-    });
+        .and_then(|text| {
+            let (all, has_http) = Config::probe_targets(&text, &args.config).map_err(|e| e.to_string())?;
+            let providers = Config::host_providers(&text, &args.config).map_err(|e| e.to_string())?;
+            Ok((all, has_http, providers))
+        });
     let (all, has_http, providers) = match targets {
         Ok(t) => t,
         Err(e) => {

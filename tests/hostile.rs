@@ -510,6 +510,28 @@ struct H2Outcome {
     closed: bool,
 }
 
+/// One frame received from the server.
+struct Frame {
+    kind: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+/// Takes the first complete frame off `buf`, if there is one.
+fn take_frame(buf: &mut Vec<u8>) -> Option<Frame> {
+    let len = (usize::from(*buf.first()?) << 16) | (usize::from(*buf.get(1)?) << 8) | usize::from(*buf.get(2)?);
+    if buf.len() < 9 + len {
+        return None;
+    }
+    let frame = Frame {
+        kind: buf[3],
+        stream: u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff,
+        payload: buf[9..9 + len].to_vec(),
+    };
+    buf.drain(..9 + len);
+    Some(frame)
+}
+
 /// Reads frames until the server closes the connection (or [`CLOSE_WITHIN`] passes).
 async fn h2_outcome(mut r: impl AsyncRead + Unpin) -> H2Outcome {
     let mut out = H2Outcome::default();
@@ -517,19 +539,19 @@ async fn h2_outcome(mut r: impl AsyncRead + Unpin) -> H2Outcome {
     let mut chunk = [0u8; 16384];
     let deadline = tokio::time::Instant::now() + CLOSE_WITHIN;
     loop {
-        while buf.len() >= 9 {
-            let len = (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
-            if buf.len() < 9 + len {
-                break;
-            }
-            match buf[3] {
-                GOAWAY if len >= 8 => {
-                    out.goaway = Some(u32::from_be_bytes([buf[13], buf[14], buf[15], buf[16]]));
+        while let Some(f) = take_frame(&mut buf) {
+            match f.kind {
+                GOAWAY if f.payload.len() >= 8 => {
+                    out.goaway = Some(u32::from_be_bytes([
+                        f.payload[4],
+                        f.payload[5],
+                        f.payload[6],
+                        f.payload[7],
+                    ]));
                 }
                 HEADERS => out.responses += 1,
                 _ => {}
             }
-            buf.drain(..9 + len);
         }
         match tokio::time::timeout_at(deadline, r.read(&mut chunk)).await {
             Ok(Ok(0)) | Ok(Err(_)) => {
@@ -582,17 +604,12 @@ async fn http2_authority_and_host_disagreeing_is_refused() {
             let n = r.read(&mut buf).await.expect("read");
             assert!(n > 0, "server closed early");
             pending.extend_from_slice(&buf[..n]);
-            while pending.len() >= 9 {
-                let len = (usize::from(pending[0]) << 16) | (usize::from(pending[1]) << 8) | usize::from(pending[2]);
-                if pending.len() < 9 + len {
-                    break;
-                }
-                if pending[3] == HEADERS {
+            while let Some(f) = take_frame(&mut pending) {
+                if f.kind == HEADERS {
                     seen += 1;
-                    let stream = u32::from_be_bytes([pending[5], pending[6], pending[7], pending[8]]) & 0x7fff_ffff;
                     // The first field of a hyper response is `:status`, indexed (0x88 = 200) or a
                     // literal with indexed name 8 (0x08 or 0x48) followed by the 3-digit code.
-                    let p = &pending[9..9 + len];
+                    let p = &f.payload;
                     let status = match p.first() {
                         Some(0x88) => 200,
                         Some(0x8c) => 400,
@@ -602,9 +619,8 @@ async fn http2_authority_and_host_disagreeing_is_refused() {
                             .unwrap_or(0),
                         _ => 0,
                     };
-                    statuses.push((stream, status));
+                    statuses.push((f.stream, status));
                 }
-                pending.drain(..9 + len);
             }
         }
         statuses
