@@ -13,7 +13,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::config::{self, Config, LoadedPairs};
+use crate::acme::Storage;
+use crate::config::{self, Acme, CertSource, Config, LoadedPairs};
+use crate::host::HostName;
 use crate::tls::{self, CertSummary};
 
 /// Certificates expiring sooner than this are a warning.
@@ -90,6 +92,7 @@ pub fn check(path: &Path) -> Report {
         .map_or(0, |d| d.as_secs() as i64);
     let mut loaded = LoadedPairs::new();
     let mut seen = HashSet::new();
+    let acme = whole.as_ref().ok().and_then(|c| c.acme.clone());
     for entry in &entries {
         let mut row = HostReport {
             name: entry.name.clone(),
@@ -106,8 +109,13 @@ pub fn check(path: &Path) -> Report {
                 if !seen.insert(host.name.clone()) {
                     row.error("duplicate host: each name may appear once".into());
                 }
-                certificate_checks(&mut row, &host.certified_key.cert, now);
-                key_file_checks(&mut row, &host.key_path);
+                match &host.certificate {
+                    CertSource::Files { certified_key, key, .. } => {
+                        certificate_checks(&mut row, &certified_key.cert, now);
+                        key_file_checks(&mut row, key);
+                    }
+                    CertSource::Acme => acme_checks(&mut row, acme.as_ref(), &host.name, now),
+                }
             }
         }
         if row.problems.iter().any(|p| p.severity == "error") {
@@ -187,6 +195,25 @@ fn certificate_checks(row: &mut HostReport, chain: &[rustls_pki_types::Certifica
                 top.subject_name, top.issuer_name
             ));
         }
+    }
+}
+
+/// An `acme = true` host: what storage holds for it (what `serve` would
+/// serve at start-up) and the last failure, if any.
+fn acme_checks(row: &mut HostReport, acme: Option<&Acme>, host: &HostName, now: i64) {
+    let Some(acme) = acme else { return };
+    let storage = Storage::new(&acme.storage);
+    match storage.load_certificate(host) {
+        Ok(Some(stored)) => certificate_checks(row, &stored.key.cert, now),
+        Ok(None) => row.warning(format!(
+            "acme: no certificate in {} yet: `serve` orders one ({}), and this host's handshakes fail until it is issued",
+            acme.storage.display(),
+            acme.challenge.as_str()
+        )),
+        Err(e) => row.warning(format!("acme: {e}: `serve` orders a new one")),
+    }
+    if let Some(error) = storage.status(host).last_error {
+        row.warning(format!("acme: last attempt failed: {error}"));
     }
 }
 

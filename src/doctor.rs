@@ -48,6 +48,8 @@ pub struct Options {
     pub url: String,
     /// Bound on each probe (DNS, https, http) of each host.
     pub timeout: Duration,
+    /// What `[acme] storage` says about each ACME host (lower-case name).
+    pub acme: HashMap<String, String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -67,6 +69,10 @@ pub struct HostReport {
     pub https: Outcome,
     /// `None` when the config has no plain-http listener.
     pub http: Option<Outcome>,
+    /// For an `acme = true` host: its certificate in storage (valid until,
+    /// last error, next attempt).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acme: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -260,6 +266,7 @@ async fn probe_host(
         dns,
         https,
         http,
+        acme: opts.acme.get(&normalise(host)).cloned(),
     }
 }
 
@@ -532,6 +539,9 @@ pub fn render_text(report: &Report) -> String {
                 let _ = write!(out, " — fix: {fix}");
             }
             out.push('\n');
+        }
+        if let Some(acme) = &h.acme {
+            let _ = writeln!(out, "{} acme: {acme}", h.name);
         }
     }
     let _ = writeln!(out, "{}", report.summary);

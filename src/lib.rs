@@ -20,6 +20,7 @@
 //! - [`upstream`]: the pooled client to the provider, upstream TLS.
 //! - [`provider`]: the provider presets (SendGrid, Amazon SES, …), as data.
 //! - [`files`]: app-association files a host serves itself.
+//! - [`acme`]: certificates obtained and renewed over ACME, shared storage, challenges.
 //! - [`admin`]: /healthz, /readyz, /metrics.
 //! - [`metrics`]: the Prometheus metrics.
 //! - `fuzzing`: entry points for the fuzz targets in `fuzz/` (hidden).
@@ -29,6 +30,7 @@
 //! [`reload::Live`], and call [`server::run`] with a shutdown future.
 
 pub mod access;
+pub mod acme;
 pub mod admin;
 pub mod check;
 pub mod config;

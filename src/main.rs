@@ -176,9 +176,10 @@ fn doctor(args: DoctorArgs) -> ExitCode {
         .and_then(|text| {
             let (all, has_http) = Config::probe_targets(&text, &args.config).map_err(|e| e.to_string())?;
             let providers = Config::host_providers(&text, &args.config).map_err(|e| e.to_string())?;
-            Ok((all, has_http, providers))
+            let acme = Config::acme_states(&text, &args.config).map_err(|e| e.to_string())?;
+            Ok((all, has_http, providers, acme))
         });
-    let (all, has_http, providers) = match targets {
+    let (all, has_http, providers, acme) = match targets {
         Ok(t) => t,
         Err(e) => {
             eprintln!("linkgate: error: {e}");
@@ -211,6 +212,7 @@ fn doctor(args: DoctorArgs) -> ExitCode {
         ca_file: args.ca_file,
         url: args.url,
         timeout: args.timeout,
+        acme,
     };
     let report = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -257,6 +259,11 @@ fn init_logging(format: LogFormat) {
 fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     // Validate everything before binding anything.
     let config = Config::load(path)?;
+    if let Some(acme) = &config.acme {
+        linkgate::acme::Storage::new(&acme.storage)
+            .prepare()
+            .map_err(|m| anyhow::anyhow!("{}: {m}", path.display()))?;
+    }
     init_logging(config.log.format);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {

@@ -33,6 +33,18 @@ pub struct HostLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AcmeLabels {
+    pub host: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChallengeLabels {
+    pub host: String,
+    pub challenge: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: &'static str,
 }
@@ -62,6 +74,9 @@ pub struct Metrics {
     pub open_connections: Gauge,
     pub reloads: Family<ResultLabels, Counter>,
     pub cert_expiry: Family<HostLabels, Gauge>,
+    pub acme_certificates: Family<AcmeLabels, Counter>,
+    pub acme_challenges: Family<ChallengeLabels, Counter>,
+    pub acme_ready: Family<HostLabels, Gauge>,
 }
 
 /// The label for requests whose host is not one we serve.
@@ -100,7 +115,7 @@ impl Metrics {
         let handshakes = Family::<ResultLabels, Counter>::default();
         registry.register(
             "tls_handshakes",
-            "TLS handshakes by result (ok, unknown_sni, no_sni, error)",
+            "TLS handshakes by result (ok, unknown_sni, no_sni, no_certificate, acme_challenge, error)",
             handshakes.clone(),
         );
         let open_connections = Gauge::default();
@@ -116,6 +131,24 @@ impl Metrics {
             "certificate_expiry_timestamp_seconds",
             "When the certificate served for each host expires (Unix time)",
             cert_expiry.clone(),
+        );
+        let acme_certificates = Family::<AcmeLabels, Counter>::default();
+        registry.register(
+            "acme_certificates",
+            "ACME certificate attempts by host and result (issued, renewed, failed)",
+            acme_certificates.clone(),
+        );
+        let acme_challenges = Family::<ChallengeLabels, Counter>::default();
+        registry.register(
+            "acme_challenges_answered",
+            "ACME validations answered by this replica, by host and challenge type",
+            acme_challenges.clone(),
+        );
+        let acme_ready = Family::<HostLabels, Gauge>::default();
+        registry.register(
+            "acme_certificate_ready",
+            "1 when an ACME host has a certificate to serve, 0 while its handshakes fail for want of one",
+            acme_ready.clone(),
         );
         let build = Family::<BuildLabels, Gauge>::default();
         build
@@ -134,6 +167,9 @@ impl Metrics {
             open_connections,
             reloads,
             cert_expiry,
+            acme_certificates,
+            acme_challenges,
+            acme_ready,
         })
     }
 

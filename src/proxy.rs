@@ -18,6 +18,7 @@ use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
 use crate::access::{AccessRecord, ProxyBody};
+use crate::acme;
 use crate::config::HttpMode;
 use crate::connection::ConnInfo;
 use crate::host::HostName;
@@ -219,11 +220,19 @@ impl Proxy {
             _ => return Err(ProxyError::BadRequest("request target must be an absolute path\n")),
         };
         // Answered here, never forwarded: the host's own files (never redirected:
-        // Apple and Google fetch them without following redirects), then plain
-        // http redirected to https.
+        // Apple and Google fetch them without following redirects), ACME
+        // HTTP-01 challenges on plain http, then plain http redirected to https.
         if let Some(file) = host_cfg.files.get(path_and_query.path()) {
             let (parts, body) = file.respond(req.method(), req.headers()).into_parts();
             return Ok((Response::from_parts(parts, Either::Right(Full::new(body))), None));
+        }
+        if conn.sni.is_none() && host_cfg.is_acme() {
+            if let Some(token) = path_and_query.path().strip_prefix(acme::HTTP01_PREFIX) {
+                let acme = self.active.config.acme.as_ref();
+                let answer = acme::answer_http01(acme, &self.metrics, &host, token, req.method()).await;
+                let (parts, body) = answer.into_parts();
+                return Ok((Response::from_parts(parts, Either::Right(Full::new(body))), None));
+            }
         }
         if conn.sni.is_none() && host_cfg.http == HttpMode::Redirect {
             let location = format!("https://{host}{path_and_query}");

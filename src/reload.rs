@@ -19,7 +19,7 @@ use rustls::server::{ProducesTickets, StoresServerSessions};
 use rustls::ServerConfig;
 use tokio::sync::mpsc;
 
-use crate::config::Config;
+use crate::config::{CertSource, Config};
 use crate::host::HostName;
 use crate::metrics::{HostCounters, HostLabels, Metrics, OTHER_HOST};
 use crate::tls::{self, SniResolver};
@@ -59,13 +59,17 @@ pub struct Live {
     pub metrics: Arc<Metrics>,
     /// What /readyz says: set once the listeners are up, cleared when draining.
     pub ready: AtomicBool,
+    /// Certificates obtained over ACME, kept across reloads.
+    pub acme: Arc<crate::acme::Certificates>,
 }
 
 impl Live {
     pub fn new(config: Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
         let ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
         let sessions: Arc<dyn StoresServerSessions + Send + Sync> = rustls::server::ServerSessionMemoryCache::new(8192);
-        let active = build(config, 0, &ticketer, &sessions, &metrics)?;
+        let acme = Arc::new(crate::acme::Certificates::default());
+        crate::acme::preload(&config, &acme);
+        let active = build(config, 0, &ticketer, &sessions, &metrics, &acme)?;
         record_expiry(&metrics, &active);
         Ok(Arc::new(Self {
             current: ArcSwap::from_pointee(active),
@@ -74,6 +78,7 @@ impl Live {
             sessions,
             metrics,
             ready: AtomicBool::new(false),
+            acme,
         }))
     }
 
@@ -105,8 +110,15 @@ impl Live {
             }
         }
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let active = build(config, generation, &self.ticketer, &self.sessions, &self.metrics)
-            .map_err(|e| self.failed(e.to_string()))?;
+        let active = build(
+            config,
+            generation,
+            &self.ticketer,
+            &self.sessions,
+            &self.metrics,
+            &self.acme,
+        )
+        .map_err(|e| self.failed(e.to_string()))?;
         record_expiry(&self.metrics, &active);
         let hosts = active.hosts.len();
         self.current.store(Arc::new(active));
@@ -128,9 +140,18 @@ fn build(
     ticketer: &Arc<dyn ProducesTickets>,
     sessions: &Arc<dyn StoresServerSessions + Send + Sync>,
     metrics: &Metrics,
+    acme: &crate::acme::Certificates,
 ) -> anyhow::Result<Active> {
     let sni = Arc::new(SniResolver::new(
-        config.hosts.iter().map(|h| (h.name.clone(), h.certified_key.clone())),
+        config
+            .hosts
+            .iter()
+            .filter_map(|h| Some((h.name.clone(), h.file_certificate()?.clone()))),
+        config
+            .hosts
+            .iter()
+            .filter(|h| h.is_acme())
+            .map(|h| (h.name.clone(), acme.slot(&h.name))),
     ));
     let tls = tls::server_config(sni.clone(), ticketer.clone(), sessions.clone())?;
     let hosts = config
@@ -157,14 +178,23 @@ fn build(
 
 fn record_expiry(metrics: &Metrics, active: &Active) {
     metrics.cert_expiry.clear();
+    metrics.acme_ready.clear();
     for host in &active.config.hosts {
-        if let Some(not_after) = host.certified_key.end_entity_cert().ok().and_then(tls::not_after) {
+        let labels = HostLabels {
+            host: host.name.to_string(),
+        };
+        let served = active.sni.certificate(&host.name);
+        if let Some(not_after) = served
+            .as_ref()
+            .and_then(|ck| tls::not_after(ck.end_entity_cert().ok()?))
+        {
+            metrics.cert_expiry.get_or_create(&labels).set(not_after);
+        }
+        if host.is_acme() {
             metrics
-                .cert_expiry
-                .get_or_create(&HostLabels {
-                    host: host.name.to_string(),
-                })
-                .set(not_after);
+                .acme_ready
+                .get_or_create(&labels)
+                .set(i64::from(served.is_some()));
         }
     }
 }
@@ -280,14 +310,16 @@ impl FileWatcher {
         let Some(watches) = self.watches.as_mut() else { return };
         let files: HashSet<PathBuf> = std::iter::once(config.path.as_path())
             .chain(config.hosts.iter().flat_map(|h| {
-                [
-                    Some(h.cert_path.as_path()),
-                    Some(h.key_path.as_path()),
-                    h.ocsp_path.as_deref(),
-                ]
-                .into_iter()
-                .flatten()
-                .chain(h.files.values().map(|f| f.path.as_path()))
+                let cert_files = match &h.certificate {
+                    CertSource::Files { cert, key, ocsp, .. } => {
+                        [Some(cert.as_path()), Some(key.as_path()), ocsp.as_deref()]
+                    }
+                    CertSource::Acme => [None, None, None],
+                };
+                cert_files
+                    .into_iter()
+                    .flatten()
+                    .chain(h.files.values().map(|f| f.path.as_path()))
             }))
             .map(absolute)
             .collect();

@@ -28,10 +28,11 @@ use tokio_rustls::LazyConfigAcceptor;
 use crate::config::{Config, Limits};
 use crate::connection::{ConnInfo, WriteDeadline};
 use crate::host::HostName;
+use crate::metrics::ChallengeLabels;
 use crate::proxy::Proxy;
 use crate::reload::{Active, Live};
 use crate::upstream::Upstream;
-use crate::{admin, proxy_protocol, tls};
+use crate::{acme, admin, proxy_protocol, tls};
 
 /// Pause after a failed accept (e.g. EMFILE) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -122,6 +123,8 @@ pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Ou
         connections: Arc::new(Semaphore::new(config.limits.max_connections as usize)),
         stopping,
     });
+    // Certificates for `acme = true` hosts; stops with this function.
+    let acme = AbortOnDrop(acme::spawn(live.clone()));
     let admin = match &listeners.admin {
         Some(l) => Some(tokio::spawn(admin::serve(
             TcpListener::from_std(l.try_clone()?)?,
@@ -168,8 +171,18 @@ pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Ou
     if let Some(admin) = admin {
         admin.abort();
     }
+    drop(acme);
     tracing::info!("shut down");
     Ok(())
+}
+
+/// Aborts a background task when dropped (also when `run` is cancelled).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// One worker: accepts on both listeners until told to stop, then waits for
@@ -379,10 +392,23 @@ async fn handshake(
             return None;
         }
     };
-    let sni = start.client_hello().server_name().map(str::to_owned);
+    let hello = start.client_hello();
+    let sni = hello.server_name().map(str::to_owned);
+    if hello
+        .alpn()
+        .is_some_and(|mut offered| offered.any(|p| p == acme::ACME_TLS_ALPN))
+    {
+        answer_alpn01(active, live, start, sni, peer, deadline).await;
+        return None;
+    }
     let Some(host) = sni.as_deref().and_then(|sni| active.sni.host_for(sni).cloned()) else {
-        metrics.handshake(if sni.is_some() { "unknown_sni" } else { "no_sni" });
-        tracing::debug!(client = %peer, sni = sni.as_deref().unwrap_or("<none>"), "TLS handshake refused: unknown or missing SNI");
+        let result = match sni.as_deref() {
+            None => "no_sni",
+            Some(name) if active.sni.acme_host(name).is_some() => "no_certificate",
+            Some(_) => "unknown_sni",
+        };
+        metrics.handshake(result);
+        tracing::debug!(client = %peer, sni = sni.as_deref().unwrap_or("<none>"), result, "TLS handshake refused: unknown or missing SNI, or no certificate yet");
         refuse(start.io).await;
         return None;
     };
@@ -400,6 +426,48 @@ async fn handshake(
             metrics.handshake("error");
             tracing::debug!(client = %peer, sni = %host, "TLS handshake timed out");
             None
+        }
+    }
+}
+
+/// A TLS-ALPN-01 validation (ClientHello offering `acme-tls/1`): answered
+/// with the challenge certificate when one is pending in storage for this
+/// configured ACME host, then closed; refused like an unknown host otherwise.
+async fn answer_alpn01(
+    active: &Active,
+    live: &Live,
+    start: tokio_rustls::StartHandshake<TcpStream>,
+    sni: Option<String>,
+    peer: SocketAddr,
+    deadline: Instant,
+) {
+    let host = sni.as_deref().and_then(|s| active.sni.acme_host(s)).cloned();
+    let config = match (&host, &active.config.acme) {
+        (Some(host), Some(acme)) => acme::alpn01_config(acme, host).await,
+        _ => None,
+    };
+    let (Some(host), Some(config)) = (host, config) else {
+        live.metrics.handshake("unknown_sni");
+        tracing::debug!(client = %peer, sni = sni.as_deref().unwrap_or("<none>"), "acme-tls/1 handshake refused: no challenge pending for this name");
+        refuse(start.io).await;
+        return;
+    };
+    match timeout_at(deadline, start.into_stream(config)).await {
+        Ok(Ok(mut tls)) => {
+            live.metrics.handshake("acme_challenge");
+            live.metrics
+                .acme_challenges
+                .get_or_create(&ChallengeLabels {
+                    host: host.to_string(),
+                    challenge: "tls-alpn-01",
+                })
+                .inc();
+            tracing::info!(client = %peer, host = %host, "ACME: answered a tls-alpn-01 challenge");
+            let _ = timeout_at(deadline, tls.shutdown()).await;
+        }
+        _ => {
+            live.metrics.handshake("error");
+            tracing::debug!(client = %peer, host = %host, "acme-tls/1 handshake failed");
         }
     }
 }

@@ -167,30 +167,56 @@ fn nested_under_wildcard(wildcard: &str, host: &str) -> bool {
         .is_some_and(|labels| labels.contains('.'))
 }
 
-/// Picks the certificate for a handshake by its SNI (exact, normalised name).
+/// Picks the certificate for a handshake by its SNI (exact, normalised name):
+/// a host's `cert`/`key` files, or the slot its ACME task keeps filled.
 #[derive(Debug)]
 pub struct SniResolver {
     by_name: HashMap<HostName, Arc<CertifiedKey>>,
+    acme: HashMap<HostName, crate::acme::Slot>,
 }
 
 impl SniResolver {
-    pub fn new(hosts: impl IntoIterator<Item = (HostName, Arc<CertifiedKey>)>) -> Self {
+    pub fn new(
+        hosts: impl IntoIterator<Item = (HostName, Arc<CertifiedKey>)>,
+        acme: impl IntoIterator<Item = (HostName, crate::acme::Slot)>,
+    ) -> Self {
         Self {
             by_name: hosts.into_iter().collect(),
+            acme: acme.into_iter().collect(),
         }
     }
 
-    /// The configured host an SNI value names, if any.
+    /// The certificate served for `host` now, if any.
+    pub fn certificate(&self, host: &HostName) -> Option<Arc<CertifiedKey>> {
+        match self.by_name.get(host) {
+            Some(ck) => Some(ck.clone()),
+            None => self.acme.get(host)?.load_full(),
+        }
+    }
+
+    /// The configured host an SNI value names, if it has a certificate.
     pub fn host_for(&self, sni: &str) -> Option<&HostName> {
         let name = HostName::parse(sni).ok()?;
-        self.by_name.get_key_value(&name).map(|(k, _)| k)
+        if let Some((k, _)) = self.by_name.get_key_value(&name) {
+            return Some(k);
+        }
+        self.acme
+            .get_key_value(&name)
+            .filter(|(_, slot)| slot.load().is_some())
+            .map(|(k, _)| k)
+    }
+
+    /// The ACME host an SNI value names, whether or not it has a certificate yet.
+    pub fn acme_host(&self, sni: &str) -> Option<&HostName> {
+        let name = HostName::parse(sni).ok()?;
+        self.acme.get_key_value(&name).map(|(k, _)| k)
     }
 }
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let name = HostName::parse(client_hello.server_name()?).ok()?;
-        self.by_name.get(&name).cloned()
+        self.certificate(&name)
     }
 }
 

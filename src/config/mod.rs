@@ -27,7 +27,7 @@ use crate::files::{self, StaticFile};
 use crate::host::HostName;
 use crate::provider::{self, Preset};
 use crate::tls;
-use raw::{RawConfig, RawLimits, RawLog, RawShutdown, RawUpstream, SizeValue};
+use raw::{RawAcme, RawConfig, RawLimits, RawLog, RawShutdown, RawUpstream, SizeValue};
 
 /// Where to read the config when neither `--config` nor `$LINKGATE_CONFIG` says.
 pub const DEFAULT_PATH: &str = "config/linkgate.toml";
@@ -49,6 +49,43 @@ pub struct Config {
     pub limits: Limits,
     pub shutdown: Shutdown,
     pub log: Log,
+    /// `[acme]`: how hosts with `acme = true` get their certificates.
+    pub acme: Option<Acme>,
+}
+
+/// `[acme]`, checked.
+#[derive(Debug, Clone)]
+pub struct Acme {
+    /// The ACME directory URL (https).
+    pub directory: String,
+    /// `mailto:` contact for the account, from `email`.
+    pub contact: Option<String>,
+    /// Account key, certificates, keys, locks and challenge answers; may be
+    /// shared by every replica.
+    pub storage: PathBuf,
+    pub challenge: Challenge,
+    /// Renew this long before a certificate expires.
+    pub renew_before: Duration,
+    /// Trust these roots for the ACME server's own TLS instead of the public web roots.
+    pub ca_certs: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
+}
+
+/// The ACME challenge linkgate answers to prove it serves a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Challenge {
+    /// A special certificate on the https listener (ALPN `acme-tls/1`).
+    TlsAlpn01,
+    /// A token under `/.well-known/acme-challenge/` on the plain-http listener.
+    Http01,
+}
+
+impl Challenge {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TlsAlpn01 => "tls-alpn-01",
+            Self::Http01 => "http-01",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,13 +214,7 @@ impl PartialEq for Upstream {
 #[derive(Clone)]
 pub struct Host {
     pub name: HostName,
-    pub cert_path: PathBuf,
-    pub key_path: PathBuf,
-    /// A DER OCSP response stapled to this host's handshakes.
-    pub ocsp_path: Option<PathBuf>,
-    /// The loaded chain and key (and OCSP response), shared between hosts
-    /// that name the same files.
-    pub certified_key: Arc<CertifiedKey>,
+    pub certificate: CertSource,
     /// `Strict-Transport-Security` added to every https response for this host.
     pub hsts: Option<HeaderValue>,
     /// Index of this host's upstream in [`Config::upstreams`].
@@ -192,6 +223,36 @@ pub struct Host {
     pub files: HashMap<String, Arc<StaticFile>>,
     /// What the plain-http listener does for this host.
     pub http: HttpMode,
+}
+
+/// Where a host's certificate comes from.
+#[derive(Clone)]
+pub enum CertSource {
+    /// `cert` and `key` files (and an `ocsp` response to staple).
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+        ocsp: Option<PathBuf>,
+        /// The loaded chain and key (and OCSP response), shared between
+        /// hosts that name the same files.
+        certified_key: Arc<CertifiedKey>,
+    },
+    /// `acme = true`: obtained and renewed by linkgate, kept in `[acme] storage`.
+    Acme,
+}
+
+impl Host {
+    /// The certificate loaded from `cert`/`key`, if the host has files.
+    pub fn file_certificate(&self) -> Option<&Arc<CertifiedKey>> {
+        match &self.certificate {
+            CertSource::Files { certified_key, .. } => Some(certified_key),
+            CertSource::Acme => None,
+        }
+    }
+
+    pub fn is_acme(&self) -> bool {
+        matches!(self.certificate, CertSource::Acme)
+    }
 }
 
 /// What the plain-http listener does with a configured host's requests.
@@ -207,9 +268,13 @@ impl fmt::Debug for Host {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Host")
             .field("name", &self.name)
-            .field("cert_path", &self.cert_path)
-            .field("key_path", &self.key_path)
-            .field("ocsp_path", &self.ocsp_path)
+            .field(
+                "certificate",
+                &match &self.certificate {
+                    CertSource::Files { cert, .. } => cert.display().to_string(),
+                    CertSource::Acme => "acme".into(),
+                },
+            )
             .field("hsts", &self.hsts)
             .field("upstream", &self.upstream)
             .field("files", &self.files.keys().collect::<Vec<_>>())
@@ -222,8 +287,9 @@ impl fmt::Debug for Host {
 #[derive(Debug, Clone)]
 pub struct HostEntry {
     pub name: String,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub acme: bool,
     pub hsts: Option<String>,
     pub ocsp: Option<PathBuf>,
     /// URL path → file, resolved.
@@ -237,8 +303,9 @@ impl HostEntry {
     fn resolve(raw: raw::RawHost, base: &Path) -> Self {
         Self {
             name: raw.name,
-            cert: base.join(raw.cert),
-            key: base.join(raw.key),
+            cert: raw.cert.map(|p| base.join(p)),
+            key: raw.key.map(|p| base.join(p)),
+            acme: raw.acme,
             hsts: raw.hsts,
             ocsp: raw.ocsp.map(|p| base.join(p)),
             files: raw
@@ -305,20 +372,37 @@ pub fn load_host(entry: &HostEntry, loaded: &mut LoadedPairs) -> Result<Host, St
         .map(parse_hsts)
         .transpose()
         .map_err(|m| format!("hsts: {m}"))?;
-    let files = (entry.cert.clone(), entry.key.clone(), entry.ocsp.clone());
-    let certified_key = match loaded.get(&files) {
-        Some(ck) => ck.clone(),
-        None => {
-            let mut ck = tls::load_certified_key(&entry.cert, &entry.key)?;
-            if let Some(path) = &entry.ocsp {
-                ck.ocsp = Some(tls::load_ocsp(path)?);
-            }
-            let ck = Arc::new(ck);
-            loaded.insert(files, ck.clone());
-            ck
+    let certificate = match (entry.acme, &entry.cert, &entry.key) {
+        (true, None, None) if entry.ocsp.is_some() => {
+            return Err("ocsp: applies to hosts with cert and key, not to acme = true".into())
         }
+        (true, None, None) => CertSource::Acme,
+        (true, _, _) => return Err("acme = true replaces cert and key: remove one or the other".into()),
+        (false, Some(cert), Some(key)) => {
+            let files = (cert.clone(), key.clone(), entry.ocsp.clone());
+            let certified_key = match loaded.get(&files) {
+                Some(ck) => ck.clone(),
+                None => {
+                    let mut ck = tls::load_certified_key(cert, key)?;
+                    if let Some(path) = &entry.ocsp {
+                        ck.ocsp = Some(tls::load_ocsp(path)?);
+                    }
+                    let ck = Arc::new(ck);
+                    loaded.insert(files, ck.clone());
+                    ck
+                }
+            };
+            tls::check_covers(&certified_key, &name).map_err(|m| format!("{}: {m}", cert.display()))?;
+            CertSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+                ocsp: entry.ocsp.clone(),
+                certified_key,
+            }
+        }
+        (false, None, _) => return Err("cert: missing: give cert and key, or acme = true".into()),
+        (false, Some(_), None) => return Err("key: missing: give the private key of cert".into()),
     };
-    tls::check_covers(&certified_key, &name).map_err(|m| format!("{}: {m}", entry.cert.display()))?;
     let mut files = HashMap::new();
     for (url_path, file) in &entry.files {
         files::check_url_path(url_path).map_err(|m| format!("files: {m}"))?;
@@ -331,10 +415,7 @@ pub fn load_host(entry: &HostEntry, loaded: &mut LoadedPairs) -> Result<Host, St
     };
     Ok(Host {
         name,
-        cert_path: entry.cert.clone(),
-        key_path: entry.key.clone(),
-        ocsp_path: entry.ocsp.clone(),
-        certified_key,
+        certificate,
         hsts,
         upstream: 0,
         files,
@@ -458,6 +539,30 @@ impl Config {
         Ok(out)
     }
 
+    /// What `[acme] storage` says about each `acme = true` host (lower-case
+    /// name → one line), without loading any certificate file (for `linkgate
+    /// doctor`). Empty when there is no `[acme] storage`.
+    pub fn acme_states(text: &str, path: &Path) -> Result<HashMap<String, String>, ConfigError> {
+        let raw = parse_raw(text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let Some(storage) = raw.acme.and_then(|a| a.storage).map(|s| base.join(s)) else {
+            return Ok(HashMap::new());
+        };
+        let storage = crate::acme::Storage::new(&storage);
+        Ok(raw
+            .hosts
+            .iter()
+            .filter(|h| h.acme)
+            .filter_map(|h| HostName::parse(&h.name).ok())
+            .map(|name| {
+                (
+                    name.to_string(),
+                    crate::acme::HostState::read(&storage, &name).describe(),
+                )
+            })
+            .collect())
+    }
+
     /// Parses and validates `text` as if read from `path` (relative file
     /// names are resolved against `path`'s folder).
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
@@ -510,6 +615,11 @@ impl Config {
         let limits = build_limits(raw.limits).map_err(|(key, m)| key_err(key, m))?;
         let shutdown = build_shutdown(raw.shutdown).map_err(|(key, m)| key_err(key, m))?;
         let log = build_log(raw.log).map_err(|(key, m)| key_err(key, m))?;
+        let acme = raw
+            .acme
+            .map(|a| build_acme(a, base, &listen))
+            .transpose()
+            .map_err(|(key, m)| key_err(key, m))?;
 
         if raw.hosts.is_empty() {
             return Err(key_err(
@@ -536,6 +646,12 @@ impl Config {
                     upstreams.len() - 1
                 }
             };
+            if host.is_acme() && acme.is_none() {
+                return Err(host_err(
+                    "acme = true needs an [acme] section (directory, storage): see README, \"Automatic certificates\""
+                        .into(),
+                ));
+            }
             if !seen.insert(host.name.clone()) {
                 return Err(host_err("duplicate host: each name may appear once".into()));
             }
@@ -552,8 +668,68 @@ impl Config {
             limits,
             shutdown,
             log,
+            acme,
         })
     }
+}
+
+fn build_acme(raw: RawAcme, base: &Path, listen: &Listen) -> Result<Acme, KeyError> {
+    let directory = raw.directory.ok_or((
+        "acme.directory",
+        "missing: the ACME server's directory URL, e.g. https://acme-v02.api.letsencrypt.org/directory".into(),
+    ))?;
+    let uri: http::Uri = directory
+        .parse()
+        .map_err(|e| ("acme.directory", format!("{directory:?}: {e}")))?;
+    if uri.scheme_str() != Some("https") || uri.authority().is_none() {
+        return Err(("acme.directory", format!("{directory:?}: must be an https:// URL")));
+    }
+    let contact = match raw.email {
+        Some(email) => {
+            let valid = email.split_once('@').is_some_and(|(user, domain)| {
+                !user.is_empty() && domain.contains('.') && !email.contains(|c: char| c.is_whitespace() || c == ',')
+            });
+            if !valid {
+                return Err(("acme.email", format!("{email:?} is not an email address")));
+            }
+            Some(format!("mailto:{email}"))
+        }
+        None => None,
+    };
+    let storage = base.join(raw.storage.ok_or((
+        "acme.storage",
+        "missing: a folder for the account key, certificates and locks (shared by every replica), e.g. /var/lib/linkgate/acme".into(),
+    ))?);
+    let challenge = match raw.challenge.as_deref() {
+        None | Some("tls-alpn-01") => Challenge::TlsAlpn01,
+        Some("http-01") => Challenge::Http01,
+        Some(other) => {
+            return Err((
+                "acme.challenge",
+                format!("{other:?} is neither \"tls-alpn-01\" nor \"http-01\""),
+            ))
+        }
+    };
+    if challenge == Challenge::Http01 && listen.http.is_none() {
+        return Err((
+            "acme.challenge",
+            "http-01 is answered on the plain-http listener: set listen.http (port 80 as the CA sees it)".into(),
+        ));
+    }
+    let renew_before = duration("acme.renew_before", raw.renew_before, Duration::from_secs(30 * 86400))?;
+    let ca_certs = raw
+        .ca_file
+        .map(|file| tls::load_certs(&base.join(file)))
+        .transpose()
+        .map_err(|m| ("acme.ca_file", m))?;
+    Ok(Acme {
+        directory,
+        contact,
+        storage,
+        challenge,
+        renew_before,
+        ca_certs,
+    })
 }
 
 /// The provider preset `raw` names: its `provider`, else sendgrid unless a bare `url` is given.

@@ -23,6 +23,18 @@ pub struct RawConfig {
     pub shutdown: RawShutdown,
     #[serde(default)]
     pub log: RawLog,
+    pub acme: Option<RawAcme>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAcme {
+    pub directory: Option<String>,
+    pub email: Option<String>,
+    pub storage: Option<PathBuf>,
+    pub challenge: Option<String>,
+    pub renew_before: Option<String>,
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -53,8 +65,11 @@ pub struct RawUpstream {
 #[serde(deny_unknown_fields)]
 pub struct RawHost {
     pub name: String,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Obtain the certificate over ACME instead of reading `cert`/`key`.
+    #[serde(default)]
+    pub acme: bool,
     pub hsts: Option<String>,
     pub ocsp: Option<PathBuf>,
     /// This host's own upstream, when it is not `[upstream]`'s.

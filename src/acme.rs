@@ -1,0 +1,1108 @@
+//! Automatic certificates over ACME (RFC 8555) for hosts with `acme = true`.
+//!
+//! One task per ACME host: it keeps the host's certificate slot (read by the
+//! SNI resolver on every handshake) in step with `[acme] storage`, and when
+//! the stored certificate is missing or due for renewal it takes the host's
+//! lock in storage, orders a certificate, answers the challenge, stores the
+//! result and swaps it in. The protocol is `instant-acme`'s; keys, CSRs and
+//! the TLS-ALPN-01 certificate are `rcgen`'s.
+//!
+//! Guard rails:
+//! - only configured hosts are ever ordered: the set of tasks comes from the
+//!   configuration, never from an SNI or a Host header;
+//! - each host backs off on its own (exponential, and at least the CA's
+//!   Retry-After), recorded in storage so that every replica respects it;
+//! - storage may be shared by replicas: issuance for a host is done under a
+//!   lock file with an expiry (a crashed holder blocks nobody for long), the
+//!   challenge answers are written to storage and answered by every replica,
+//!   and every replica picks up what another stored.
+//!
+//! Storage layout (files 0600, folders 0700):
+//! - `accounts/<hash of directory URL>.json`: the account key and URL;
+//! - `certificates/<host>.pem`: chain then private key, replaced atomically;
+//! - `certificates/<host>.json`: the last failure and the next attempt;
+//! - `locks/<host>.lock`, `locks/account.lock`: owner and expiry;
+//! - `challenges/http-01/<token>`, `challenges/tls-alpn-01/<host>.pem`.
+
+use std::collections::HashMap;
+use std::fs::{self, OpenOptions};
+use std::future::Future;
+use std::io::{self, Write as _};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http::{header, Method, Response, StatusCode};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::TokioExecutor;
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, BytesResponse, ChallengeType, HttpClient,
+    Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
+};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Acme, Challenge, Config};
+use crate::host::HostName;
+use crate::metrics::{AcmeLabels, ChallengeLabels, HostLabels, Metrics};
+use crate::reload::Live;
+use crate::tls;
+
+/// The ALPN protocol a TLS-ALPN-01 validation offers (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// Where HTTP-01 challenge tokens are fetched (RFC 8555 §8.3).
+pub const HTTP01_PREFIX: &str = "/.well-known/acme-challenge/";
+
+/// How often a host's task looks at storage when it has nothing to do:
+/// how soon a replica serves a certificate another replica stored.
+const POLL: Duration = Duration::from_secs(5);
+/// A lock older than this belongs to a holder that died; it is taken over.
+const LOCK_TTL: Duration = Duration::from_secs(600);
+/// One issuance attempt (order, validation, finalization) gives up after this.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Back-off after the first failure; doubles with each further one.
+const BACKOFF_FIRST: Duration = Duration::from_secs(120);
+const BACKOFF_MAX: Duration = Duration::from_secs(6 * 3600);
+
+/// The certificate slot of one ACME host: empty until a certificate exists.
+pub type Slot = Arc<ArcSwapOption<CertifiedKey>>;
+
+/// The certificates obtained over ACME, one slot per host. Lives as long as
+/// the process, so a reload keeps serving what was issued.
+#[derive(Default)]
+pub struct Certificates {
+    slots: Mutex<HashMap<HostName, Slot>>,
+}
+
+impl Certificates {
+    /// The slot of `host`, created empty on first use.
+    pub fn slot(&self, host: &HostName) -> Slot {
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        slots.entry(host.clone()).or_default().clone()
+    }
+}
+
+/// Fills the empty slots of `config`'s ACME hosts from storage (blocking;
+/// at start-up, so a restart serves stored certificates from the first
+/// handshake and never orders one it already has).
+pub fn preload(config: &Config, certificates: &Certificates) {
+    let Some(acme) = &config.acme else { return };
+    let storage = Storage::new(&acme.storage);
+    for host in config.hosts.iter().filter(|h| h.is_acme()) {
+        let slot = certificates.slot(&host.name);
+        if slot.load().is_some() {
+            continue;
+        }
+        match storage.load_certificate(&host.name) {
+            Ok(Some(stored)) => {
+                tracing::info!(host = %host.name, not_after = %stored.not_after_text(), "ACME: serving the stored certificate");
+                slot.store(Some(stored.key));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(host = %host.name, error = %e, "ACME: stored certificate unusable; a new one will be ordered")
+            }
+        }
+    }
+}
+
+/// A certificate read from storage.
+pub struct Stored {
+    pub key: Arc<CertifiedKey>,
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl Stored {
+    fn not_after_text(&self) -> String {
+        httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(self.not_after.max(0) as u64))
+    }
+
+    /// When to renew: `renew_before` ahead of expiry, or when a third of the
+    /// lifetime is left if `renew_before` is longer than the lifetime (short-
+    /// lived certificates: renewing at once would renew forever).
+    pub fn renew_at(&self, renew_before: Duration) -> i64 {
+        let lifetime = (self.not_after - self.not_before).max(0);
+        let before = i64::try_from(renew_before.as_secs()).unwrap_or(i64::MAX);
+        if before < lifetime {
+            self.not_after - before
+        } else {
+            self.not_after - lifetime / 3
+        }
+    }
+}
+
+/// What storage says about one host's last attempt, shared by replicas.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// Unix time of the last certificate obtained.
+    pub issued_at: Option<i64>,
+    pub last_error: Option<String>,
+    pub failed_at: Option<i64>,
+    /// Failures since the last success.
+    #[serde(default)]
+    pub failures: u32,
+    /// No replica tries again before this (Unix time).
+    pub next_attempt: Option<i64>,
+}
+
+/// The files in `[acme] storage`.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    root: PathBuf,
+}
+
+impl Storage {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+        }
+    }
+
+    fn certificate_path(&self, host: &HostName) -> PathBuf {
+        self.root.join("certificates").join(format!("{host}.pem"))
+    }
+
+    fn status_path(&self, host: &HostName) -> PathBuf {
+        self.root.join("certificates").join(format!("{host}.json"))
+    }
+
+    fn lock_path(&self, name: &str) -> PathBuf {
+        self.root.join("locks").join(format!("{name}.lock"))
+    }
+
+    fn http01_path(&self, token: &str) -> PathBuf {
+        self.root.join("challenges").join("http-01").join(token)
+    }
+
+    fn alpn01_path(&self, host: &HostName) -> PathBuf {
+        self.root
+            .join("challenges")
+            .join("tls-alpn-01")
+            .join(format!("{host}.pem"))
+    }
+
+    fn account_path(&self, directory: &str) -> PathBuf {
+        self.root
+            .join("accounts")
+            .join(format!("{:016x}.json", fnv1a(directory.as_bytes())))
+    }
+
+    /// Creates the folders (0700) and proves storage is writable. Called by
+    /// `serve` before listening, so a wrong path or mount fails at start-up.
+    pub fn prepare(&self) -> Result<(), String> {
+        for sub in [
+            "accounts",
+            "certificates",
+            "locks",
+            "challenges/http-01",
+            "challenges/tls-alpn-01",
+        ] {
+            let dir = self.root.join(sub);
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| format!("acme.storage: cannot create {}: {e}", dir.display()))?;
+        }
+        let probe = self.root.join("locks").join(format!(".probe-{}", std::process::id()));
+        write_private(&probe, b"")
+            .and_then(|()| fs::remove_file(&probe))
+            .map_err(|e| format!("acme.storage: {} is not writable: {e}", self.root.display()))
+    }
+
+    /// The stored certificate of `host`, checked: key matches, covers the host.
+    pub fn load_certificate(&self, host: &HostName) -> Result<Option<Stored>, String> {
+        let path = self.certificate_path(host);
+        let pem = match fs::read(&path) {
+            Ok(pem) => pem,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("{}: cannot read: {e}", path.display())),
+        };
+        parse_stored(&pem, host)
+            .map(Some)
+            .map_err(|m| format!("{}: {m}", path.display()))
+    }
+
+    fn certificate_stamp(&self, host: &HostName) -> Option<(i64, i64, u64)> {
+        let meta = fs::metadata(self.certificate_path(host)).ok()?;
+        Some((meta.mtime(), meta.mtime_nsec(), meta.size()))
+    }
+
+    pub fn status(&self, host: &HostName) -> Status {
+        fs::read(self.status_path(host))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn write_status(&self, host: &HostName, status: &Status) -> io::Result<()> {
+        let json = serde_json::to_vec_pretty(status).map_err(io::Error::other)?;
+        write_private(&self.status_path(host), &json)
+    }
+
+    /// Takes the lock `name` unless a live holder has it. A lock past its
+    /// expiry is removed and taken: its holder died.
+    fn try_lock(&self, name: &str, owner: &str) -> io::Result<Option<Lock>> {
+        let path = self.lock_path(name);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path.parent().unwrap_or(&self.root))?;
+        for _ in 0..2 {
+            match OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
+                Ok(mut file) => {
+                    let expires = unix_now() + LOCK_TTL.as_secs() as i64;
+                    file.write_all(format!("{owner} {expires}\n").as_bytes())?;
+                    return Ok(Some(Lock {
+                        path,
+                        owner: owner.to_owned(),
+                    }));
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    let held = fs::read_to_string(&path).unwrap_or_default();
+                    let expires = held.split_whitespace().nth(1).and_then(|t| t.parse::<i64>().ok());
+                    // Unreadable (being written): judge by its age.
+                    let expires = expires.or_else(|| {
+                        let meta = fs::metadata(&path).ok()?;
+                        Some(meta.mtime() + LOCK_TTL.as_secs() as i64)
+                    });
+                    if expires.is_none_or(|t| t > unix_now()) {
+                        return Ok(None);
+                    }
+                    tracing::warn!(lock = %path.display(), holder = held.trim(), "ACME: taking over an expired lock (its holder stopped)");
+                    let _ = fs::remove_file(&path);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// A held lock file; removed when dropped (if it is still ours).
+struct Lock {
+    path: PathBuf,
+    owner: String,
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let ours = fs::read_to_string(&self.path)
+            .is_ok_and(|held| held.split_whitespace().next() == Some(self.owner.as_str()));
+        if ours {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Challenge files written for one attempt; removed when dropped.
+#[derive(Default)]
+struct ChallengeFiles(Vec<PathBuf>);
+
+impl Drop for ChallengeFiles {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+fn parse_stored(pem: &[u8], host: &HostName) -> Result<Stored, String> {
+    let chain = tls::parse_certs(pem)?;
+    let key = tls::parse_key(pem)?;
+    let signing_key = tls::provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("unusable private key: {e}"))?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    certified
+        .keys_match()
+        .map_err(|e| format!("key does not match the certificate ({e})"))?;
+    tls::check_covers(&certified, host)?;
+    let leaf = certified.end_entity_cert().map_err(|e| e.to_string())?;
+    let summary = tls::summarize(leaf).ok_or("leaf certificate cannot be parsed")?;
+    Ok(Stored {
+        key: Arc::new(certified),
+        not_before: summary.not_before,
+        not_after: summary.not_after,
+    })
+}
+
+/// Writes `bytes` to `path` readable by the owner only, atomically (a
+/// temporary file renamed over it), creating the folder if needed.
+fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let name = path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// A name for this process in lock files: host name, pid and start time.
+fn owner_id() -> String {
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{}-{}-{nanos:08x}", host.trim(), std::process::id())
+}
+
+/// True for an HTTP-01 token: base64url characters only (RFC 8555 §8.3).
+fn valid_token(token: &str) -> bool {
+    !token.is_empty()
+        && token.len() <= 256
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Answers `GET /.well-known/acme-challenge/<token>` for an ACME host on the
+/// plain-http listener, from storage (whichever replica wrote it).
+pub async fn answer_http01(
+    acme: Option<&Acme>,
+    metrics: &Metrics,
+    host: &HostName,
+    token: &str,
+    method: &Method,
+) -> Response<Bytes> {
+    let respond = |status: StatusCode, body: Bytes| {
+        let mut resp = Response::new(body);
+        *resp.status_mut() = status;
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain"));
+        resp
+    };
+    if method != Method::GET && method != Method::HEAD {
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Bytes::from_static(b"method not allowed\n"),
+        );
+    }
+    let Some(acme) = acme.filter(|_| valid_token(token)) else {
+        return respond(StatusCode::NOT_FOUND, Bytes::from_static(b"no such challenge\n"));
+    };
+    match tokio::fs::read(Storage::new(&acme.storage).http01_path(token)).await {
+        Ok(answer) => {
+            metrics
+                .acme_challenges
+                .get_or_create(&ChallengeLabels {
+                    host: host.to_string(),
+                    challenge: "http-01",
+                })
+                .inc();
+            tracing::info!(host = %host, "ACME: answered an http-01 challenge");
+            respond(StatusCode::OK, Bytes::from(answer))
+        }
+        Err(_) => respond(StatusCode::NOT_FOUND, Bytes::from_static(b"no such challenge\n")),
+    }
+}
+
+/// The TLS configuration that answers a TLS-ALPN-01 validation for `host`,
+/// if a challenge for it is pending in storage (written by any replica).
+pub async fn alpn01_config(acme: &Acme, host: &HostName) -> Option<Arc<ServerConfig>> {
+    let pem = tokio::fs::read(Storage::new(&acme.storage).alpn01_path(host))
+        .await
+        .ok()?;
+    let certified = Arc::new(challenge_key(&pem).ok()?);
+    let mut config = ServerConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .ok()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(ChallengeCert(certified)));
+    config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+    Some(Arc::new(config))
+}
+
+/// The challenge certificate and its key. Not through `with_single_cert`:
+/// webpki refuses the critical acmeIdentifier extension it does not know.
+fn challenge_key(pem: &[u8]) -> Result<CertifiedKey, String> {
+    let chain = tls::parse_certs(pem)?;
+    let key = tls::parse_key(pem)?;
+    let signing_key = tls::provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| e.to_string())?;
+    Ok(CertifiedKey::new(chain, signing_key))
+}
+
+/// Serves the one TLS-ALPN-01 certificate, whatever the ClientHello says.
+#[derive(Debug)]
+struct ChallengeCert(Arc<CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for ChallengeCert {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// What storage says about one host, for `check` and `doctor`.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostState {
+    /// Unix time the stored certificate expires, if there is one.
+    pub not_after: Option<i64>,
+    /// Why the stored certificate cannot be used, if it cannot.
+    pub unusable: Option<String>,
+    pub status: Status,
+}
+
+impl HostState {
+    pub fn read(storage: &Storage, host: &HostName) -> Self {
+        let (not_after, unusable) = match storage.load_certificate(host) {
+            Ok(Some(stored)) => (Some(stored.not_after), None),
+            Ok(None) => (None, None),
+            Err(e) => (None, Some(e)),
+        };
+        Self {
+            not_after,
+            unusable,
+            status: storage.status(host),
+        }
+    }
+
+    /// One line for an operator.
+    pub fn describe(&self) -> String {
+        let mut out = match (self.not_after, &self.unusable) {
+            (Some(t), _) => format!("ACME certificate valid until {}", fmt_unix(t)),
+            (None, Some(e)) => format!("stored ACME certificate unusable: {e}"),
+            (None, None) => "no ACME certificate issued yet".to_owned(),
+        };
+        if let Some(error) = &self.status.last_error {
+            out.push_str(&format!(
+                "; last attempt failed{}: {error}",
+                self.status
+                    .failed_at
+                    .map(|t| format!(" at {}", fmt_unix(t)))
+                    .unwrap_or_default()
+            ));
+            if let Some(next) = self.status.next_attempt {
+                out.push_str(&format!("; next attempt at {}", fmt_unix(next)));
+            }
+        }
+        out
+    }
+}
+
+fn fmt_unix(t: i64) -> String {
+    httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(t.max(0) as u64))
+}
+
+/// Runs the ACME work for as long as the returned handle lives: one task
+/// per configured ACME host, added and removed as reloads change the hosts.
+pub fn spawn(live: Arc<Live>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let owner: Arc<str> = owner_id().into();
+        let mut tasks = Tasks::default();
+        let mut generation = None;
+        loop {
+            let active = live.load();
+            if generation != Some(active.generation) {
+                generation = Some(active.generation);
+                let wanted: Vec<HostName> = match &active.config.acme {
+                    Some(_) => active
+                        .config
+                        .hosts
+                        .iter()
+                        .filter(|h| h.is_acme())
+                        .map(|h| h.name.clone())
+                        .collect(),
+                    None => Vec::new(),
+                };
+                tasks.0.retain(|host, task| {
+                    let keep = wanted.contains(host);
+                    if !keep {
+                        task.abort();
+                    }
+                    keep
+                });
+                for host in wanted {
+                    if let std::collections::hash_map::Entry::Vacant(slot) = tasks.0.entry(host) {
+                        let task = tokio::spawn(host_task(live.clone(), slot.key().clone(), owner.clone()));
+                        slot.insert(task);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
+}
+
+/// The per-host tasks; aborted when the manager stops.
+#[derive(Default)]
+struct Tasks(HashMap<HostName, tokio::task::JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for task in self.0.values() {
+            task.abort();
+        }
+    }
+}
+
+/// Keeps one host's certificate present and fresh.
+async fn host_task(live: Arc<Live>, host: HostName, owner: Arc<str>) {
+    let slot = live.acme.slot(&host);
+    let metrics = live.metrics.clone();
+    let labels = HostLabels { host: host.to_string() };
+    let mut seen_stamp = None;
+    let mut stored: Option<Arc<Stored>> = None;
+    let mut told_missing = false;
+    loop {
+        let Some(settings) = live.load().config.acme.clone() else {
+            return;
+        };
+        let storage = Storage::new(&settings.storage);
+
+        // Storage → slot: what this or another replica stored.
+        let Some(stamp) = blocking({
+            let (storage, host) = (storage.clone(), host.clone());
+            move || storage.certificate_stamp(&host)
+        })
+        .await
+        else {
+            return;
+        };
+        if stamp != seen_stamp {
+            seen_stamp = stamp;
+            let Some(loaded) = blocking({
+                let (storage, host) = (storage.clone(), host.clone());
+                move || storage.load_certificate(&host)
+            })
+            .await
+            else {
+                return;
+            };
+            match loaded {
+                Ok(Some(fresh)) => {
+                    let current = slot.load();
+                    if current.as_ref().is_none_or(|c| c.cert != fresh.key.cert) {
+                        tracing::info!(host = %host, not_after = %fresh.not_after_text(), "ACME: serving the stored certificate");
+                        slot.store(Some(fresh.key.clone()));
+                    }
+                    metrics.cert_expiry.get_or_create(&labels).set(fresh.not_after);
+                    metrics.acme_ready.get_or_create(&labels).set(1);
+                    stored = Some(Arc::new(fresh));
+                }
+                Ok(None) => stored = None,
+                Err(e) => {
+                    tracing::warn!(host = %host, error = %e, "ACME: stored certificate unusable; ordering a new one");
+                    stored = None;
+                }
+            }
+        }
+        if slot.load().is_none() {
+            metrics.acme_ready.get_or_create(&labels).set(0);
+            if !told_missing {
+                told_missing = true;
+                tracing::warn!(host = %host, challenge = settings.challenge.as_str(), "ACME: no certificate yet; TLS handshakes for this host fail, as for an unknown host, until one is issued");
+            }
+        }
+
+        let now = unix_now();
+        if let Some(s) = &stored {
+            let due = s.renew_at(settings.renew_before);
+            if due > now {
+                sleep_secs(due - now).await;
+                continue;
+            }
+        }
+        let Some(status) = blocking({
+            let (storage, host) = (storage.clone(), host.clone());
+            move || storage.status(&host)
+        })
+        .await
+        else {
+            return;
+        };
+        if let Some(next) = status.next_attempt.filter(|&t| t > now) {
+            sleep_secs(next - now).await;
+            continue;
+        }
+        let Some(lock) = blocking({
+            let (storage, host, owner) = (storage.clone(), host.clone(), owner.clone());
+            move || storage.try_lock(host.as_str(), &owner)
+        })
+        .await
+        else {
+            return;
+        };
+        let lock = match lock {
+            Ok(Some(lock)) => lock,
+            Ok(None) => {
+                tracing::debug!(host = %host, "ACME: another replica is obtaining this certificate");
+                tokio::time::sleep(POLL).await;
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(host = %host, error = %e, storage = %settings.storage.display(), "ACME: cannot write a lock file in storage; check the volume is mounted read-write");
+                tokio::time::sleep(POLL * 6).await;
+                continue;
+            }
+        };
+        // Another replica may have finished while we waited for the lock.
+        if storage.certificate_stamp(&host) != seen_stamp {
+            drop(lock);
+            continue;
+        }
+
+        let renewing = stored.is_some();
+        tracing::info!(host = %host, directory = %settings.directory, challenge = settings.challenge.as_str(), "ACME: {}", if renewing { "renewing the certificate" } else { "ordering a certificate" });
+        let retry_after = Arc::new(Mutex::new(None));
+        let attempt = tokio::time::timeout(
+            ATTEMPT_TIMEOUT,
+            obtain(&settings, &storage, &host, &owner, retry_after.clone()),
+        )
+        .await
+        .unwrap_or_else(|_| Err(format!("gave up after {}s", ATTEMPT_TIMEOUT.as_secs())));
+        let outcome = match attempt {
+            Ok(pem) => match parse_stored(pem.as_bytes(), &host) {
+                Ok(fresh) => blocking({
+                    let (storage, host) = (storage.clone(), host.clone());
+                    move || {
+                        write_private(&storage.certificate_path(&host), pem.as_bytes())?;
+                        storage.write_status(
+                            &host,
+                            &Status {
+                                issued_at: Some(unix_now()),
+                                ..Status::default()
+                            },
+                        )
+                    }
+                })
+                .await
+                .unwrap_or_else(|| Err(io::Error::other("shutting down")))
+                .map(|()| fresh)
+                .map_err(|e| format!("cannot store the certificate in {}: {e}", settings.storage.display())),
+                Err(e) => Err(format!("the CA returned an unusable certificate: {e}")),
+            },
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(fresh) => {
+                let result = if renewing { "renewed" } else { "issued" };
+                metrics
+                    .acme_certificates
+                    .get_or_create(&AcmeLabels {
+                        host: host.to_string(),
+                        result,
+                    })
+                    .inc();
+                metrics.cert_expiry.get_or_create(&labels).set(fresh.not_after);
+                metrics.acme_ready.get_or_create(&labels).set(1);
+                tracing::info!(host = %host, not_after = %fresh.not_after_text(), renew_at = %fmt_unix(fresh.renew_at(settings.renew_before)), "ACME: certificate {result}; serving it now");
+                slot.store(Some(fresh.key.clone()));
+                seen_stamp = storage.certificate_stamp(&host);
+                stored = Some(Arc::new(fresh));
+            }
+            Err(error) => {
+                let failures = status.failures.saturating_add(1);
+                let exponential = BACKOFF_FIRST
+                    .saturating_mul(1 << failures.saturating_sub(1).min(16))
+                    .min(BACKOFF_MAX);
+                let server_says = retry_after
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .and_then(|t: SystemTime| t.duration_since(SystemTime::now()).ok())
+                    .unwrap_or_default();
+                let wait = exponential.max(server_says);
+                let next = unix_now() + wait.as_secs() as i64;
+                let record = Status {
+                    issued_at: status.issued_at,
+                    last_error: Some(error.clone()),
+                    failed_at: Some(unix_now()),
+                    failures,
+                    next_attempt: Some(next),
+                };
+                if let Err(e) = storage.write_status(&host, &record) {
+                    tracing::warn!(host = %host, error = %e, "ACME: cannot record the failure in storage");
+                }
+                metrics
+                    .acme_certificates
+                    .get_or_create(&AcmeLabels {
+                        host: host.to_string(),
+                        result: "failed",
+                    })
+                    .inc();
+                tracing::error!(host = %host, %error, retry_in_seconds = wait.as_secs(), failures, hint = hint(&error, settings.challenge), "ACME: could not obtain a certificate");
+            }
+        }
+        drop(lock);
+    }
+}
+
+/// Sleeps until `secs` from now, but at most [`POLL`], so the task notices
+/// what other replicas store and configuration changes.
+async fn sleep_secs(secs: i64) {
+    let secs = u64::try_from(secs.max(1)).unwrap_or(u64::MAX);
+    tokio::time::sleep(Duration::from_secs(secs).min(POLL)).await;
+}
+
+/// Runs file work off the async threads (storage may be a network volume).
+/// `None` only when the runtime is shutting down.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    tokio::task::spawn_blocking(f).await.ok()
+}
+
+/// An error and its causes, on one line (hyper's "client error (Connect)"
+/// alone does not say that the certificate was refused, say).
+fn why(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
+/// What an operator can do about `error`.
+fn hint(error: &str, challenge: Challenge) -> &'static str {
+    if error.contains("rateLimited") {
+        "the CA's rate limit was hit; linkgate waits as long as the CA asks before trying again"
+    } else if error.contains("rejectedIdentifier") || error.contains("caa") {
+        "the CA refuses to issue for this name (its policy, or a CAA record): check the name and its CAA records"
+    } else if error.contains("cannot reach the ACME directory") || error.contains("account") {
+        "check acme.directory, outbound https from linkgate to the CA, and acme.ca_file for a private CA"
+    } else {
+        match challenge {
+            Challenge::TlsAlpn01 => {
+                "the CA must reach this host on port 443 and land on linkgate with TLS intact: point its CNAME at linkgate, and pass TLS through the load balancer (TCP mode)"
+            }
+            Challenge::Http01 => {
+                "the CA must reach http://<host>/.well-known/acme-challenge/ on port 80 and land on linkgate: point its CNAME at linkgate and route port 80 to listen.http"
+            }
+        }
+    }
+}
+
+/// The HTTP client linkgate talks to the CA with. It notes the last
+/// Retry-After the CA sent, so a rate-limited host backs off as asked.
+#[derive(Clone)]
+struct CaClient {
+    inner: HyperClient<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        BodyWrapper<Bytes>,
+    >,
+    retry_after: Arc<Mutex<Option<SystemTime>>>,
+}
+
+impl CaClient {
+    fn new(acme: &Acme, retry_after: Arc<Mutex<Option<SystemTime>>>) -> Result<Self, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        match &acme.ca_certs {
+            Some(certs) => {
+                for cert in certs {
+                    roots
+                        .add(cert.clone())
+                        .map_err(|e| format!("acme.ca_file: unusable certificate: {e}"))?;
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .build();
+        Ok(Self {
+            inner: HyperClient::builder(TokioExecutor::new()).build(connector),
+            retry_after,
+        })
+    }
+}
+
+impl HttpClient for CaClient {
+    fn request(
+        &self,
+        req: http::Request<BodyWrapper<Bytes>>,
+    ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
+        let fut = self.inner.request(req);
+        let retry_after = self.retry_after.clone();
+        Box::pin(async move {
+            let resp = tokio::time::timeout(Duration::from_secs(30), fut)
+                .await
+                .map_err(|_| instant_acme::Error::Other("the ACME server did not answer within 30s".into()))?
+                .map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
+            if !resp.status().is_success() {
+                let after = resp
+                    .headers()
+                    .get(header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| match v.trim().parse::<u64>() {
+                        Ok(secs) => Some(SystemTime::now() + Duration::from_secs(secs)),
+                        Err(_) => httpdate::parse_http_date(v).ok(),
+                    });
+                if after.is_some() {
+                    *retry_after.lock().unwrap_or_else(PoisonError::into_inner) = after;
+                }
+            }
+            Ok(BytesResponse::from(resp))
+        })
+    }
+}
+
+/// The account for `acme.directory`: from storage, or created (once, under
+/// the account lock, by whichever replica gets there first).
+async fn account(acme: &Acme, storage: &Storage, owner: &str, client: &CaClient) -> Result<Account, String> {
+    let path = storage.account_path(&acme.directory);
+    let unreachable =
+        |e: instant_acme::Error| format!("cannot reach the ACME directory {}: {}", acme.directory, why(&e));
+    for _ in 0..60 {
+        if let Ok(json) = tokio::fs::read(&path).await {
+            let credentials: AccountCredentials = serde_json::from_slice(&json)
+                .map_err(|e| format!("{}: not an ACME account file: {e}", path.display()))?;
+            return Account::builder_with_http(Box::new(client.clone()))
+                .from_credentials(credentials)
+                .await
+                .map_err(unreachable);
+        }
+        let lock = {
+            let (storage, owner) = (storage.clone(), owner.to_owned());
+            blocking(move || storage.try_lock("account", &owner)).await
+        };
+        match lock.unwrap_or_else(|| Err(io::Error::other("shutting down"))) {
+            Ok(Some(_lock)) => {
+                if tokio::fs::metadata(&path).await.is_ok() {
+                    continue;
+                }
+                let contact: Vec<&str> = acme.contact.iter().map(String::as_str).collect();
+                let (account, credentials) = Account::builder_with_http(Box::new(client.clone()))
+                    .create(
+                        &NewAccount {
+                            contact: &contact,
+                            terms_of_service_agreed: true,
+                            only_return_existing: false,
+                        },
+                        acme.directory.clone(),
+                        None,
+                    )
+                    .await
+                    .map_err(|e| format!("cannot create the ACME account: {}", why(&e)))?;
+                let json = serde_json::to_vec(&credentials).map_err(|e| e.to_string())?;
+                write_private(&path, &json).map_err(|e| format!("cannot store the ACME account: {e}"))?;
+                tracing::info!(directory = %acme.directory, account = account.id(), "ACME: account created");
+                return Ok(account);
+            }
+            Ok(None) => tokio::time::sleep(Duration::from_secs(1)).await,
+            Err(e) => return Err(format!("cannot write a lock file in storage: {e}")),
+        }
+    }
+    Err("another replica holds the account lock but no account appeared".into())
+}
+
+/// One issuance: order, challenge, finalize. Returns the chain and the new
+/// private key as one PEM (the stored form).
+async fn obtain(
+    acme: &Acme,
+    storage: &Storage,
+    host: &HostName,
+    owner: &str,
+    retry_after: Arc<Mutex<Option<SystemTime>>>,
+) -> Result<String, String> {
+    let client = CaClient::new(acme, retry_after)?;
+    let account = account(acme, storage, owner, &client).await?;
+    let identifiers = [Identifier::Dns(host.to_string())];
+    let mut order = account
+        .new_order(&NewOrder::new(&identifiers))
+        .await
+        .map_err(|e| format!("order refused: {}", why(&e)))?;
+    let kind = match acme.challenge {
+        Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
+        Challenge::Http01 => ChallengeType::Http01,
+    };
+    let mut written = ChallengeFiles::default();
+    {
+        let mut authorizations = order.authorizations();
+        while let Some(authz) = authorizations.next().await {
+            let mut authz = authz.map_err(|e| format!("cannot fetch the authorization: {}", why(&e)))?;
+            match authz.status {
+                AuthorizationStatus::Pending => {}
+                AuthorizationStatus::Valid => continue,
+                other => return Err(format!("authorization is {other:?}")),
+            }
+            let mut challenge = authz
+                .challenge(kind.clone())
+                .ok_or_else(|| format!("the CA offers no {} challenge", acme.challenge.as_str()))?;
+            let key_authorization = challenge.key_authorization();
+            let (path, contents) = match acme.challenge {
+                Challenge::Http01 => {
+                    if !valid_token(&challenge.token) {
+                        return Err("the CA sent an invalid challenge token".into());
+                    }
+                    (
+                        storage.http01_path(&challenge.token),
+                        key_authorization.as_str().as_bytes().to_vec(),
+                    )
+                }
+                Challenge::TlsAlpn01 => (
+                    storage.alpn01_path(host),
+                    alpn01_certificate(host, key_authorization.digest().as_ref())?.into_bytes(),
+                ),
+            };
+            write_private(&path, &contents).map_err(|e| format!("cannot write the challenge to storage: {e}"))?;
+            written.0.push(path);
+            challenge
+                .set_ready()
+                .await
+                .map_err(|e| format!("cannot start the validation: {}", why(&e)))?;
+        }
+    }
+    let polling = RetryPolicy::new()
+        .initial_delay(Duration::from_millis(250))
+        .backoff(1.5)
+        .timeout(Duration::from_secs(120));
+    let status = order
+        .poll_ready(&polling)
+        .await
+        .map_err(|e| format!("validation did not finish: {}", why(&e)))?;
+    if status != OrderStatus::Ready {
+        return Err(validation_error(&mut order, acme.challenge).await);
+    }
+    drop(written);
+    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let mut params = rcgen::CertificateParams::new(vec![host.to_string()]).map_err(|e| e.to_string())?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let csr = params.serialize_request(&key).map_err(|e| e.to_string())?;
+    order
+        .finalize_csr(csr.der())
+        .await
+        .map_err(|e| format!("finalization refused: {}", why(&e)))?;
+    let chain = order
+        .poll_certificate(&polling)
+        .await
+        .map_err(|e| format!("certificate not delivered: {}", why(&e)))?;
+    Ok(format!("{chain}{}", key.serialize_pem()))
+}
+
+/// Why validation failed, from the challenge's error.
+async fn validation_error(order: &mut instant_acme::Order, challenge: Challenge) -> String {
+    let mut authorizations = order.authorizations();
+    while let Some(Ok(mut authz)) = authorizations.next().await {
+        if let Ok(state) = authz.refresh().await {
+            for c in &state.challenges {
+                if let Some(problem) = &c.error {
+                    return format!("{} validation failed: {problem}", challenge.as_str());
+                }
+            }
+        }
+    }
+    format!("{} validation failed (the CA gave no reason)", challenge.as_str())
+}
+
+/// The self-signed certificate that answers a TLS-ALPN-01 challenge (RFC
+/// 8737): the host's name and the key authorization's digest in the
+/// acmeIdentifier extension; with its key, as PEM.
+fn alpn01_certificate(host: &HostName, digest: &[u8]) -> Result<String, String> {
+    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let mut params = rcgen::CertificateParams::new(vec![host.to_string()]).map_err(|e| e.to_string())?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+    Ok(format!("{}{}", cert.pem(), key.serialize_pem()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_renew_before_ahead_or_a_third_of_short_lifetimes() {
+        let ck = |nb: i64, na: i64| Stored {
+            key: Arc::new(CertifiedKey::new(Vec::new(), test_key())),
+            not_before: nb,
+            not_after: na,
+        };
+        let ninety_days = ck(0, 90 * 86400);
+        assert_eq!(ninety_days.renew_at(Duration::from_secs(30 * 86400)), 60 * 86400);
+        let six_days = ck(0, 6 * 86400);
+        assert_eq!(six_days.renew_at(Duration::from_secs(30 * 86400)), 4 * 86400);
+    }
+
+    fn test_key() -> Arc<dyn rustls::sign::SigningKey> {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let der = rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("der");
+        tls::provider().key_provider.load_private_key(der).expect("signing key")
+    }
+
+    #[test]
+    fn challenge_certificate_is_usable_despite_its_critical_extension() {
+        let host = HostName::parse("a.example.test").expect("host");
+        let pem = alpn01_certificate(&host, &[7u8; 32]).expect("certificate");
+        let key = challenge_key(pem.as_bytes()).expect("usable");
+        let der = key.cert[0].as_ref();
+        // id-pe-acmeIdentifier, 1.3.6.1.5.5.7.1.31 (RFC 8737 §6.1)
+        let oid = [0x06, 0x08, 0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x01, 0x1f];
+        assert!(
+            der.windows(oid.len()).any(|w| w == oid),
+            "acmeIdentifier extension present"
+        );
+        assert!(der.windows(14).any(|w| w == b"a.example.test"), "host name present");
+    }
+
+    #[test]
+    fn tokens_are_base64url_only() {
+        assert!(valid_token("LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"));
+        assert!(!valid_token("../../etc/passwd"));
+        assert!(!valid_token(""));
+        assert!(!valid_token("a.b"));
+    }
+
+    #[test]
+    fn a_live_lock_is_refused_and_an_expired_one_taken_over() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::new(dir.path());
+        storage.prepare().expect("prepare");
+        let first = storage.try_lock("a.test", "one").expect("io").expect("free lock taken");
+        assert!(
+            storage.try_lock("a.test", "two").expect("io").is_none(),
+            "held lock refused"
+        );
+        drop(first);
+        let second = storage
+            .try_lock("a.test", "two")
+            .expect("io")
+            .expect("released lock taken");
+        // A holder that died an hour ago.
+        fs::write(&second.path, format!("dead {}\n", unix_now() - 3600)).expect("write");
+        drop(second); // not ours any more: left in place
+        assert!(storage.lock_path("a.test").exists());
+        let third = storage.try_lock("a.test", "three").expect("io");
+        assert!(third.is_some(), "expired lock taken over");
+    }
+}
