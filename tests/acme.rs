@@ -543,6 +543,19 @@ async fn tls_alpn_01_issues_restarts_reuse_storage_and_failures_back_off() {
         "{doctor}"
     );
 
+    // A host added by a reload gets its certificate with no restart.
+    const LATE_HOST: &str = "late.example.test";
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, format!("{text}{}", acme_host(LATE_HOST))).expect("write");
+    lg.signal("HUP");
+    wait_line(&lg.lines, |v| logged(v, "certificate issued", LATE_HOST));
+    wait_served(&pebble.root, lg.https, LATE_HOST, HANG_GUARD).await;
+    assert_eq!(
+        served_leaf(&pebble.root, lg.https, ALPN_HOST, &[b"http/1.1"]).await,
+        Ok(leaf.clone()),
+        "reload keeps what was issued"
+    );
+
     // A restart serves the stored certificate from the first handshake and orders nothing.
     lg.signal("TERM");
     let mut lg = lg;

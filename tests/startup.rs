@@ -308,3 +308,36 @@ fn bundled_configs_are_valid() {
     let err = linkgate::config::Config::load(&root.join("config/linkgate.toml")).expect_err("template needs certs");
     assert!(err.to_string().contains("host \"url1234.example.com\""), "{err}");
 }
+
+/// ACME storage that cannot be created is refused at start-up, in one line
+/// naming the file and the key, before anything is bound.
+#[test]
+fn binary_refuses_acme_storage_it_cannot_write() {
+    let dir = TempDir::new().expect("tempdir");
+    // A regular file where the storage folder should be.
+    std::fs::write(dir.path().join("blocker"), "").expect("write");
+    let path = dir.path().join("linkgate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "{}[acme]\ndirectory = \"https://acme.example.test/dir\"\nstorage = \"blocker/acme\"\n\
+             [[host]]\nname = \"{CLICK}\"\nacme = true\n",
+            base()
+        ),
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_linkgate"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "off")
+        .stdout(Stdio::null())
+        .output()
+        .expect("run linkgate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&path.display().to_string()) && stderr.contains("acme.storage: cannot create"),
+        "{stderr}"
+    );
+}

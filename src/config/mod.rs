@@ -925,6 +925,79 @@ mod tests {
     }
 
     #[test]
+    fn acme_settings_and_hosts_are_checked_with_the_key_or_host_named() {
+        let listen = "[listen]\nhttps = \"127.0.0.1:1\"\n";
+        let acme = "[acme]\ndirectory = \"https://acme.test/dir\"\nstorage = \"acme\"\n";
+        let host = "[[host]]\nname = \"a.test\"\nacme = true\n";
+        let cases = [
+            (
+                format!("{listen}{host}"),
+                "host \"a.test\": acme = true needs an [acme] section",
+            ),
+            (
+                format!("{listen}{acme}[[host]]\nname = \"a.test\"\nacme = true\ncert = \"c\"\nkey = \"k\"\n"),
+                "host \"a.test\": acme = true replaces cert and key",
+            ),
+            (
+                format!("{listen}{acme}[[host]]\nname = \"a.test\"\nacme = true\nocsp = \"o.der\"\n"),
+                "host \"a.test\": ocsp: applies to hosts with cert and key",
+            ),
+            (
+                format!("{listen}{acme}[[host]]\nname = \"a.test\"\n"),
+                "host \"a.test\": cert: missing",
+            ),
+            (
+                format!("{listen}[acme]\nstorage = \"acme\"\n{host}"),
+                "acme.directory: missing",
+            ),
+            (
+                format!("{listen}[acme]\ndirectory = \"http://acme.test/dir\"\nstorage = \"s\"\n{host}"),
+                "acme.directory: \"http://acme.test/dir\": must be an https:// URL",
+            ),
+            (
+                format!("{listen}[acme]\ndirectory = \"https://acme.test/dir\"\n{host}"),
+                "acme.storage: missing",
+            ),
+            (
+                format!("{listen}{acme}challenge = \"dns-01\"\n{host}"),
+                "acme.challenge: \"dns-01\"",
+            ),
+            (
+                format!("{listen}{acme}challenge = \"http-01\"\n{host}"),
+                "acme.challenge: http-01 is answered on the plain-http listener",
+            ),
+            (
+                format!("{listen}{acme}email = \"ops\"\n{host}"),
+                "acme.email: \"ops\" is not an email address",
+            ),
+            (
+                format!("{listen}{acme}renew_before = \"soon\"\n{host}"),
+                "acme.renew_before",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = err(&text);
+            assert!(e.contains(want), "want {want:?}, got {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        let ok = Config::from_toml(
+            &format!("{listen}{acme}email = \"ops@example.com\"\nrenew_before = \"20d\"\n{host}"),
+            Path::new("/etc/linkgate/linkgate.toml"),
+        )
+        .expect("valid");
+        let acme = ok.acme.expect("[acme]");
+        assert_eq!(
+            acme.storage,
+            Path::new("/etc/linkgate/acme"),
+            "relative to the config file"
+        );
+        assert_eq!(acme.contact.as_deref(), Some("mailto:ops@example.com"));
+        assert_eq!(acme.challenge, Challenge::TlsAlpn01);
+        assert_eq!(acme.renew_before, Duration::from_secs(20 * 86400));
+        assert!(ok.hosts[0].is_acme());
+    }
+
+    #[test]
     fn missing_listen_is_an_error() {
         let e = err("[[host]]\nname = \"a.test\"\ncert = \"c\"\nkey = \"k\"\n");
         assert!(e.contains("listen"), "{e}");
