@@ -667,8 +667,10 @@ async fn host_task(live: Arc<Live>, host: HostName, owner: Arc<str>) {
                 continue;
             }
         };
-        // Another replica may have finished while we waited for the lock.
-        if storage.certificate_stamp(&host) != seen_stamp {
+        // Another replica may have finished, or failed and set a back-off,
+        // between our look at storage and taking the lock.
+        let status = storage.status(&host);
+        if storage.certificate_stamp(&host) != seen_stamp || status.next_attempt.is_some_and(|t| t > unix_now()) {
             drop(lock);
             continue;
         }
@@ -853,6 +855,7 @@ impl HttpClient for CaClient {
         &self,
         req: http::Request<BodyWrapper<Bytes>>,
     ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
+        let is_get = req.method() == Method::GET;
         let fut = self.inner.request(req);
         let retry_after = self.retry_after.clone();
         Box::pin(async move {
@@ -871,6 +874,22 @@ impl HttpClient for CaClient {
                     });
                 if after.is_some() {
                     *retry_after.lock().unwrap_or_else(PoisonError::into_inner) = after;
+                }
+                // The directory GET (the only GET) is parsed whatever its
+                // status: say what the server answered instead.
+                if is_get {
+                    let status = resp.status();
+                    let body = http_body_util::Limited::new(resp.into_body(), 4096);
+                    let body = http_body_util::BodyExt::collect(body)
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    let problem = serde_json::from_slice::<instant_acme::Problem>(&body)
+                        .map(|p| p.to_string())
+                        .unwrap_or_else(|_| String::from_utf8_lossy(&body).chars().take(200).collect());
+                    return Err(instant_acme::Error::Other(
+                        format!("the ACME directory answered {status}: {problem}").into(),
+                    ));
                 }
             }
             Ok(BytesResponse::from(resp))

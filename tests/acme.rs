@@ -798,3 +798,63 @@ async fn futures_join(admins: impl Iterator<Item = SocketAddr>) -> Vec<String> {
     }
     out
 }
+
+/// Pebble has no rate limits, so a stand-in CA answers like Let's Encrypt
+/// does when one is hit: 429, a `rateLimited` problem and Retry-After.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_host_waits_as_long_as_the_ca_asks() {
+    const HOST: &str = "limited.example.test";
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    let ca = StandIn::tls(&pki.leaf(&["localhost"])).await;
+    let ca_file = pki.write_ca(dir.path());
+    let storage = dir.path().join("acme");
+    let up = StandIn::plain().await;
+    let rest = format!(
+        "[acme]\ndirectory = \"https://localhost:{}/rate-limited\"\nstorage = \"{}\"\nca_file = \"{}\"\n{}",
+        ca.addr.port(),
+        storage.display(),
+        ca_file.display(),
+        acme_host(HOST)
+    );
+    let lg = Process::start(&linkgate_config(
+        dir.path(),
+        "linkgate",
+        free_port(),
+        free_port(),
+        &up,
+        &rest,
+    ));
+    let failed = wait_line(&lg.lines, |v| logged(v, "could not obtain a certificate", HOST));
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("429 Too Many Requests") && e.contains("too many certificates already issued")),
+        "{failed}"
+    );
+    assert!(
+        failed["hint"].as_str().is_some_and(|h| h.contains("rate limit")),
+        "{failed}"
+    );
+    let wait = failed["retry_in_seconds"].as_u64().expect("retry_in_seconds");
+    assert!(
+        (7000..=7200).contains(&wait),
+        "Retry-After (7200 s) beats the 120 s back-off: {failed}"
+    );
+    let status: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(storage.join("certificates").join(format!("{HOST}.json"))).expect("status file"),
+    )
+    .expect("status json");
+    let (failed_at, next) = (
+        status["failed_at"].as_i64().expect("failed_at"),
+        status["next_attempt"].as_i64().expect("next"),
+    );
+    assert!(next - failed_at >= 7000, "{status}");
+    let asked = ca.received().len();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        ca.received().len(),
+        asked,
+        "nothing more is asked of the CA while it waits"
+    );
+}

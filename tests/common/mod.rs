@@ -175,6 +175,7 @@ impl Recorded {
 /// - `/slow`: answers after 5 s;
 /// - `/redirect`: 302 with Location, Set-Cookie and Content-Encoding;
 /// - `/hop`: a response carrying hop-by-hop headers;
+/// - `/rate-limited`: an ACME CA's 429 with `Retry-After: 7200`;
 /// - anything else: 200 `ok`.
 pub struct StandIn {
     pub addr: SocketAddr,
@@ -314,6 +315,15 @@ async fn handle(
             .header("keep-alive", "timeout=5")
             .header("x-kept", "yes")
             .body(full("hop"))
+            .expect("response"),
+        // What an ACME CA answers when a rate limit is hit (RFC 8555 §6.6).
+        "/rate-limited" => Response::builder()
+            .status(StatusCode::TOO_MANY_REQUESTS)
+            .header("retry-after", "7200")
+            .header("content-type", "application/problem+json")
+            .body(full(
+                r#"{"type":"urn:ietf:params:acme:error:rateLimited","detail":"too many certificates already issued"}"#,
+            ))
             .expect("response"),
         // What a provider answers when the Host header was not the branded name.
         _ if parts.headers.get("host").is_some_and(|h| h == "sendgrid.net") => Response::builder()
