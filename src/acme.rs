@@ -922,6 +922,10 @@ async fn account(acme: &Acme, storage: &Storage, owner: &str, client: &CaClient)
                     continue;
                 }
                 let contact: Vec<&str> = acme.contact.iter().map(String::as_str).collect();
+                let eab = acme
+                    .eab
+                    .as_ref()
+                    .map(|e| instant_acme::ExternalAccountKey::new(e.kid.clone(), &e.hmac_key));
                 let (account, credentials) = Account::builder_with_http(Box::new(client.clone()))
                     .create(
                         &NewAccount {
@@ -930,7 +934,7 @@ async fn account(acme: &Acme, storage: &Storage, owner: &str, client: &CaClient)
                             only_return_existing: false,
                         },
                         acme.directory.clone(),
-                        None,
+                        eab.as_ref(),
                     )
                     .await
                     .map_err(|e| format!("cannot create the ACME account: {}", why(&e)))?;

@@ -101,7 +101,14 @@ struct Pebble {
 impl Pebble {
     /// Starts Pebble validating on `http_port` and `tls_port` (linkgate's
     /// listeners, or a forwarder in front of them). `None` when not installed.
-    async fn start(dir: &Path, validity_secs: u64, http_port: u16, tls_port: u16) -> Option<Self> {
+    /// With `eab`, Pebble requires an external account binding with that key id and (base64url) key.
+    async fn start(
+        dir: &Path,
+        validity_secs: u64,
+        http_port: u16,
+        tls_port: u16,
+        eab: Option<(&str, &str)>,
+    ) -> Option<Self> {
         if !installed("pebble") || !installed("pebble-challtestsrv") {
             eprintln!("SKIPPED: pebble is not installed (apt-get install pebble); .ci/run installs it");
             return None;
@@ -122,7 +129,8 @@ impl Pebble {
                     "httpPort": http_port,
                     "tlsPort": tls_port,
                     "ocspResponderURL": "",
-                    "externalAccountBindingRequired": false,
+                    "externalAccountBindingRequired": eab.is_some(),
+                    "externalAccountMACKeys": eab.map(|(kid, key)| serde_json::json!({ kid: key })).unwrap_or_default(),
                     "domainBlocklist": [BLOCKED_HOST],
                     "certificateValidityPeriod": validity_secs,
                 }
@@ -340,7 +348,7 @@ fn run_cli(args: &[&str]) -> (i32, String) {
 async fn tls_alpn_01_issues_restarts_reuse_storage_and_failures_back_off() {
     let dir = TempDir::new().expect("tempdir");
     let (https, http) = (free_port(), free_port());
-    let Some(pebble) = Pebble::start(dir.path(), 3600, http, https).await else {
+    let Some(pebble) = Pebble::start(dir.path(), 3600, http, https, None).await else {
         return;
     };
     let storage = dir.path().join("acme");
@@ -589,14 +597,21 @@ async fn http_01_issues_and_renews_short_lived_certificates() {
     let dir = TempDir::new().expect("tempdir");
     let (https, http) = (free_port(), free_port());
     // 30 s certificates, renewed 25 s before expiry: a renewal every ~5 s.
-    let Some(pebble) = Pebble::start(dir.path(), 30, http, https).await else {
+    // This CA also requires an external account binding (as ZeroSSL and Google do).
+    const EAB: (&str, &str) = (
+        "kid-linkgate",
+        "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W",
+    );
+    let Some(pebble) = Pebble::start(dir.path(), 30, http, https, Some(EAB)).await else {
         return;
     };
     let storage = dir.path().join("acme");
     let up = StandIn::plain().await;
     let rest = format!(
-        "{}{}http = \"redirect\"\n",
+        "{}eab_kid = \"{}\"\neab_hmac_key = \"{}\"\n{}http = \"redirect\"\n",
         pebble.acme_section(&storage, "http-01", "25s"),
+        EAB.0,
+        EAB.1,
         acme_host(HOST)
     );
     let config = linkgate_config(dir.path(), "linkgate", https, http, &up, &rest);
@@ -684,7 +699,7 @@ async fn two_replicas_share_storage_behind_a_round_robin_forwarder() {
     let hosts = ["r1.example.test", "r2.example.test", "r3.example.test"];
     let dir = TempDir::new().expect("tempdir");
     let (front_https, front_http) = (free_port(), free_port());
-    let Some(pebble) = Pebble::start(dir.path(), 3600, front_http, front_https).await else {
+    let Some(pebble) = Pebble::start(dir.path(), 3600, front_http, front_https, None).await else {
         return;
     };
     let storage = dir.path().join("acme");

@@ -68,6 +68,21 @@ pub struct Acme {
     pub renew_before: Duration,
     /// Trust these roots for the ACME server's own TLS instead of the public web roots.
     pub ca_certs: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
+    /// External account binding, for CAs that require one (ZeroSSL, Google).
+    pub eab: Option<Eab>,
+}
+
+/// An ACME external account binding: the CA's key id and HMAC key.
+#[derive(Clone)]
+pub struct Eab {
+    pub kid: String,
+    pub hmac_key: Vec<u8>,
+}
+
+impl fmt::Debug for Eab {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Eab").field("kid", &self.kid).finish_non_exhaustive()
+    }
 }
 
 /// The ACME challenge linkgate answers to prove it serves a host.
@@ -722,6 +737,28 @@ fn build_acme(raw: RawAcme, base: &Path, listen: &Listen) -> Result<Acme, KeyErr
         .map(|file| tls::load_certs(&base.join(file)))
         .transpose()
         .map_err(|m| ("acme.ca_file", m))?;
+    let eab = match (raw.eab_kid, raw.eab_hmac_key) {
+        (None, None) => None,
+        (Some(kid), Some(key)) => {
+            use base64::Engine as _;
+            let trimmed = key.trim().trim_end_matches('=');
+            let hmac_key = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(trimmed)
+                .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(trimmed))
+                .map_err(|_| {
+                    (
+                        "acme.eab_hmac_key",
+                        "not base64 (give the key exactly as the CA shows it)".into(),
+                    )
+                })?;
+            if kid.trim().is_empty() || hmac_key.is_empty() {
+                return Err(("acme.eab_kid", "the key id and the HMAC key must not be empty".into()));
+            }
+            Some(Eab { kid, hmac_key })
+        }
+        (Some(_), None) => return Err(("acme.eab_hmac_key", "missing: eab_kid needs its eab_hmac_key".into())),
+        (None, Some(_)) => return Err(("acme.eab_kid", "missing: eab_hmac_key needs its eab_kid".into())),
+    };
     Ok(Acme {
         directory,
         contact,
@@ -729,6 +766,7 @@ fn build_acme(raw: RawAcme, base: &Path, listen: &Listen) -> Result<Acme, KeyErr
         challenge,
         renew_before,
         ca_certs,
+        eab,
     })
 }
 

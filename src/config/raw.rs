@@ -35,6 +35,8 @@ pub struct RawAcme {
     pub challenge: Option<String>,
     pub renew_before: Option<String>,
     pub ca_file: Option<PathBuf>,
+    pub eab_kid: Option<String>,
+    pub eab_hmac_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
