@@ -52,6 +52,7 @@ use crate::host::HostName;
 use crate::metrics::{AcmeLabels, ChallengeLabels, HostLabels, Metrics};
 use crate::reload::Live;
 use crate::tls;
+use crate::upstream::chain;
 
 /// The ALPN protocol a TLS-ALPN-01 validation offers (RFC 8737).
 pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
@@ -315,13 +316,7 @@ impl Drop for ChallengeFiles {
 }
 
 fn parse_stored(pem: &[u8], host: &HostName) -> Result<Stored, String> {
-    let chain = tls::parse_certs(pem)?;
-    let key = tls::parse_key(pem)?;
-    let signing_key = tls::provider()
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| format!("unusable private key: {e}"))?;
-    let certified = CertifiedKey::new(chain, signing_key);
+    let certified = pem_key(pem)?;
     certified
         .keys_match()
         .map_err(|e| format!("key does not match the certificate ({e})"))?;
@@ -432,7 +427,7 @@ pub async fn alpn01_config(acme: &Acme, host: &HostName) -> Option<Arc<ServerCon
     let pem = tokio::fs::read(Storage::new(&acme.storage).alpn01_path(host))
         .await
         .ok()?;
-    let certified = Arc::new(challenge_key(&pem).ok()?);
+    let certified = Arc::new(pem_key(&pem).ok()?);
     let mut config = ServerConfig::builder_with_provider(tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .ok()?
@@ -442,15 +437,16 @@ pub async fn alpn01_config(acme: &Acme, host: &HostName) -> Option<Arc<ServerCon
     Some(Arc::new(config))
 }
 
-/// The challenge certificate and its key. Not through `with_single_cert`:
-/// webpki refuses the critical acmeIdentifier extension it does not know.
-fn challenge_key(pem: &[u8]) -> Result<CertifiedKey, String> {
+/// A chain and its private key from one PEM (the stored form). Not checked
+/// here: the TLS-ALPN-01 certificate carries a critical extension webpki
+/// refuses (which is also why it does not go through `with_single_cert`).
+fn pem_key(pem: &[u8]) -> Result<CertifiedKey, String> {
     let chain = tls::parse_certs(pem)?;
     let key = tls::parse_key(pem)?;
     let signing_key = tls::provider()
         .key_provider
         .load_private_key(key)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("unusable private key: {e}"))?;
     Ok(CertifiedKey::new(chain, signing_key))
 }
 
@@ -773,22 +769,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.ok()
 }
 
-/// An error and its causes, on one line (hyper's "client error (Connect)"
-/// alone does not say that the certificate was refused, say).
-fn why(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = cause.source();
-    }
-    out
-}
-
 /// What an operator can do about `error`.
 fn hint(error: &str, challenge: Challenge) -> &'static str {
     if error.contains("rateLimited") {
@@ -822,22 +802,7 @@ struct CaClient {
 
 impl CaClient {
     fn new(acme: &Acme, retry_after: Arc<Mutex<Option<SystemTime>>>) -> Result<Self, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        match &acme.ca_certs {
-            Some(certs) => {
-                for cert in certs {
-                    roots
-                        .add(cert.clone())
-                        .map_err(|e| format!("acme.ca_file: unusable certificate: {e}"))?;
-                }
-            }
-            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(tls::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = tls::client_config(acme.ca_certs.as_deref()).map_err(|e| format!("acme.ca_file: {e}"))?;
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_only()
@@ -902,7 +867,7 @@ impl HttpClient for CaClient {
 async fn account(acme: &Acme, storage: &Storage, owner: &str, client: &CaClient) -> Result<Account, String> {
     let path = storage.account_path(&acme.directory);
     let unreachable =
-        |e: instant_acme::Error| format!("cannot reach the ACME directory {}: {}", acme.directory, why(&e));
+        |e: instant_acme::Error| format!("cannot reach the ACME directory {}: {}", acme.directory, chain(&e));
     for _ in 0..60 {
         if let Ok(json) = tokio::fs::read(&path).await {
             let credentials: AccountCredentials = serde_json::from_slice(&json)
@@ -937,7 +902,7 @@ async fn account(acme: &Acme, storage: &Storage, owner: &str, client: &CaClient)
                         eab.as_ref(),
                     )
                     .await
-                    .map_err(|e| format!("cannot create the ACME account: {}", why(&e)))?;
+                    .map_err(|e| format!("cannot create the ACME account: {}", chain(&e)))?;
                 let json = serde_json::to_vec(&credentials).map_err(|e| e.to_string())?;
                 write_private(&path, &json).map_err(|e| format!("cannot store the ACME account: {e}"))?;
                 tracing::info!(directory = %acme.directory, account = account.id(), "ACME: account created");
@@ -965,7 +930,7 @@ async fn obtain(
     let mut order = account
         .new_order(&NewOrder::new(&identifiers))
         .await
-        .map_err(|e| format!("order refused: {}", why(&e)))?;
+        .map_err(|e| format!("order refused: {}", chain(&e)))?;
     let kind = match acme.challenge {
         Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
         Challenge::Http01 => ChallengeType::Http01,
@@ -974,7 +939,7 @@ async fn obtain(
     {
         let mut authorizations = order.authorizations();
         while let Some(authz) = authorizations.next().await {
-            let mut authz = authz.map_err(|e| format!("cannot fetch the authorization: {}", why(&e)))?;
+            let mut authz = authz.map_err(|e| format!("cannot fetch the authorization: {}", chain(&e)))?;
             match authz.status {
                 AuthorizationStatus::Pending => {}
                 AuthorizationStatus::Valid => continue,
@@ -1004,7 +969,7 @@ async fn obtain(
             challenge
                 .set_ready()
                 .await
-                .map_err(|e| format!("cannot start the validation: {}", why(&e)))?;
+                .map_err(|e| format!("cannot start the validation: {}", chain(&e)))?;
         }
     }
     let polling = RetryPolicy::new()
@@ -1014,7 +979,7 @@ async fn obtain(
     let status = order
         .poll_ready(&polling)
         .await
-        .map_err(|e| format!("validation did not finish: {}", why(&e)))?;
+        .map_err(|e| format!("validation did not finish: {}", chain(&e)))?;
     if status != OrderStatus::Ready {
         return Err(validation_error(&mut order, acme.challenge).await);
     }
@@ -1026,11 +991,11 @@ async fn obtain(
     order
         .finalize_csr(csr.der())
         .await
-        .map_err(|e| format!("finalization refused: {}", why(&e)))?;
+        .map_err(|e| format!("finalization refused: {}", chain(&e)))?;
     let chain = order
         .poll_certificate(&polling)
         .await
-        .map_err(|e| format!("certificate not delivered: {}", why(&e)))?;
+        .map_err(|e| format!("certificate not delivered: {}", chain(&e)))?;
     Ok(format!("{chain}{}", key.serialize_pem()))
 }
 
@@ -1087,7 +1052,7 @@ mod tests {
     fn challenge_certificate_is_usable_despite_its_critical_extension() {
         let host = HostName::parse("a.example.test").expect("host");
         let pem = alpn01_certificate(&host, &[7u8; 32]).expect("certificate");
-        let key = challenge_key(pem.as_bytes()).expect("usable");
+        let key = pem_key(pem.as_bytes()).expect("usable");
         let der = key.cert[0].as_ref();
         // id-pe-acmeIdentifier, 1.3.6.1.5.5.7.1.31 (RFC 8737 §6.1)
         let oid = [0x06, 0x08, 0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x01, 0x1f];

@@ -243,6 +243,24 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// A client configuration verifying servers against `ca_certs`, or the public
+/// web roots built into linkgate when `None` (the upstream, the ACME server).
+pub fn client_config(ca_certs: Option<&[CertificateDer<'static>]>) -> Result<rustls::ClientConfig, rustls::Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_certs {
+        Some(certs) => {
+            for cert in certs {
+                roots.add(cert.clone())?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// What `linkgate check` reports about one certificate.
 #[derive(Debug, Clone)]
 pub struct CertSummary {

@@ -131,7 +131,7 @@ impl UpstreamError {
 }
 
 /// Formats an error with all its sources on one line.
-fn chain(e: &(dyn StdError + 'static)) -> String {
+pub(crate) fn chain(e: &(dyn StdError + 'static)) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -147,19 +147,7 @@ fn chain(e: &(dyn StdError + 'static)) -> String {
 
 impl Upstream {
     pub fn new(cfg: &config::Upstream) -> Result<Self, rustls::Error> {
-        let mut roots = rustls::RootCertStore::empty();
-        match &cfg.ca_certs {
-            Some(certs) => {
-                for cert in certs {
-                    roots.add(cert.clone())?;
-                }
-            }
-            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = crate::tls::client_config(cfg.ca_certs.as_deref())?;
 
         let mut http = HttpConnector::new();
         http.enforce_http(false);

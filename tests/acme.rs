@@ -25,14 +25,6 @@ const BLOCKED_HOST: &str = "blocked.example.test";
 const FILES_HOST: &str = "files.example.test";
 const NOT_CONFIGURED: &str = "evil.example.test";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 fn installed(program: &str) -> bool {
     Command::new("sh")
         .arg("-c")
@@ -168,15 +160,8 @@ impl Pebble {
         let ca = Daemon::start(cmd);
         ca.wait_for("ACME directory available");
         // Pebble makes a new root at each start; fetch it from the management API.
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(pki.ca_der.clone()).expect("root");
-        let tls = rustls::ClientConfig::builder_with_provider(linkgate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
         let client = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
+            .tls_backend_preconfigured(client_tls(&pki, &[]))
             .no_proxy()
             .resolve("localhost", SocketAddr::from(([127, 0, 0, 1], management)))
             .timeout(HANG_GUARD)
@@ -257,15 +242,7 @@ async fn served_leaf(
     sni: &str,
     alpn: &[&[u8]],
 ) -> Result<CertificateDer<'static>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root.clone()).expect("root");
-    let mut config = rustls::ClientConfig::builder_with_provider(linkgate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_tls_trusting(root, alpn)));
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let name = ServerName::try_from(sni.to_owned()).expect("name");
     let tls = tokio::time::timeout(HANG_GUARD, connector.connect(name, tcp))
@@ -369,16 +346,8 @@ async fn tls_alpn_01_issues_restarts_reuse_storage_and_failures_back_off() {
     let issued = wait_line(&lg.lines, |v| logged(v, "certificate issued", ALPN_HOST));
     assert!(issued["not_after"].is_string(), "{issued}");
     let leaf = wait_served(&pebble.root, lg.https, ALPN_HOST, HANG_GUARD).await;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pebble.root.clone()).expect("root");
     let client = reqwest::Client::builder()
-        .tls_backend_preconfigured(
-            rustls::ClientConfig::builder_with_provider(linkgate::tls::provider())
-                .with_safe_default_protocol_versions()
-                .expect("versions")
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
-        )
+        .tls_backend_preconfigured(client_tls_trusting(&pebble.root, &[b"http/1.1"]))
         .no_proxy()
         .resolve(ALPN_HOST, lg.https)
         .timeout(HANG_GUARD)

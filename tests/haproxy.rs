@@ -21,14 +21,6 @@ use tempfile::TempDir;
 
 const CLICK: &str = "click.example.test";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 struct Haproxy(Child);
 
 impl Drop for Haproxy {

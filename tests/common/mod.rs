@@ -26,6 +26,17 @@ use tokio::sync::{oneshot, Notify};
 /// A generous bound for things that should happen at once; only guards against hangs.
 pub const HANG_GUARD: Duration = Duration::from_secs(20);
 
+/// A loopback port free a moment ago, for servers that cannot be told to
+/// bind port 0 and report it (HAProxy, Pebble, and linkgate when another
+/// server must know its port before it starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
 // ---------------------------------------------------------------- PKI
 
 /// A test certificate authority.
@@ -447,8 +458,13 @@ pub fn host_section(name: &str, stem: &str) -> String {
 
 /// A rustls client config trusting only `pki`, offering `alpn`.
 pub fn client_tls(pki: &Pki, alpn: &[&[u8]]) -> rustls::ClientConfig {
+    client_tls_trusting(&pki.ca_der, alpn)
+}
+
+/// A client configuration trusting only `root`, offering `alpn`.
+pub fn client_tls_trusting(root: &CertificateDer<'static>, alpn: &[&[u8]]) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca_der.clone()).expect("add root");
+    roots.add(root.clone()).expect("add root");
     let mut config = rustls::ClientConfig::builder_with_provider(linkgate::tls::provider())
         .with_safe_default_protocol_versions()
         .expect("versions")
