@@ -578,22 +578,12 @@ async fn host_task(live: Arc<Live>, host: HostName, owner: Arc<str>) {
         let storage = Storage::new(&settings.storage);
 
         // Storage → slot: what this or another replica stored.
-        let Some(stamp) = blocking({
-            let (storage, host) = (storage.clone(), host.clone());
-            move || storage.certificate_stamp(&host)
-        })
-        .await
-        else {
+        let Some(stamp) = on_storage(&storage, &host, Storage::certificate_stamp).await else {
             return;
         };
         if stamp != seen_stamp {
             seen_stamp = stamp;
-            let Some(loaded) = blocking({
-                let (storage, host) = (storage.clone(), host.clone());
-                move || storage.load_certificate(&host)
-            })
-            .await
-            else {
+            let Some(loaded) = on_storage(&storage, &host, Storage::load_certificate).await else {
                 return;
             };
             match loaded {
@@ -630,21 +620,16 @@ async fn host_task(live: Arc<Live>, host: HostName, owner: Arc<str>) {
                 continue;
             }
         }
-        let Some(status) = blocking({
-            let (storage, host) = (storage.clone(), host.clone());
-            move || storage.status(&host)
-        })
-        .await
-        else {
+        let Some(status) = on_storage(&storage, &host, Storage::status).await else {
             return;
         };
         if let Some(next) = status.next_attempt.filter(|&t| t > now) {
             sleep_secs(next - now).await;
             continue;
         }
-        let Some(lock) = blocking({
-            let (storage, host, owner) = (storage.clone(), host.clone(), owner.clone());
-            move || storage.try_lock(host.as_str(), &owner)
+        let Some(lock) = on_storage(&storage, &host, {
+            let owner = owner.clone();
+            move |storage, host| storage.try_lock(host.as_str(), &owner)
         })
         .await
         else {
@@ -682,18 +667,15 @@ async fn host_task(live: Arc<Live>, host: HostName, owner: Arc<str>) {
         .unwrap_or_else(|_| Err(format!("gave up after {}s", ATTEMPT_TIMEOUT.as_secs())));
         let outcome = match attempt {
             Ok(pem) => match parse_stored(pem.as_bytes(), &host) {
-                Ok(fresh) => blocking({
-                    let (storage, host) = (storage.clone(), host.clone());
-                    move || {
-                        write_private(&storage.certificate_path(&host), pem.as_bytes())?;
-                        storage.write_status(
-                            &host,
-                            &Status {
-                                issued_at: Some(unix_now()),
-                                ..Status::default()
-                            },
-                        )
-                    }
+                Ok(fresh) => on_storage(&storage, &host, move |storage, host| {
+                    write_private(&storage.certificate_path(host), pem.as_bytes())?;
+                    storage.write_status(
+                        host,
+                        &Status {
+                            issued_at: Some(unix_now()),
+                            ..Status::default()
+                        },
+                    )
                 })
                 .await
                 .unwrap_or_else(|| Err(io::Error::other("shutting down")))
@@ -763,10 +745,15 @@ async fn sleep_secs(secs: i64) {
     tokio::time::sleep(Duration::from_secs(secs).min(POLL)).await;
 }
 
-/// Runs file work off the async threads (storage may be a network volume).
-/// `None` only when the runtime is shutting down.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-    tokio::task::spawn_blocking(f).await.ok()
+/// Runs `f` on `host`'s files off the async threads (storage may be a
+/// network volume). `None` only when the runtime is shutting down.
+async fn on_storage<T: Send + 'static>(
+    storage: &Storage,
+    host: &HostName,
+    f: impl FnOnce(&Storage, &HostName) -> T + Send + 'static,
+) -> Option<T> {
+    let (storage, host) = (storage.clone(), host.clone());
+    tokio::task::spawn_blocking(move || f(&storage, &host)).await.ok()
 }
 
 /// What an operator can do about `error`.
@@ -879,9 +866,9 @@ async fn account(acme: &Acme, storage: &Storage, owner: &str, client: &CaClient)
         }
         let lock = {
             let (storage, owner) = (storage.clone(), owner.to_owned());
-            blocking(move || storage.try_lock("account", &owner)).await
+            tokio::task::spawn_blocking(move || storage.try_lock("account", &owner)).await
         };
-        match lock.unwrap_or_else(|| Err(io::Error::other("shutting down"))) {
+        match lock.unwrap_or_else(|_| Err(io::Error::other("shutting down"))) {
             Ok(Some(_lock)) => {
                 if tokio::fs::metadata(&path).await.is_ok() {
                     continue;
