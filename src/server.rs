@@ -398,7 +398,9 @@ async fn handshake(
         .alpn()
         .is_some_and(|mut offered| offered.any(|p| p == acme::ACME_TLS_ALPN))
     {
-        answer_alpn01(active, live, start, sni, peer, deadline).await;
+        // Boxed: a rare path must not grow every connection's task (its
+        // state would otherwise be part of the future of each connection).
+        Box::pin(answer_alpn01(active, live, start, sni, peer, deadline)).await;
         return None;
     }
     let Some(host) = sni.as_deref().and_then(|sni| active.sni.host_for(sni).cloned()) else {
