@@ -122,7 +122,7 @@ pub struct Stored {
 
 impl Stored {
     fn not_after_text(&self) -> String {
-        httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(self.not_after.max(0) as u64))
+        fmt_unix(self.not_after)
     }
 
     /// When to renew: `renew_before` ahead of expiry, or when a third of the
