@@ -1,7 +1,8 @@
 //! What is known about one client connection: its client address, the host
 //! its TLS handshake named, whether its forwarding headers are trusted, and
-//! the requests in flight on it (for the idle timeout); and the bound on a
-//! connection whose client stops reading.
+//! the requests in flight on it (for the idle timeout and parking); the
+//! bound on a connection whose client stops reading; and the I/O wrapper
+//! that lets an idle HTTP/1 connection be taken back from hyper.
 
 use std::future::Future;
 use std::io;
@@ -11,6 +12,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
@@ -58,10 +60,12 @@ impl ConnInfo {
 }
 
 /// Counts the requests in flight on a connection (from request head to the
-/// end of the response body) and when the last one ended.
+/// end of the response body), the requests completed, and when the last one
+/// ended.
 #[derive(Debug)]
 pub struct Activity {
     in_flight: AtomicU32,
+    completed: AtomicU32,
     /// Milliseconds after `epoch` when the connection last became idle.
     idle_since_ms: AtomicU64,
     epoch: tokio::time::Instant,
@@ -71,6 +75,7 @@ impl Activity {
     fn new() -> Self {
         Self {
             in_flight: AtomicU32::new(0),
+            completed: AtomicU32::new(0),
             idle_since_ms: AtomicU64::new(0),
             epoch: tokio::time::Instant::now(),
         }
@@ -83,13 +88,37 @@ impl Activity {
     pub(crate) fn end(&self) {
         let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.idle_since_ms.store(ms, Ordering::Relaxed);
+        self.completed.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// How many requests have completed so far (wrapping).
+    pub fn completed(&self) -> u32 {
+        self.completed.load(Ordering::Relaxed)
+    }
+
+    fn idle_since(&self) -> tokio::time::Instant {
+        self.epoch + Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed))
+    }
+
+    /// Completes once a request has completed since [`completed`](Self::completed)
+    /// returned `since`, and no request has been in flight for `limit` after it.
+    pub async fn settled_for(&self, limit: Duration, since: u32) {
+        loop {
+            let now = tokio::time::Instant::now();
+            let waiting = self.in_flight.load(Ordering::Relaxed) > 0 || self.completed() == since;
+            let settles = self.idle_since() + limit;
+            if !waiting && settles <= now {
+                return;
+            }
+            tokio::time::sleep_until(if waiting { now + limit } else { settles }).await;
+        }
     }
 
     /// Completes once no request has been in flight for `limit`.
     pub async fn idle_for(&self, limit: Duration) {
         loop {
-            let idle_since = self.epoch + Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed));
+            let idle_since = self.idle_since();
             let busy = self.in_flight.load(Ordering::Relaxed) > 0;
             if !busy && idle_since + limit <= tokio::time::Instant::now() {
                 return;
@@ -188,5 +217,77 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<IO> {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.io).poll_shutdown(cx);
         this.watch(cx, poll)
+    }
+}
+
+/// A connection's I/O that outlives the hyper connection serving it, so
+/// that an idle HTTP/1 connection can be taken back from hyper (which then
+/// frees its buffers) and handed to a new one at the next request:
+///
+/// - bytes read but not yet used (what hyper had buffered, or the first byte
+///   of the next request) are replayed before reading on;
+/// - `poll_shutdown` only flushes: closing the connection is left to its
+///   owner, after the hyper connection has ended (see [`Resumable::into_inner`]).
+pub struct Resumable<IO> {
+    io: IO,
+    replay: Bytes,
+}
+
+impl<IO> Resumable<IO> {
+    pub fn new(io: IO) -> Self {
+        Self {
+            io,
+            replay: Bytes::new(),
+        }
+    }
+
+    /// Bytes to be read before anything more from the connection.
+    pub fn replay(&mut self, bytes: Bytes) {
+        debug_assert!(self.replay.is_empty(), "replayed bytes would be reordered");
+        self.replay = bytes;
+    }
+
+    /// The connection itself, to be shut down for real.
+    pub fn into_inner(self) -> IO {
+        self.io
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Resumable<IO> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.replay.is_empty() {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        }
+        let n = this.replay.len().min(buf.remaining());
+        buf.put_slice(&this.replay[..n]);
+        this.replay.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Resumable<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 }

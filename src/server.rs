@@ -1,8 +1,9 @@
 //! Listeners and connections: accept on the https and http listeners (and
 //! serve the admin endpoints), read an optional PROXY header, run the TLS
 //! handshake (refusing unknown SNI before any certificate is sent), serve
-//! HTTP/1.1 or HTTP/2 on each connection within the configured limits, and
-//! drain on shutdown.
+//! HTTP/1.1 or HTTP/2 on each connection within the configured limits
+//! (parking idle HTTP/1.1 connections without their buffers), and drain on
+//! shutdown.
 //!
 //! Connections are served by one worker thread per core, each with its own
 //! single-threaded Tokio runtime and its own upstream connection pool, all
@@ -12,21 +13,23 @@
 use std::future::{pending, Future};
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::{timeout_at, Instant};
 use tokio_rustls::LazyConfigAcceptor;
 
 use crate::config::{Config, Limits};
-use crate::connection::{ConnInfo, WriteDeadline};
+use crate::connection::{ConnInfo, Resumable, WriteDeadline};
 use crate::host::HostName;
 use crate::metrics::ChallengeLabels;
 use crate::proxy::Proxy;
@@ -483,8 +486,15 @@ async fn refuse(mut io: TcpStream) {
 }
 
 /// How long an idle connection gets to close gracefully (HTTP/2 GOAWAY and
-/// PING round trip) before it is dropped.
+/// PING round trip, TLS close_notify) before it is dropped.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// An HTTP/1.1 keep-alive connection with no request for this long is
+/// parked: hyper's connection, with its 16 KiB of buffers, is ended and only
+/// the connection itself (socket and TLS state) is held until the next
+/// request, which a new hyper connection serves. Long enough that a busy
+/// connection never parks between requests.
+const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// The HTTP version a connection speaks: chosen by ALPN on TLS, HTTP/1 on plain http.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -501,7 +511,7 @@ async fn serve<IO>(
     io: IO,
     info: ConnInfo,
     protocol: Protocol,
-    mut stopping: watch::Receiver<bool>,
+    stopping: watch::Receiver<bool>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -515,43 +525,137 @@ async fn serve<IO>(
         })
     };
     // A client that stops reading is cut after idle_timeout without write progress.
-    let io = TokioIo::new(WriteDeadline::new(io, limits.idle_timeout));
-    macro_rules! drive {
-        ($conn:expr) => {{
-            let conn = $conn;
-            tokio::pin!(conn);
-            let mut draining = false;
-            // Set when the idle timeout starts a graceful close: a client that
-            // never completes it (e.g. ignores HTTP/2's closing PING) is cut then.
-            let mut close_by: Option<tokio::time::Instant> = None;
-            loop {
-                tokio::select! {
-                    result = conn.as_mut() => {
-                        if let Err(e) = result {
-                            tracing::debug!(client = %info.peer, error = %e, "connection ended with an error");
-                        }
-                        break;
-                    }
-                    _ = stopping.wait_for(|s| *s), if !draining => {
-                        draining = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                    () = info.activity.idle_for(limits.idle_timeout), if !draining => {
-                        draining = true;
-                        close_by = Some(tokio::time::Instant::now() + IDLE_CLOSE_GRACE);
-                        conn.as_mut().graceful_shutdown();
-                    }
-                    () = tokio::time::sleep_until(close_by.unwrap_or_else(tokio::time::Instant::now)), if close_by.is_some() => {
-                        tracing::debug!(client = %info.peer, "idle connection did not close gracefully; closed");
-                        break;
-                    }
+    let io = WriteDeadline::new(io, limits.idle_timeout);
+    match protocol {
+        Protocol::Http1 => serve_http1(io, service, &info, &limits, stopping).await,
+        Protocol::Http2 => serve_http2(io, service, &info, &limits, stopping).await,
+    }
+}
+
+/// HTTP/1.1: alternates between serving (a hyper connection) and, once the
+/// connection has been idle for [`PARK_AFTER`], parked (no hyper connection,
+/// waiting for the first byte of the next request). The wait for the next
+/// request is bounded by `idle_timeout`; a request head, by
+/// `header_read_timeout` from when hyper starts reading it.
+async fn serve_http1<IO, S>(io: IO, service: S, info: &ConnInfo, limits: &Limits, mut stopping: watch::Receiver<bool>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<crate::access::ProxyBody>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Unpin,
+{
+    // Parking restarts hyper's head timer, so park well within it.
+    let park_after = PARK_AFTER.min(limits.header_read_timeout / 2).min(limits.idle_timeout);
+    let activity = &info.activity;
+    let mut io = Resumable::new(io);
+    // Parking needs a request completed since the last time: a connection
+    // that never sends one stays under hyper's head timer.
+    let mut parked_at = activity.completed();
+    loop {
+        // Boxed: freed while parked, instead of sizing every connection's task for it.
+        let mut conn = Box::pin(http1_builder(limits).serve_connection(TokioIo::new(io), service.clone()));
+        let (mut draining, mut parking) = (false, false);
+        let result = loop {
+            tokio::select! {
+                result = conn.as_mut() => break result,
+                _ = stopping.wait_for(|s| *s), if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                () = activity.settled_for(park_after, parked_at), if !draining && !parking => {
+                    // Idle (or midway through a request head, which the next
+                    // connection is handed): hyper ends the connection at once.
+                    parking = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                () = activity.idle_for(limits.idle_timeout), if !draining && !parking => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
                 }
             }
-        }};
+        };
+        if let Err(e) = result {
+            tracing::debug!(client = %info.peer, error = %e, "connection ended with an error");
+            return;
+        }
+        let http1::Parts {
+            io: taken, read_buf, ..
+        } = Pin::into_inner(conn).into_parts();
+        io = taken.into_inner();
+        if draining || !parking {
+            // Drained, idle too long, or the client asked to close.
+            close(io.into_inner()).await;
+            return;
+        }
+        parked_at = activity.completed();
+        if !read_buf.is_empty() {
+            io.replay(read_buf);
+            continue;
+        }
+        // Even empty, it holds on to hyper's read buffer.
+        drop(read_buf);
+        // Parked.
+        tracing::trace!(client = %info.peer, "parked");
+        let mut first = [0u8; 1];
+        let resumed = tokio::select! {
+            read = io.read(&mut first) => match read {
+                Ok(1) => true,
+                // The client closed or the connection broke.
+                _ => return,
+            },
+            _ = stopping.wait_for(|s| *s) => false,
+            () = activity.idle_for(limits.idle_timeout) => false,
+        };
+        if !resumed {
+            close(io.into_inner()).await;
+            return;
+        }
+        io.replay(Bytes::copy_from_slice(&first));
     }
-    match protocol {
-        Protocol::Http1 => drive!(http1_builder(&limits).serve_connection(io, service)),
-        Protocol::Http2 => drive!(http2_builder(&limits).serve_connection(io, service)),
+}
+
+/// Closes a connection that hyper has finished with: TLS close_notify, then FIN.
+async fn close<IO: AsyncWrite + Unpin>(mut io: IO) {
+    let _ = tokio::time::timeout(IDLE_CLOSE_GRACE, io.shutdown()).await;
+}
+
+async fn serve_http2<IO, S>(io: IO, service: S, info: &ConnInfo, limits: &Limits, mut stopping: watch::Receiver<bool>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::access::ProxyBody> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let conn = http2_builder(limits).serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut draining = false;
+    // Set when the idle timeout starts a graceful close: a client that
+    // never completes it (e.g. ignores HTTP/2's closing PING) is cut then.
+    let mut close_by: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(client = %info.peer, error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            _ = stopping.wait_for(|s| *s), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            () = info.activity.idle_for(limits.idle_timeout), if !draining => {
+                draining = true;
+                close_by = Some(tokio::time::Instant::now() + IDLE_CLOSE_GRACE);
+                conn.as_mut().graceful_shutdown();
+            }
+            () = tokio::time::sleep_until(close_by.unwrap_or_else(tokio::time::Instant::now)), if close_by.is_some() => {
+                tracing::debug!(client = %info.peer, "idle connection did not close gracefully; closed");
+                break;
+            }
+        }
     }
 }
 

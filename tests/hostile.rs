@@ -769,3 +769,158 @@ async fn a_client_that_stops_reading_is_cut_after_idle_timeout() {
 
 trait AsyncReadWrite: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncReadWrite for T {}
+
+/// Opens a connection to `listener` ("tls" or "plain") of `lg`.
+async fn open(lg: &Linkgate, pki: &Pki, listener: &str) -> Box<dyn AsyncReadWrite> {
+    let addr = if listener == "tls" {
+        lg.https
+    } else {
+        lg.http.expect("http")
+    };
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    if listener == "tls" {
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_tls(pki, &[b"http/1.1"])));
+        let name = rustls_pki_types::ServerName::try_from(CLICK).expect("name");
+        Box::new(connector.connect(name, tcp).await.expect("handshake"))
+    } else {
+        Box::new(tcp)
+    }
+}
+
+/// Reads one response (head and Content-Length body) and returns it.
+async fn read_response(stream: &mut Box<dyn AsyncReadWrite>) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(HANG_GUARD, async {
+        loop {
+            let text = String::from_utf8_lossy(&got);
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().to_owned())
+                    })
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0);
+                if got.len() >= end + 4 + length {
+                    return;
+                }
+            }
+            let n = stream.read(&mut buf).await.expect("read");
+            assert!(n > 0, "connection closed before a full response: {text}");
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("a response in time");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// True once the server has closed `stream` (EOF or reset), within `within`.
+async fn closed_within(stream: &mut Box<dyn AsyncReadWrite>, within: Duration) -> bool {
+    let mut buf = [0u8; 256];
+    matches!(
+        tokio::time::timeout(within, stream.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+fn get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: {CLICK}\r\n\r\n")
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_parked_and_serves_its_next_request() {
+    // Parking happens after min(1 s, header_read_timeout / 2) = 0.5 s without a request.
+    let (_dir, pki, up, lg) = setup("[limits]\nheader_read_timeout = \"1s\"\nidle_timeout = \"4s\"\n").await;
+    for listener in ["tls", "plain"] {
+        let mut s = open(&lg, &pki, listener).await;
+        s.write_all(get("/first").as_bytes()).await.expect("write");
+        assert_eq!(status_of(&read_response(&mut s).await), 200, "{listener}");
+
+        // Idle well past header_read_timeout: the parked connection stays open
+        // (bounded by idle_timeout), and its next request is served.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Its head arrives in two parts, the first of which wakes the connection.
+        let second = get("/second");
+        let (head, rest) = second.split_at(20);
+        s.write_all(head.as_bytes()).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        s.write_all(rest.as_bytes()).await.expect("write");
+        assert_eq!(status_of(&read_response(&mut s).await), 200, "{listener}");
+
+        // A head that started before the connection parked is handed on whole.
+        s.write_all(get("/third").as_bytes()).await.expect("write");
+        assert_eq!(status_of(&read_response(&mut s).await), 200, "{listener}");
+        let fourth = get("/fourth");
+        let (head, rest) = fourth.split_at(25);
+        s.write_all(head.as_bytes()).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        s.write_all(rest.as_bytes()).await.expect("write");
+        let response = read_response(&mut s).await;
+        assert_eq!(status_of(&response), 200, "{listener}: {response}");
+        assert!(response.ends_with("\r\n\r\nok"), "{listener}: {response}");
+
+        // Still open after 3 s idle; closed by idle_timeout (4 s).
+        assert!(
+            !closed_within(&mut s, Duration::from_secs(3)).await,
+            "{listener}: closed before idle_timeout"
+        );
+        assert!(
+            closed_within(&mut s, Duration::from_secs(3)).await,
+            "{listener}: still open after idle_timeout"
+        );
+    }
+    let seen: Vec<_> = up
+        .received()
+        .into_iter()
+        .map(|r| (r.target.clone(), r.header("host").map(str::to_owned)))
+        .collect();
+    let host = Some(CLICK.to_owned());
+    let once = [
+        ("/first".to_owned(), host.clone()),
+        ("/second".to_owned(), host.clone()),
+        ("/third".to_owned(), host.clone()),
+        ("/fourth".to_owned(), host.clone()),
+    ];
+    assert_eq!(
+        seen,
+        [once.clone(), once].concat(),
+        "each request forwarded once, whole"
+    );
+    lg.stop().await;
+}
+
+#[tokio::test]
+async fn a_head_left_unfinished_is_still_cut_by_header_read_timeout() {
+    let (_dir, pki, up, lg) = setup("[limits]\nheader_read_timeout = \"1s\"\nidle_timeout = \"60s\"\n").await;
+    for listener in ["tls", "plain"] {
+        let mut s = open(&lg, &pki, listener).await;
+        s.write_all(get("/first").as_bytes()).await.expect("write");
+        assert_eq!(status_of(&read_response(&mut s).await), 200, "{listener}");
+        // The start of a head, then nothing: parking hands it to a new hyper
+        // connection, whose head timer still runs out.
+        s.write_all(b"GET /never HTTP/1.1\r\nHost: ").await.expect("write");
+        let started = tokio::time::Instant::now();
+        assert!(
+            closed_within(&mut s, Duration::from_secs(5)).await,
+            "{listener}: an unfinished head kept the connection open"
+        );
+        eprintln!("{listener}: closed after {:?}", started.elapsed());
+        // And a connection that goes quiet mid-head after parking is cut too.
+        let mut s = open(&lg, &pki, listener).await;
+        s.write_all(get("/first").as_bytes()).await.expect("write");
+        assert_eq!(status_of(&read_response(&mut s).await), 200, "{listener}");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        s.write_all(b"GET /never HTTP/1.1\r\n").await.expect("write");
+        assert!(
+            closed_within(&mut s, Duration::from_secs(5)).await,
+            "{listener}: an unfinished head on a parked connection kept it open"
+        );
+    }
+    let seen: Vec<_> = up.received().into_iter().map(|r| r.target).collect();
+    assert_eq!(seen, ["/first"; 4], "nothing unfinished is forwarded");
+    lg.stop().await;
+}
