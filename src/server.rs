@@ -105,10 +105,55 @@ pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Ou
         Upstream::new(upstream)?;
     }
     let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    // Everything that needs a file descriptor is set up before any worker
+    // accepts: once one does, a flood of connections can use them all up.
+    let mut prepared = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let https = listeners.https.try_clone()?;
+        let http = listeners
+            .http
+            .as_ref()
+            .map(std::net::TcpListener::try_clone)
+            .transpose()?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        prepared.push((runtime, https, http));
+    }
+    let admin_listener = listeners
+        .admin
+        .as_ref()
+        .map(|l| l.try_clone().and_then(TcpListener::from_std))
+        .transpose()?;
+    let https_addr = listeners.https_addr()?;
+    let http_addr = listeners.http_addr().transpose()?;
+    let admin_addr = listeners.admin_addr().transpose()?;
+
+    let (stop, stopping) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        live: live.clone(),
+        connections: Arc::new(Semaphore::new(config.limits.max_connections as usize)),
+        stopping,
+    });
+    // Certificates for `acme = true` hosts; stops with this function.
+    let acme = AbortOnDrop(acme::spawn(live.clone()));
+    let admin = admin_listener.map(|l| tokio::spawn(admin::serve(l, live.clone())));
+
+    let mut done = Vec::with_capacity(workers);
+    for (id, (runtime, https, http)) in prepared.into_iter().enumerate() {
+        let shared = shared.clone();
+        let (finished, on_finish) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("linkgate-{id}"))
+            .spawn(move || {
+                runtime.block_on(worker(shared, https, http));
+                let _ = finished.send(());
+            })?;
+        done.push(on_finish);
+    }
+    drop(listeners);
     tracing::info!(
-        https = %listeners.https_addr()?,
-        http = %listeners.http_addr().transpose()?.map_or("-".into(), |a| a.to_string()),
-        admin = %listeners.admin_addr().transpose()?.map_or("-".into(), |a| a.to_string()),
+        https = %https_addr,
+        http = %http_addr.map_or("-".into(), |a| a.to_string()),
+        admin = %admin_addr.map_or("-".into(), |a| a.to_string()),
         hosts = config.hosts.len(),
         upstream = %config
             .upstreams
@@ -119,46 +164,6 @@ pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Ou
         workers,
         "linkgate listening"
     );
-
-    let (stop, stopping) = watch::channel(false);
-    let shared = Arc::new(Shared {
-        live: live.clone(),
-        connections: Arc::new(Semaphore::new(config.limits.max_connections as usize)),
-        stopping,
-    });
-    // Certificates for `acme = true` hosts; stops with this function.
-    let acme = AbortOnDrop(acme::spawn(live.clone()));
-    let admin = match &listeners.admin {
-        Some(l) => Some(tokio::spawn(admin::serve(
-            TcpListener::from_std(l.try_clone()?)?,
-            live.clone(),
-        ))),
-        None => None,
-    };
-
-    let mut done = Vec::with_capacity(workers);
-    for id in 0..workers {
-        let https = listeners.https.try_clone()?;
-        let http = listeners
-            .http
-            .as_ref()
-            .map(std::net::TcpListener::try_clone)
-            .transpose()?;
-        let shared = shared.clone();
-        let (finished, on_finish) = tokio::sync::oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name(format!("linkgate-{id}"))
-            .spawn(move || {
-                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(runtime) => runtime.block_on(worker(shared, https, http)),
-                    Err(e) => tracing::error!(error = %e, "cannot start worker runtime"),
-                }
-                let _ = finished.send(());
-            })?;
-        done.push(on_finish);
-    }
-    let Listeners { https, http, .. } = listeners;
-    drop((https, http));
     live.ready.store(true, Ordering::SeqCst);
 
     shutdown.await;
