@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::process::{wait_line, Process};
+use common::process::{wait_line, wait_lines, Process};
 use common::*;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tempfile::TempDir;
@@ -342,8 +342,14 @@ async fn tls_alpn_01_issues_restarts_reuse_storage_and_failures_back_off() {
     let config = linkgate_config(dir.path(), "linkgate", https, http, &up, &rest);
     let lg = Process::start(&config);
 
-    // Issued over TLS-ALPN-01 and served at once, with no restart.
-    let issued = wait_line(&lg.lines, |v| logged(v, "certificate issued", ALPN_HOST));
+    // Issued over TLS-ALPN-01 and served at once, with no restart. The
+    // blocked host's refusal may be logged before or after.
+    let [issued, failed] = wait_lines(
+        &lg.lines,
+        [&|v| logged(v, "certificate issued", ALPN_HOST), &|v| {
+            logged(v, "could not obtain a certificate", BLOCKED_HOST)
+        }],
+    );
     assert!(issued["not_after"].is_string(), "{issued}");
     let leaf = wait_served(&pebble.root, lg.https, ALPN_HOST, HANG_GUARD).await;
     let client = reqwest::Client::builder()
@@ -370,7 +376,6 @@ async fn tls_alpn_01_issues_restarts_reuse_storage_and_failures_back_off() {
     assert!(files_leaf.is_ok(), "{files_leaf:?}");
 
     // The rejected order: logged with what to do, counted, recorded in storage, backed off.
-    let failed = wait_line(&lg.lines, |v| logged(v, "could not obtain a certificate", BLOCKED_HOST));
     assert!(
         failed["error"]
             .as_str()

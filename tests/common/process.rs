@@ -106,6 +106,9 @@ impl Drop for Process {
     }
 }
 
+/// The next log line that `want` accepts; panics (at the caller's line) if
+/// none arrives within [`HANG_GUARD`].
+#[track_caller]
 pub fn wait_line(
     lines: &mpsc::Receiver<serde_json::Value>,
     want: impl Fn(&serde_json::Value) -> bool,
@@ -119,4 +122,26 @@ pub fn wait_line(
             Err(_) => panic!("log line not seen"),
         }
     }
+}
+
+/// The first log line each of `wants` accepts, in whatever order they come;
+/// panics (at the caller's line) if they do not all arrive within [`HANG_GUARD`].
+#[track_caller]
+pub fn wait_lines<const N: usize>(
+    lines: &mpsc::Receiver<serde_json::Value>,
+    wants: [&dyn Fn(&serde_json::Value) -> bool; N],
+) -> [serde_json::Value; N] {
+    let deadline = std::time::Instant::now() + HANG_GUARD;
+    let mut found: [Option<serde_json::Value>; N] = std::array::from_fn(|_| None);
+    while found.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let Ok(v) = lines.recv_timeout(left) else {
+            let missing: Vec<usize> = (0..N).filter(|&i| found[i].is_none()).collect();
+            panic!("log lines not seen: wants {missing:?}");
+        };
+        if let Some(i) = (0..N).find(|&i| found[i].is_none() && wants[i](&v)) {
+            found[i] = Some(v);
+        }
+    }
+    found.map(|v| v.expect("found"))
 }
