@@ -924,3 +924,26 @@ async fn a_head_left_unfinished_is_still_cut_by_header_read_timeout() {
     assert_eq!(seen, ["/first"; 4], "nothing unfinished is forwarded");
     lg.stop().await;
 }
+
+#[tokio::test]
+async fn a_parked_connection_is_closed_at_once_when_the_server_drains() {
+    // The default grace period (30 s) is longer than HANG_GUARD: stop() only
+    // returns in time if the parked connection is closed when draining starts.
+    let (_dir, pki, up, lg) = setup("").await;
+    let mut s = open(&lg, &pki, "tls").await;
+    s.write_all(get("/first").as_bytes()).await.expect("write");
+    assert_eq!(status_of(&read_response(&mut s).await), 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = tokio::time::Instant::now();
+    lg.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "drain waited {:?} for a parked connection",
+        started.elapsed()
+    );
+    assert!(
+        closed_within(&mut s, Duration::from_secs(1)).await,
+        "the client sees the close"
+    );
+    assert_eq!(up.received().len(), 1);
+}
