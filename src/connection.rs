@@ -262,6 +262,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Resumable<IO> {
         let n = this.replay.len().min(buf.remaining());
         buf.put_slice(&this.replay[..n]);
         this.replay.advance(n);
+        if this.replay.is_empty() {
+            // Emptied, it would still keep the buffer it was cut from alive
+            // (hyper's previous read buffer) while the connection is parked.
+            this.replay = Bytes::new();
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -289,5 +294,33 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Resumable<IO> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn replayed_bytes_come_first_and_are_not_kept_once_read() {
+        let (client, server) = tokio::io::duplex(64);
+        let mut io = Resumable::new(server);
+        // What hyper hands back is a slice of its whole read buffer.
+        let buffer = Bytes::from(b"GET / HTTP/1.1\r\nHo....unused capacity....".to_vec());
+        io.replay(buffer.slice(..18));
+        assert!(!buffer.is_unique());
+        let mut client = client;
+        client.write_all(b"st: a.test\r\n\r\n").await.expect("write");
+        let mut got = [0u8; 32];
+        let mut n = 0;
+        while n < 32 {
+            n += io.read(&mut got[n..]).await.expect("read");
+        }
+        assert_eq!(&got[..], b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n");
+        assert!(
+            buffer.is_unique(),
+            "the replayed slice still holds the buffer it came from"
+        );
     }
 }
