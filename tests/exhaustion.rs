@@ -49,15 +49,6 @@ async fn try_request(pki: &Pki, https: SocketAddr) -> reqwest::Result<u16> {
     Ok(resp.status().as_u16())
 }
 
-/// True once the server has closed `s` (EOF or reset), within `within`.
-async fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
-    let mut buf = [0u8; 64];
-    matches!(
-        tokio::time::timeout(within, s.read(&mut buf)).await,
-        Ok(Ok(0)) | Ok(Err(_))
-    )
-}
-
 #[tokio::test]
 async fn thousands_of_idle_and_half_open_connections_stay_bounded() {
     const IDLE_TLS: usize = 1_000;

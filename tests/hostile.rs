@@ -730,20 +730,7 @@ async fn a_client_that_stops_reading_is_cut_after_idle_timeout() {
     const SIZE: usize = 64 << 20;
     let request = format!("GET /big?n={SIZE} HTTP/1.1\r\nHost: {CLICK}\r\nConnection: close\r\n\r\n");
     for listener in ["tls", "plain"] {
-        let tcp = tokio::net::TcpStream::connect(if listener == "tls" {
-            lg.https
-        } else {
-            lg.http.expect("http")
-        })
-        .await
-        .expect("connect");
-        let mut stream: Box<dyn AsyncReadWrite> = if listener == "tls" {
-            let connector = tokio_rustls::TlsConnector::from(Arc::new(client_tls(&pki, &[b"http/1.1"])));
-            let name = rustls_pki_types::ServerName::try_from(CLICK).expect("name");
-            Box::new(connector.connect(name, tcp).await.expect("handshake"))
-        } else {
-            Box::new(tcp)
-        };
+        let mut stream = open(&lg, &pki, listener).await;
         stream.write_all(request.as_bytes()).await.expect("request");
         // Read nothing for longer than idle_timeout: the response stalls in the socket buffers.
         tokio::time::sleep(Duration::from_secs(6)).await;
@@ -818,17 +805,16 @@ async fn read_response(stream: &mut Box<dyn AsyncReadWrite>) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
-/// True once the server has closed `stream` (EOF or reset), within `within`.
-async fn closed_within(stream: &mut Box<dyn AsyncReadWrite>, within: Duration) -> bool {
-    let mut buf = [0u8; 256];
-    matches!(
-        tokio::time::timeout(within, stream.read(&mut buf)).await,
-        Ok(Ok(0)) | Ok(Err(_))
-    )
-}
-
 fn get(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: {CLICK}\r\n\r\n")
+}
+
+/// A keep-alive connection to `listener` on which `GET /first` has been served.
+async fn after_one_request(lg: &Linkgate, pki: &Pki, listener: &str) -> Box<dyn AsyncReadWrite> {
+    let mut s = open(lg, pki, listener).await;
+    s.write_all(get("/first").as_bytes()).await.expect("write");
+    assert_eq!(status_of(&read_response(&mut s).await), 200, "{listener}");
+    s
 }
 
 #[tokio::test]
@@ -836,9 +822,7 @@ async fn an_idle_keep_alive_connection_is_parked_and_serves_its_next_request() {
     // Parking happens after min(1 s, header_read_timeout / 2) = 0.5 s without a request.
     let (_dir, pki, up, lg) = setup("[limits]\nheader_read_timeout = \"1s\"\nidle_timeout = \"4s\"\n").await;
     for listener in ["tls", "plain"] {
-        let mut s = open(&lg, &pki, listener).await;
-        s.write_all(get("/first").as_bytes()).await.expect("write");
-        assert_eq!(status_of(&read_response(&mut s).await), 200, "{listener}");
+        let mut s = after_one_request(&lg, &pki, listener).await;
 
         // Idle well past header_read_timeout: the parked connection stays open
         // (bounded by idle_timeout), and its next request is served.
@@ -865,11 +849,11 @@ async fn an_idle_keep_alive_connection_is_parked_and_serves_its_next_request() {
 
         // Still open after 3 s idle; closed by idle_timeout (4 s).
         assert!(
-            !closed_within(&mut s, Duration::from_secs(3)).await,
+            !closed_by_server(&mut s, Duration::from_secs(3)).await,
             "{listener}: closed before idle_timeout"
         );
         assert!(
-            closed_within(&mut s, Duration::from_secs(3)).await,
+            closed_by_server(&mut s, Duration::from_secs(3)).await,
             "{listener}: still open after idle_timeout"
         );
     }
@@ -897,26 +881,22 @@ async fn an_idle_keep_alive_connection_is_parked_and_serves_its_next_request() {
 async fn a_head_left_unfinished_is_still_cut_by_header_read_timeout() {
     let (_dir, pki, up, lg) = setup("[limits]\nheader_read_timeout = \"1s\"\nidle_timeout = \"60s\"\n").await;
     for listener in ["tls", "plain"] {
-        let mut s = open(&lg, &pki, listener).await;
-        s.write_all(get("/first").as_bytes()).await.expect("write");
-        assert_eq!(status_of(&read_response(&mut s).await), 200, "{listener}");
+        let mut s = after_one_request(&lg, &pki, listener).await;
         // The start of a head, then nothing: parking hands it to a new hyper
         // connection, whose head timer still runs out.
         s.write_all(b"GET /never HTTP/1.1\r\nHost: ").await.expect("write");
         let started = tokio::time::Instant::now();
         assert!(
-            closed_within(&mut s, Duration::from_secs(5)).await,
+            closed_by_server(&mut s, Duration::from_secs(5)).await,
             "{listener}: an unfinished head kept the connection open"
         );
         eprintln!("{listener}: closed after {:?}", started.elapsed());
         // And a connection that goes quiet mid-head after parking is cut too.
-        let mut s = open(&lg, &pki, listener).await;
-        s.write_all(get("/first").as_bytes()).await.expect("write");
-        assert_eq!(status_of(&read_response(&mut s).await), 200, "{listener}");
+        let mut s = after_one_request(&lg, &pki, listener).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         s.write_all(b"GET /never HTTP/1.1\r\n").await.expect("write");
         assert!(
-            closed_within(&mut s, Duration::from_secs(5)).await,
+            closed_by_server(&mut s, Duration::from_secs(5)).await,
             "{listener}: an unfinished head on a parked connection kept it open"
         );
     }
@@ -930,9 +910,7 @@ async fn a_parked_connection_is_closed_at_once_when_the_server_drains() {
     // The default grace period (30 s) is longer than HANG_GUARD: stop() only
     // returns in time if the parked connection is closed when draining starts.
     let (_dir, pki, up, lg) = setup("").await;
-    let mut s = open(&lg, &pki, "tls").await;
-    s.write_all(get("/first").as_bytes()).await.expect("write");
-    assert_eq!(status_of(&read_response(&mut s).await), 200);
+    let mut s = after_one_request(&lg, &pki, "tls").await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let started = tokio::time::Instant::now();
     lg.stop().await;
@@ -942,7 +920,7 @@ async fn a_parked_connection_is_closed_at_once_when_the_server_drains() {
         started.elapsed()
     );
     assert!(
-        closed_within(&mut s, Duration::from_secs(1)).await,
+        closed_by_server(&mut s, Duration::from_secs(1)).await,
         "the client sees the close"
     );
     assert_eq!(up.received().len(), 1);

@@ -527,6 +527,16 @@ pub async fn raw_plain(addr: SocketAddr, request: &[u8]) -> std::io::Result<Stri
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
+/// True once the server has closed `s` (EOF or reset), within `within`.
+pub async fn closed_by_server<S: tokio::io::AsyncRead + Unpin + ?Sized>(s: &mut S, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    matches!(
+        tokio::time::timeout(within, s.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
 /// The status code at the start of a raw HTTP/1 response.
 pub fn status_of(raw: &str) -> u16 {
     raw.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
