@@ -212,3 +212,68 @@ async fn ocsp_response_is_stapled_and_replaced_on_reload() {
     assert!(out.contains("Cert Status: revoked"), "{out}");
     lg.stop().await;
 }
+
+/// The server picks the suite, AES-128-GCM first: an OpenSSL client (which
+/// asks for AES-256-GCM first, like curl and most mail scanners) gets
+/// AES-128-GCM on TLS 1.3 and 1.2, and a client offering only another suite
+/// still gets that one.
+#[tokio::test]
+async fn server_prefers_aes_128_gcm_whatever_the_client_asks_first() {
+    if !have_openssl() {
+        return;
+    }
+    let dir = TempDir::new().expect("tempdir");
+    let d = dir.path();
+    let pki = Pki::new();
+    pki.write_leaf(d, "click", &[CLICK]);
+    let up = StandIn::plain().await;
+    let toml = format!(
+        "{}{}{}",
+        listen_section(),
+        plain_upstream(&up),
+        host_section(CLICK, "click")
+    );
+    let lg = Linkgate::start(d, &toml).await;
+    let connect = format!("127.0.0.1:{}", lg.https.port());
+    // Off the test's thread: the server runs on it.
+    let negotiated = |args: &[&str]| {
+        let all: Vec<String> = ["s_client", "-connect", &connect, "-servername", CLICK]
+            .iter()
+            .chain(args)
+            .map(|a| a.to_string())
+            .collect();
+        let d = d.to_owned();
+        async move {
+            let out = tokio::task::spawn_blocking(move || {
+                let args: Vec<&str> = all.iter().map(String::as_str).collect();
+                openssl(&d, &args)
+            })
+            .await
+            .expect("openssl task");
+            let out = String::from_utf8_lossy(&out.stdout).into_owned();
+            out.lines()
+                .find_map(|l| l.split_once(", Cipher is ").map(|(_, c)| c.trim().to_owned()))
+                .unwrap_or_else(|| panic!("no cipher line in: {out}"))
+        }
+    };
+    let tls13_256_first = "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256";
+    assert_eq!(
+        negotiated(&["-tls1_3", "-ciphersuites", tls13_256_first]).await,
+        "TLS_AES_128_GCM_SHA256"
+    );
+    assert_eq!(negotiated(&["-tls1_3"]).await, "TLS_AES_128_GCM_SHA256");
+    assert_eq!(
+        negotiated(&["-tls1_3", "-ciphersuites", "TLS_AES_256_GCM_SHA384"]).await,
+        "TLS_AES_256_GCM_SHA384"
+    );
+    assert_eq!(
+        negotiated(&["-tls1_3", "-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256"]).await,
+        "TLS_CHACHA20_POLY1305_SHA256"
+    );
+    let tls12_256_first = "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-GCM-SHA256";
+    assert_eq!(
+        negotiated(&["-tls1_2", "-cipher", tls12_256_first]).await,
+        "ECDHE-ECDSA-AES128-GCM-SHA256"
+    );
+    lg.stop().await;
+}
