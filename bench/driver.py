@@ -80,14 +80,16 @@ def tree(pid):
 
 
 def cpu_seconds(pid):
-    total = 0
+    """(user, kernel) CPU seconds of pid and its descendants: utime and stime from /proc."""
+    user = kernel = 0
     for p in tree(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            user += int(fields[11])
+            kernel += int(fields[12])
         except (OSError, IndexError):
             pass
-    return total / TICK
+    return user / TICK, kernel / TICK
 
 
 def memory(pid, key):
@@ -239,6 +241,68 @@ def run_scenario(scenario, proc, port):
     raise ValueError(scenario)
 
 
+PROFILED = ["a", "b", "c"]
+
+# Self time is grouped by what it is spent on: the crate a Rust symbol comes
+# from, or the kind of C or kernel function. First match wins.
+USER_GROUPS = [
+    ("allocator (glibc malloc/free)", r"^(_int_malloc|_int_free|malloc|free|cfree|realloc|calloc|unlink_chunk|malloc_consolidate|tcache|__libc_malloc|__libc_free)"),
+    ("memory copies (memcpy/memmove)", r"^__(memmove|memcpy|memset|memcmp)"),
+    ("aws-lc-rs (AES-GCM, ECDSA, X25519, SHA)", r"(aws_lc|aead_|gcm_|aes_|sha256|sha512|ecp_nistz|p256|x25519|fiat_|bn_|ec_|ecdsa)"),
+    ("rustls and tokio-rustls", r"^<?(rustls|tokio_rustls)::"),
+    ("hyper-util (upstream pool and client)", r"^<?hyper_util::"),
+    ("hyper and httparse (HTTP/1 and HTTP/2 codecs)", r"^<?(hyper|httparse|h2)::"),
+    ("http (header maps, URIs)", r"^<?http::"),
+    ("tokio (scheduler, I/O driver, timers)", r"^<?(tokio|mio)::"),
+    ("linkgate", r"^<?linkgate::"),
+]
+KERNEL_GROUPS = [
+    ("kernel: scheduler, wake-ups, interrupts", r"(schedule|finish_task_switch|switch_|wake|ttwu|enqueue|dequeue|update_curr|pick_next|psi_|_raw_spin|irq)"),
+    ("kernel: epoll", r"(epoll|^ep_)"),
+    ("kernel: TCP/IP over loopback (both ends)", r"(tcp|^ip_|ipv4|skb|^net_|napi|^dev_|sock|inet|recv|send|loopback|netif|^nf_|csum|process_backlog|softirq)"),
+]
+
+
+def component(dso, sym):
+    if dso.startswith("[kernel"):
+        for name, pattern in KERNEL_GROUPS:
+            if re.search(pattern, sym):
+                return name
+        return "kernel: other (syscall entry and exit, clocks, memory)"
+    for name, pattern in USER_GROUPS:
+        if re.search(pattern, sym):
+            return name
+    return "other user space (std, libc, futures, bytes)"
+
+
+def profile(proc, scenario, port):
+    """Runs the scenario under `perf record -e cpu-clock` on linkgate's process;
+    returns self time grouped by component and the top user-space functions."""
+    data = RUN / f"perf-{scenario}.data"
+    rec = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "-p", str(proc.pid), "-o", str(data),
+                            "--", "sleep", str(DURATION)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r = run_scenario(scenario, proc, port)
+    rec.wait(DURATION + 60)
+    rep = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "-g", "none", "-q",
+                          "--sort", "dso,sym", "--percent-limit", "0"],
+                         capture_output=True, text=True, timeout=300)
+    out = rep.stdout
+    groups, top = {}, []
+    for line in out.splitlines():
+        m = re.match(r"\s*([\d.]+)%\s+(\S+)\s+\[(.)\]\s+(.*\S)", line)
+        if not m:
+            continue
+        pct, dso, sym = float(m.group(1)), m.group(2), m.group(4)
+        group = component(dso, sym)
+        groups[group] = groups.get(group, 0.0) + pct
+        if not dso.startswith("[kernel") and len(top) < 12:
+            top.append([pct, sym[:110], group])
+    if not groups:
+        return {"requests": r["requests"], "groups": {}, "top": [],
+                "error": f"perf recorded nothing (exit {rec.returncode}): {rep.stderr.strip()[-300:]}"}
+    return {"requests": r["requests"], "groups": groups, "top": top}
+
+
 def versions():
     def first_line(cmd):
         try:
@@ -285,7 +349,7 @@ def main():
     render("upstream-nginx.conf", 0, upstream_port, RUN / "upstream.conf")
     upstream = subprocess.Popen(["nginx", "-c", str(RUN / "upstream.conf"), "-e", str(RUN / "upstream.err")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    results = []
+    results, profiles = [], {}
     try:
         wait_port(upstream_port, upstream)
         scenarios = [s for s in os.environ.get("BENCH_SCENARIOS", "abcde")]
@@ -296,15 +360,19 @@ def main():
                     port = free_port()
                     proc = start_contender(name, port, upstream_port)
                     try:
-                        cpu0 = cpu_seconds(proc.pid)
+                        user0, kernel0 = cpu_seconds(proc.pid)
                         t0 = time.time()
                         r = run_scenario(scenario, proc, port)
                         elapsed = time.time() - t0
-                        cpu = cpu_seconds(proc.pid) - cpu0
+                        user1, kernel1 = cpu_seconds(proc.pid)
+                        user, kernel = user1 - user0, kernel1 - kernel0
+                        cpu = user + kernel
                         r.update(contender=name, scenario=scenario, round=rnd, elapsed=elapsed, cpu_s=cpu,
+                                 user_s=user, kernel_s=kernel,
                                  peak_rss=memory(proc.pid, "VmHWM"),
                                  rps=r["requests"] / (DURATION if scenario != "d" else max(elapsed, 1e-9)))
-                        r["cpu_per_10k"] = cpu / r["requests"] * 10000 if r["requests"] else float("nan")
+                        for key, seconds in (("cpu_per_10k", cpu), ("user_per_10k", user), ("kernel_per_10k", kernel)):
+                            r[key] = seconds / r["requests"] * 10000 if r["requests"] else float("nan")
                         raw = r.pop("raw", "")
                         if r.get("errors"):
                             print(f"  note: {name} ({scenario}) {r['errors']}", flush=True)
@@ -317,10 +385,22 @@ def main():
                                  f"{r['still_open']} held, {r['rss_per_conn'] / 1024:.1f} KiB/conn"), flush=True)
                     finally:
                         stop(proc)
+        if "linkgate" in contenders and os.environ.get("BENCH_PROFILE", "1") != "0":
+            for scenario in [s for s in PROFILED if s in scenarios]:
+                port = free_port()
+                proc = start_contender("linkgate", port, upstream_port)
+                try:
+                    profiles[scenario] = profile(proc, scenario, port)
+                    print(f"profile of linkgate in ({scenario}): "
+                          + ", ".join(f"{g} {v:.0f}%" for g, v in sorted(profiles[scenario]["groups"].items(),
+                                                                          key=lambda kv: -kv[1])[:4]), flush=True)
+                finally:
+                    stop(proc)
     finally:
         stop(upstream)
     report = {"machine": machine(), "versions": versions(), "crypto": crypto_floor(),
-              "duration_s": DURATION, "rounds": ROUNDS, "idle_conns": IDLE_CONNS, "results": results}
+              "duration_s": DURATION, "rounds": ROUNDS, "idle_conns": IDLE_CONNS, "results": results,
+              "profiles": profiles}
     (BENCH / "results.json").write_text(json.dumps(report, indent=1, default=str))
     import report as rep  # noqa: E402 - sibling module
     rep.write(report, ROOT / "BENCHMARKS.md", BENCH / "ratios.svg")

@@ -123,9 +123,88 @@ def write(report, md_path, svg_path):
     for label, v, ok in checks:
         met = "n/a" if math.isnan(v) else ("yes" if ok(v) else "**no**")
         lines.append(f"| {label} | {fmt(v, '.2f')} | {met} |")
-    lines += ["", "Where a target is missed, the analysis is in `bench/README.md` (Findings).", ""]
+    missed = [label for label, v, ok in checks if not math.isnan(v) and not ok(v)]
+    lines += explain(res, report.get("profiles", {}), missed, scenarios, contenders)
     md_path.write_text("\n".join(lines))
     svg_path.write_text(svg(chart))
+
+
+KERNEL = "kernel"
+TCP = "kernel: TCP/IP over loopback (both ends)"
+SCHED = "kernel: scheduler, wake-ups, interrupts"
+
+
+def explain(res, profiles, missed, scenarios, contenders):
+    """The sections that say why: user and kernel CPU of every contender, the
+    profile of linkgate, and for each missed target the figures behind it."""
+    lines = ["", "## Where the CPU goes", "",
+             "CPU seconds per 10,000 requests split into user space and kernel (utime and stime from `/proc`, "
+             "medians over rounds). The kernel part is mostly TCP over loopback, paid for both ends of each "
+             "connection the proxy holds, and is the same work for every contender.", "",
+             "| scenario | " + " | ".join(f"{c} user + kernel" for c in contenders) + " |",
+             "|---|" + "---:|" * len(contenders)]
+    for s in [x for x in THROUGHPUT if x in scenarios]:
+        lines.append(f"| ({s}) | " + " | ".join(
+            f"{fmt(med(by(res, s, c, 'user_per_10k')), '.3f')} + {fmt(med(by(res, s, c, 'kernel_per_10k')), '.3f')}"
+            for c in contenders) + " |")
+    if profiles:
+        done = {s: p for s, p in profiles.items() if p.get("groups")}
+        lines += ["", "### Profile of linkgate", "",
+                  "One extra run per scenario under `perf record -e cpu-clock` (999 Hz) on linkgate's process; "
+                  "self time grouped by the crate or kind of function it is spent in, as a share of all samples.", ""]
+        for s, p in profiles.items():
+            if p.get("error"):
+                lines.append(f"- ({s}): no profile — {p['error']}")
+        if done:
+            order = sorted({g for p in done.values() for g in p["groups"]},
+                           key=lambda g: (not g.startswith(KERNEL), -max(p["groups"].get(g, 0) for p in done.values())))
+            lines += ["| spent in | " + " | ".join(f"({s})" for s in done) + " |", "|---|" + "---:|" * len(done)]
+            for g in order:
+                lines.append(f"| {g} | " + " | ".join(f"{p['groups'].get(g, 0):.1f}%" for p in done.values()) + " |")
+            lines.append("| **kernel, all** | " + " | ".join(
+                f"**{kernel_share(p):.1f}%**" for p in done.values()) + " |")
+            for s, p in done.items():
+                lines += ["", f"Largest user-space functions in ({s}), self time:", ""]
+                lines += [f"- {pct:.2f}% `{sym}` ({group})" for pct, sym, group in p["top"][:8]]
+    lines += ["", "## Why targets are missed", ""]
+    if not missed:
+        lines += ["Every target is met.", ""]
+        return lines
+    for s in ["a", "b", "c", "e"]:
+        mine = [m for m in missed if m.startswith(f"({s})")]
+        if not mine:
+            continue
+        peer = best_cpu_peer(res, s, contenders)
+        u, k = med(by(res, s, "linkgate", "user_per_10k")), med(by(res, s, "linkgate", "kernel_per_10k"))
+        text = f"- **{', '.join(mine)}.**"
+        if peer:
+            pu, pk = med(by(res, s, peer, "user_per_10k")), med(by(res, s, peer, "kernel_per_10k"))
+            text += (f" Against {peer}, the peer with the least CPU per request here: linkgate's kernel CPU is "
+                     f"{fmt(k, '.3f')} s per 10k requests against {fmt(pk, '.3f')} ({fmt(k / pk if pk else math.nan, '.2f')}×), "
+                     f"its user-space CPU {fmt(u, '.3f')} against {fmt(pu, '.3f')} ({fmt(u / pu if pu else math.nan, '.2f')}×).")
+        p = profiles.get(s, {})
+        if p.get("groups"):
+            user = sorted(((g, v) for g, v in p["groups"].items() if not g.startswith(KERNEL)), key=lambda kv: -kv[1])
+            text += (f" In linkgate's profile {kernel_share(p):.0f}% of the samples are in the kernel "
+                     f"({p['groups'].get(TCP, 0):.0f}% TCP/IP, {p['groups'].get(SCHED, 0):.0f}% scheduler, wake-ups and "
+                     f"interrupts); user space is spread over " + ", ".join(f"{g} {v:.1f}%" for g, v in user[:5])
+                     + f", the largest single function {p['top'][0][0]:.1f}% (`{p['top'][0][1][:60]}`).")
+        lines.append(text)
+    if any(m.startswith("(d)") for m in missed):
+        lines.append("- **(d) memory per idle connection.** Not profiled by this script: the heap of a parked TLS "
+                     "connection, measured with heaptrack, is broken down in `bench/README.md` (Findings).")
+    lines += ["", "The analysis of these figures, and what was tried, is in `bench/README.md` (Findings).", ""]
+    return lines
+
+
+def kernel_share(profile):
+    return sum(v for g, v in profile["groups"].items() if g.startswith(KERNEL))
+
+
+def best_cpu_peer(res, scenario, contenders):
+    peers = [(med(by(res, scenario, c, "cpu_per_10k")), c) for c in contenders if c != "linkgate"]
+    peers = [(v, c) for v, c in peers if not math.isnan(v)]
+    return min(peers)[1] if peers else None
 
 
 def svg(rows):
