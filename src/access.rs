@@ -12,10 +12,10 @@ use bytes::Bytes;
 use http::{Method, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 
 use crate::connection::ConnInfo;
 use crate::host::HostName;
+use crate::upstream::UpstreamBody;
 
 /// What the access log line says about a request, filled in as it is handled.
 pub(crate) struct AccessRecord {
@@ -32,7 +32,7 @@ pub(crate) struct AccessRecord {
 /// short one of its own. Counts the bytes sent and writes the access log
 /// line when the body ends or is dropped.
 pub struct ProxyBody {
-    inner: Either<Incoming, Full<Bytes>>,
+    inner: Either<UpstreamBody, Full<Bytes>>,
     sent: u64,
     log: Option<(AccessRecord, Instant)>,
     conn: Arc<ConnInfo>,
@@ -41,7 +41,7 @@ pub struct ProxyBody {
 impl ProxyBody {
     /// Wraps `inner`; `log` is the access record and when the request started (`None`: no access line).
     pub(crate) fn new(
-        inner: Either<Incoming, Full<Bytes>>,
+        inner: Either<UpstreamBody, Full<Bytes>>,
         log: Option<(AccessRecord, Instant)>,
         conn: Arc<ConnInfo>,
     ) -> Self {

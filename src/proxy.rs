@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -24,7 +24,7 @@ use crate::connection::ConnInfo;
 use crate::host::HostName;
 use crate::metrics::{KindLabels, Metrics};
 use crate::reload::Active;
-use crate::upstream::{RequestBody, Upstream, UpstreamError};
+use crate::upstream::{RequestBody, Upstream, UpstreamBody, UpstreamError};
 
 pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -89,7 +89,7 @@ impl ProxyError {
         }
     }
 
-    fn into_response(self, version: Version) -> Response<Either<Incoming, Full<Bytes>>> {
+    fn into_response(self, version: Version) -> Response<Either<UpstreamBody, Full<Bytes>>> {
         let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(self.body().as_bytes()))));
         *resp.status_mut() = self.status();
         let headers = resp.headers_mut();
@@ -199,7 +199,7 @@ impl Proxy {
         conn: &ConnInfo,
         req: Request<Incoming>,
         host_out: &mut Option<HostName>,
-    ) -> Result<(Response<Either<Incoming, Full<Bytes>>>, Option<Duration>), ProxyError> {
+    ) -> Result<(Response<Either<UpstreamBody, Full<Bytes>>>, Option<Duration>), ProxyError> {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::MethodNotAllowed);
         }
@@ -255,9 +255,8 @@ impl Proxy {
         }
 
         let (mut parts, body) = req.into_parts();
-        parts.uri = upstream
-            .uri_for(path_and_query)
-            .map_err(|_| ProxyError::BadRequest("invalid request target\n"))?;
+        // Origin form: the connection is to the upstream already.
+        parts.uri = Uri::from(path_and_query);
         parts.version = Version::HTTP_11;
         parts.extensions = http::Extensions::new();
         rewrite_request_headers(&mut parts.headers, &host, conn);

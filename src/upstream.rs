@@ -1,31 +1,41 @@
-//! The upstream side: one pooled HTTP/1.1 client to the configured upstream
-//! (plain or TLS), and the classification of what can go wrong on it.
+//! The upstream side: a pool of HTTP/1.1 connections to the configured
+//! upstream (plain or TLS), and the classification of what can go wrong on it.
 //!
-//! The request URI names the upstream (`https://sendgrid.net/...`), so the
-//! pool key, TLS SNI and certificate verification all use the upstream's
+//! The pool key, TLS SNI and certificate verification all use the upstream's
 //! name, while the Host header the proxy sets carries the branded name.
 //! HTTP/1.1 only: an HTTP/2 upstream would receive `:authority` and `host`
 //! disagreeing, which is exactly the ambiguity a proxy must not create.
+//!
+//! Each worker has its own [`Upstream`] (its connections are served on one
+//! thread), so the pool is a plain list behind an uncontended lock: the most
+//! recently used connection is taken first, and connections idle longer than
+//! `pool_idle_timeout` are closed. It is built on hyper's connection API
+//! rather than hyper-util's general client because a proxy with one upstream
+//! needs none of that client's keying, connector layers or per-request
+//! boxing, and those were a measurable part of each request's CPU.
 
+use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::fmt;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri};
+use http::uri::Scheme;
+use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Limited;
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use crate::config;
 
@@ -78,13 +88,72 @@ impl Body for RequestBody {
     }
 }
 
-/// A pooled client bound to one upstream.
+/// The pooled client for one upstream. Cheap to clone: clones share the pool.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpsConnector<Dialer>, RequestBody>,
-    scheme: Scheme,
-    authority: Authority,
+    pool: Arc<Pool>,
+}
+
+struct Pool {
+    /// Host (without IPv6 brackets) and port to resolve and dial.
+    host: String,
+    port: u16,
+    connect_to: Option<SocketAddr>,
+    /// Set for an https upstream: the connector and the name it verifies.
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    connect_timeout: Duration,
     response_timeout: Duration,
+    idle_timeout: Duration,
+    /// Idle connections, the most recently used at the back.
+    idle: Mutex<VecDeque<Idle>>,
+    /// True while a task is closing connections that idle too long.
+    sweeping: AtomicBool,
+}
+
+struct Idle {
+    sender: http1::SendRequest<RequestBody>,
+    since: Instant,
+}
+
+/// A response body from the upstream. Its connection goes back to the pool
+/// once the body has been read to the end; a body dropped before that (the
+/// client went away) takes its connection down with it.
+pub struct UpstreamBody {
+    inner: Incoming,
+    conn: Option<(http1::SendRequest<RequestBody>, Arc<Pool>)>,
+}
+
+impl UpstreamBody {
+    fn release(&mut self) {
+        if let Some((sender, pool)) = self.conn.take() {
+            pool.checkin(sender);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
+            Poll::Ready(Some(Err(_))) => this.conn = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// What went wrong talking to the upstream.
@@ -147,107 +216,209 @@ pub(crate) fn chain(e: &(dyn StdError + 'static)) -> String {
 
 impl Upstream {
     pub fn new(cfg: &config::Upstream) -> Result<Self, rustls::Error> {
-        let tls = crate::tls::client_config(cfg.ca_certs.as_deref())?;
-
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(cfg.connect_timeout));
-        let dialer = Dialer {
-            http,
-            connect_to: cfg.connect_to,
+        let mut tls = crate::tls::client_config(cfg.ca_certs.as_deref())?;
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let host = cfg
+            .authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let https = cfg.scheme == Scheme::HTTPS;
+        let tls = if https {
+            let name = ServerName::try_from(host.clone())
+                .map_err(|_| rustls::Error::General(format!("{host}: not a valid TLS server name")))?;
+            Some((TlsConnector::from(Arc::new(tls)), name))
+        } else {
+            None
         };
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(dialer);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout)
-            .build(connector);
         Ok(Self {
-            client,
-            scheme: cfg.scheme.clone(),
-            authority: cfg.authority.clone(),
-            response_timeout: cfg.response_timeout,
+            pool: Arc::new(Pool {
+                port: cfg.authority.port_u16().unwrap_or(if https { 443 } else { 80 }),
+                host,
+                connect_to: cfg.connect_to,
+                tls,
+                connect_timeout: cfg.connect_timeout,
+                response_timeout: cfg.response_timeout,
+                idle_timeout: cfg.pool_idle_timeout,
+                idle: Mutex::new(VecDeque::new()),
+                sweeping: AtomicBool::new(false),
+            }),
         })
     }
 
-    /// The absolute URI for `path_and_query` on this upstream.
-    pub fn uri_for(&self, path_and_query: PathAndQuery) -> Result<Uri, http::Error> {
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-    }
-
-    /// Sends a request (its URI made by [`Upstream::uri_for`]) and waits for
-    /// the response head. The body is streamed by the caller.
-    pub async fn send(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, UpstreamError> {
-        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
-            Err(_) => Err(UpstreamError::Timeout(self.response_timeout)),
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(classify(e)),
-        }
+    /// Sends a request (its URI in origin form, its Host header set) and
+    /// waits for the response head, all within `response_timeout`. The body
+    /// is streamed by the caller.
+    pub async fn send(&self, req: Request<RequestBody>) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let timeout = self.pool.response_timeout;
+        tokio::time::timeout(timeout, self.pool.clone().request(req))
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout(timeout)))
     }
 }
 
-fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
-    let is_tls = {
-        let mut source = e.source();
-        let mut found = false;
-        while let Some(s) = source {
-            if s.downcast_ref::<rustls::Error>().is_some() {
-                found = true;
-                break;
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
+        // Uncontended: one worker's connections run on one thread.
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn request(self: Arc<Self>, mut req: Request<RequestBody>) -> Result<Response<UpstreamBody>, UpstreamError> {
+        loop {
+            let (mut sender, reused) = match self.checkout() {
+                Some(sender) => (sender, true),
+                None => (self.connect().await?, false),
+            };
+            // A pooled connection is ready once its task has finished the previous exchange.
+            if let Err(e) = sender.ready().await {
+                if reused {
+                    continue;
+                }
+                return Err(UpstreamError::Broken(Box::new(e)));
             }
-            source = s.source();
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let (parts, inner) = resp.into_parts();
+                    let mut body = UpstreamBody {
+                        inner,
+                        conn: Some((sender, self.clone())),
+                    };
+                    if body.inner.is_end_stream() {
+                        body.release();
+                    }
+                    return Ok(Response::from_parts(parts, body));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Never written: a pooled connection closed under us. Another one, or a new one, gets it.
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(UpstreamError::Broken(Box::new(e.into_error()))),
+                },
+            }
         }
-        found
-    };
-    if is_tls {
-        UpstreamError::Tls(Box::new(e))
-    } else if e.is_connect() {
-        UpstreamError::Connect(Box::new(e))
-    } else {
-        UpstreamError::Broken(Box::new(e))
+    }
+
+    /// The most recently used idle connection that is still open.
+    fn checkout(&self) -> Option<http1::SendRequest<RequestBody>> {
+        let now = Instant::now();
+        let mut idle = self.lock();
+        while let Some(i) = idle.pop_back() {
+            if now.saturating_duration_since(i.since) > self.idle_timeout {
+                // The newest is too old, so are all the others.
+                idle.clear();
+                return None;
+            }
+            if !i.sender.is_closed() {
+                return Some(i.sender);
+            }
+        }
+        None
+    }
+
+    fn checkin(self: Arc<Self>, sender: http1::SendRequest<RequestBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        {
+            let mut idle = self.lock();
+            self.expire(&mut idle, now);
+            idle.push_back(Idle { sender, since: now });
+        }
+        if !self.sweeping.swap(true, Ordering::AcqRel) {
+            tokio::spawn(sweep(Arc::downgrade(&self)));
+        }
+    }
+
+    /// Drops connections idle longer than `idle_timeout` (their tasks then close them).
+    fn expire(&self, idle: &mut VecDeque<Idle>, now: Instant) {
+        while idle
+            .front()
+            .is_some_and(|i| i.sender.is_closed() || now.saturating_duration_since(i.since) > self.idle_timeout)
+        {
+            idle.pop_front();
+        }
+    }
+
+    async fn connect(&self) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
+        let tcp = tokio::time::timeout(self.connect_timeout, self.dial())
+            .await
+            .map_err(|_| UpstreamError::Connect(format!("no connection within {:?}", self.connect_timeout).into()))??;
+        // Request heads and small bodies go out at once.
+        let _ = tcp.set_nodelay(true);
+        match &self.tls {
+            None => handshake(tcp).await,
+            Some((connector, name)) => {
+                let stream = connector.connect(name.clone(), tcp).await.map_err(|e| {
+                    if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+                        UpstreamError::Tls(Box::new(e))
+                    } else {
+                        UpstreamError::Connect(Box::new(e))
+                    }
+                })?;
+                handshake(stream).await
+            }
+        }
+    }
+
+    /// A TCP connection to `connect_to`, or to the first address of the
+    /// upstream's name that accepts one.
+    async fn dial(&self) -> Result<TcpStream, UpstreamError> {
+        let connect_error = |e: std::io::Error| UpstreamError::Connect(Box::new(e));
+        if let Some(addr) = self.connect_to {
+            return TcpStream::connect(addr).await.map_err(connect_error);
+        }
+        let addrs = tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| UpstreamError::Connect(format!("cannot resolve {}: {e}", self.host).into()))?;
+        let mut last = None;
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(tcp) => return Ok(tcp),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.map_or_else(
+            || UpstreamError::Connect(format!("{} has no address", self.host).into()),
+            connect_error,
+        ))
     }
 }
 
-/// Opens the TCP connection for the upstream: to `connect_to` when set,
-/// otherwise to the URI's host. TLS on top (hyper-rustls) always uses the
-/// URI's host for SNI and verification.
-#[derive(Clone)]
-pub struct Dialer {
-    http: HttpConnector,
-    connect_to: Option<SocketAddr>,
+/// Starts HTTP/1.1 on a new connection; its task runs until the connection closes.
+async fn handshake<IO>(io: IO) -> Result<http1::SendRequest<RequestBody>, UpstreamError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| UpstreamError::Broken(Box::new(e)))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
 }
 
-impl tower_service::Service<Uri> for Dialer {
-    type Response = TokioIo<TcpStream>;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        tower_service::Service::<Uri>::poll_ready(&mut self.http, cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, dst: Uri) -> Self::Future {
-        let target = match self.connect_to {
-            Some(addr) => match Uri::builder()
-                .scheme("http")
-                .authority(addr.to_string())
-                .path_and_query("/")
-                .build()
-            {
-                Ok(uri) => uri,
-                Err(e) => return Box::pin(async move { Err(e.into()) }),
-            },
-            None => dst,
+/// Closes connections that idle too long, while there are any.
+async fn sweep(pool: Weak<Pool>) {
+    loop {
+        let Some(every) = pool
+            .upgrade()
+            .map(|p| p.idle_timeout.max(Duration::from_millis(100)) / 2)
+        else {
+            return;
         };
-        let fut = self.http.call(target);
-        Box::pin(async move { fut.await.map_err(Into::into) })
+        tokio::time::sleep(every).await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let mut idle = pool.lock();
+        pool.expire(&mut idle, Instant::now());
+        if idle.is_empty() {
+            pool.sweeping.store(false, Ordering::Release);
+            return;
+        }
     }
 }

@@ -593,3 +593,102 @@ async fn upstream_refused_is_502_and_silent_upstream_is_504() {
     assert_eq!(up.received().len(), 1);
     lg.stop().await;
 }
+
+/// Waits until `cond` holds, for at most `within`.
+async fn eventually(within: std::time::Duration, cond: impl Fn() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while !cond() {
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    true
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused_then_closed_when_idle() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let up = StandIn::plain().await;
+    let toml = format!(
+        "{}{}pool_idle_timeout = \"1s\"\n{}",
+        listen_section(),
+        plain_upstream(&up),
+        host_section(CLICK, "click")
+    );
+    let lg = Linkgate::start(dir.path(), &toml).await;
+    let c = client(&pki, &lg, &[CLICK]);
+    // A pixel, a large body, a redirect, an empty body: each read to its end.
+    for path in ["/wf/open", "/big?n=300000", "/redirect", "/echo", "/wf/open"] {
+        let resp = c.get(lg.url(CLICK, path)).send().await.expect("request");
+        assert!(
+            resp.status().is_success() || resp.status() == 302,
+            "{path}: {}",
+            resp.status()
+        );
+        resp.bytes().await.expect("body");
+    }
+    let conns: Vec<usize> = up.received().iter().map(|r| r.conn).collect();
+    assert_eq!(
+        conns,
+        [1, 1, 1, 1, 1],
+        "one upstream connection for one client's requests"
+    );
+    assert_eq!(up.open_connections(), 1);
+    // Idle past pool_idle_timeout, linkgate closes it; the next request opens another.
+    assert!(
+        eventually(std::time::Duration::from_secs(5), || up.open_connections() == 0).await,
+        "idle upstream connection still open"
+    );
+    let resp = c.get(lg.url(CLICK, "/wf/open")).send().await.expect("request");
+    assert_eq!(resp.text().await.expect("body"), "ok");
+    assert_eq!(up.received().last().map(|r| r.conn), Some(2));
+    lg.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_the_upstream_closed_while_idle_is_not_used_again() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let up = StandIn::plain_closing_idle_after(std::time::Duration::from_millis(200)).await;
+    let toml = format!(
+        "{}{}{}",
+        listen_section(),
+        plain_upstream(&up),
+        host_section(CLICK, "click")
+    );
+    let lg = Linkgate::start(dir.path(), &toml).await;
+    let c = client(&pki, &lg, &[CLICK]);
+    for round in 1..=3 {
+        let resp = c.get(lg.url(CLICK, "/wf/open")).send().await.expect("request");
+        assert_eq!(resp.status(), 200, "round {round}");
+        assert_eq!(resp.text().await.expect("body"), "ok");
+        assert_eq!(up.received().last().map(|r| r.conn), Some(round));
+        assert!(
+            eventually(std::time::Duration::from_secs(5), || up.open_connections() == 0).await,
+            "the stand-in did not close its idle connection"
+        );
+    }
+    lg.stop().await;
+}
+
+#[tokio::test]
+async fn a_download_the_client_abandons_does_not_spoil_later_requests() {
+    let (_dir, pki, up, lg) = setup().await;
+    let c = client(&pki, &lg, &[CLICK]);
+    let mut resp = c.get(lg.url(CLICK, "/big?n=20000000")).send().await.expect("request");
+    assert!(resp.chunk().await.expect("first chunk").is_some());
+    drop(resp);
+    drop(c);
+    let c = client(&pki, &lg, &[CLICK]);
+    for _ in 0..5 {
+        let resp = c.get(lg.url(CLICK, "/wf/open")).send().await.expect("request");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.text().await.expect("body"), "ok");
+    }
+    assert_eq!(up.received().len(), 6);
+    lg.stop().await;
+}

@@ -8,6 +8,7 @@ pub mod process;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -171,6 +172,8 @@ pub struct Recorded {
     pub version: http::Version,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// Which connection it came on: 1 for the first the stand-in accepted, and so on.
+    pub conn: usize,
 }
 
 impl Recorded {
@@ -191,6 +194,8 @@ impl Recorded {
 pub struct StandIn {
     pub addr: SocketAddr,
     requests: Arc<Mutex<Vec<Recorded>>>,
+    /// Connections open right now.
+    open: Arc<AtomicUsize>,
     pub release: Arc<Notify>,
     _stop: oneshot::Sender<()>,
 }
@@ -200,31 +205,48 @@ type UpBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 impl StandIn {
     /// A plain-http stand-in.
     pub async fn plain() -> Self {
-        Self::start(None).await
+        Self::start(None, None).await
+    }
+
+    /// A plain-http stand-in that closes a keep-alive connection, without a
+    /// word, once it has been idle for `idle` (as upstreams do).
+    pub async fn plain_closing_idle_after(idle: Duration) -> Self {
+        Self::start(None, Some(idle)).await
     }
 
     /// An https stand-in presenting `leaf`.
     pub async fn tls(leaf: &Leaf) -> Self {
-        Self::start(Some(leaf.acceptor())).await
+        Self::start(Some(leaf.acceptor()), None).await
     }
 
-    async fn start(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
+    async fn start(tls: Option<tokio_rustls::TlsAcceptor>, idle: Option<Duration>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind stand-in");
         let addr = listener.local_addr().expect("addr");
         let requests = Arc::new(Mutex::new(Vec::new()));
         let release = Arc::new(Notify::new());
+        let open = Arc::new(AtomicUsize::new(0));
         let (stop, mut stopped) = oneshot::channel::<()>();
-        let (reqs, rel) = (requests.clone(), release.clone());
+        let (reqs, rel, open_conns) = (requests.clone(), release.clone(), open.clone());
         tokio::spawn(async move {
+            let mut accepted = 0;
             loop {
                 let (stream, _) = tokio::select! {
                     _ = &mut stopped => return,
                     r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
                 };
-                let (reqs, rel, tls) = (reqs.clone(), rel.clone(), tls.clone());
+                accepted += 1;
+                let conn = accepted;
+                let (reqs, rel, tls, open) = (reqs.clone(), rel.clone(), tls.clone(), open_conns.clone());
+                open.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| handle(req, reqs.clone(), rel.clone()));
-                    let builder = hyper::server::conn::http1::Builder::new();
+                    let svc = service_fn(move |req| handle(req, reqs.clone(), rel.clone(), conn));
+                    let mut builder = hyper::server::conn::http1::Builder::new();
+                    if let Some(idle) = idle {
+                        // hyper's head timer runs from the end of each response.
+                        builder
+                            .timer(hyper_util::rt::TokioTimer::new())
+                            .header_read_timeout(idle);
+                    }
                     match tls {
                         Some(acceptor) => {
                             if let Ok(s) = acceptor.accept(stream).await {
@@ -235,12 +257,14 @@ impl StandIn {
                             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
                         }
                     }
+                    open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
         Self {
             addr,
             requests,
+            open,
             release,
             _stop: stop,
         }
@@ -249,6 +273,11 @@ impl StandIn {
     /// Everything received so far.
     pub fn received(&self) -> Vec<Recorded> {
         self.requests.lock().expect("lock").clone()
+    }
+
+    /// Connections open to the stand-in right now.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 }
 
@@ -265,6 +294,7 @@ async fn handle(
     req: Request<Incoming>,
     requests: Arc<Mutex<Vec<Recorded>>>,
     release: Arc<Notify>,
+    conn: usize,
 ) -> Result<Response<UpBody>, Infallible> {
     let (parts, body) = req.into_parts();
     // Only complete requests are recorded: a body that fails to arrive is an
@@ -285,6 +315,7 @@ async fn handle(
         version: parts.version,
         headers: parts.headers.clone(),
         body: body.clone(),
+        conn,
     });
     let path = parts.uri.path();
     let resp = match path {
