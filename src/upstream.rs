@@ -303,7 +303,7 @@ impl Pool {
         let now = Instant::now();
         let mut idle = self.lock();
         while let Some(i) = idle.pop_back() {
-            if now.saturating_duration_since(i.since) > self.idle_timeout {
+            if now.saturating_duration_since(i.since) >= self.idle_timeout {
                 // The newest is too old, so are all the others.
                 idle.clear();
                 return None;
@@ -334,7 +334,7 @@ impl Pool {
     fn expire(&self, idle: &mut VecDeque<Idle>, now: Instant) {
         while idle
             .front()
-            .is_some_and(|i| i.sender.is_closed() || now.saturating_duration_since(i.since) > self.idle_timeout)
+            .is_some_and(|i| i.sender.is_closed() || now.saturating_duration_since(i.since) >= self.idle_timeout)
         {
             idle.pop_front();
         }
@@ -401,24 +401,22 @@ where
     Ok(sender)
 }
 
-/// Closes connections that idle too long, while there are any.
+/// Closes each idle connection when it has idled `pool_idle_timeout`, for as
+/// long as there are idle connections.
 async fn sweep(pool: Weak<Pool>) {
     loop {
-        let Some(every) = pool
-            .upgrade()
-            .map(|p| p.idle_timeout.max(Duration::from_millis(100)) / 2)
-        else {
-            return;
+        let next = {
+            let Some(pool) = pool.upgrade() else {
+                return;
+            };
+            let mut idle = pool.lock();
+            pool.expire(&mut idle, Instant::now());
+            let Some(oldest) = idle.front() else {
+                pool.sweeping.store(false, Ordering::Release);
+                return;
+            };
+            oldest.since + pool.idle_timeout
         };
-        tokio::time::sleep(every).await;
-        let Some(pool) = pool.upgrade() else {
-            return;
-        };
-        let mut idle = pool.lock();
-        pool.expire(&mut idle, Instant::now());
-        if idle.is_empty() {
-            pool.sweeping.store(false, Ordering::Release);
-            return;
-        }
+        tokio::time::sleep_until(next.into()).await;
     }
 }
