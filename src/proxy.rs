@@ -283,13 +283,17 @@ impl Proxy {
         let body = RequestBody::new(first, body);
 
         let sent = Instant::now();
-        let resp = upstream.send(Request::from_parts(parts, body)).await.map_err(|e| {
-            if e.is_body_limit() {
-                ProxyError::BodyTooLarge
-            } else {
-                ProxyError::Upstream(e)
-            }
-        })?;
+        let timeout = upstream.response_timeout();
+        let resp = tokio::time::timeout(timeout, upstream.send(Request::from_parts(parts, body)))
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout(timeout)))
+            .map_err(|e| {
+                if e.is_body_limit() {
+                    ProxyError::BodyTooLarge
+                } else {
+                    ProxyError::Upstream(e)
+                }
+            })?;
         let upstream_time = sent.elapsed();
 
         let (mut parts, body) = resp.into_parts();

@@ -17,6 +17,7 @@
 use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -248,13 +249,21 @@ impl Upstream {
     }
 
     /// Sends a request (its URI in origin form, its Host header set) and
-    /// waits for the response head, all within `response_timeout`. The body
-    /// is streamed by the caller.
-    pub async fn send(&self, req: Request<RequestBody>) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let timeout = self.pool.response_timeout;
-        tokio::time::timeout(timeout, self.pool.clone().request(req))
-            .await
-            .unwrap_or(Err(UpstreamError::Timeout(timeout)))
+    /// waits for the response head. The body is streamed by the caller. The
+    /// caller bounds it with [`Upstream::response_timeout`]: an `async fn`
+    /// wrapping the timeout here would keep a second copy of the request in
+    /// its future, and every request's future (on HTTP/2, moved into a task
+    /// of its own) would be larger for it.
+    pub fn send(
+        &self,
+        req: Request<RequestBody>,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send + 'static {
+        self.pool.clone().request(req)
+    }
+
+    /// How long to wait for a response head (connecting included).
+    pub fn response_timeout(&self) -> Duration {
+        self.pool.response_timeout
     }
 }
 
@@ -268,7 +277,9 @@ impl Pool {
         loop {
             let (mut sender, reused) = match self.checkout() {
                 Some(sender) => (sender, true),
-                None => (self.connect().await?, false),
+                // Boxed: connecting (TLS included) is rare, and inline its
+                // state would size every request's future for it.
+                None => (Box::pin(self.connect()).await?, false),
             };
             // A pooled connection is ready once its task has finished the previous exchange.
             if let Err(e) = sender.ready().await {
