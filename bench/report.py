@@ -152,9 +152,9 @@ def explain(res, profiles, missed, scenarios, contenders):
         lines += ["", "### Profile of linkgate", "",
                   "One extra run per scenario under `perf record -e cpu-clock` (999 Hz) on linkgate's process; "
                   "self time grouped by the crate or kind of function it is spent in, as a share of all samples.", ""]
-        for s, p in profiles.items():
-            if p.get("error"):
-                lines.append(f"- ({s}): no profile — {p['error']}")
+        failed = [f"- ({s}): no profile — {p['error']}" for s, p in profiles.items() if p.get("error")]
+        if failed:
+            lines += failed + [""]
         if done:
             order = sorted({g for p in done.values() for g in p["groups"]},
                            key=lambda g: (not g.startswith(KERNEL), -max(p["groups"].get(g, 0) for p in done.values())))
