@@ -373,26 +373,32 @@ impl Pool {
     }
 
     /// A TCP connection to `connect_to`, or to the first address of the
-    /// upstream's name that accepts one.
+    /// upstream's name that accepts one. Each address gets an equal share
+    /// of `connect_timeout`, so one that does not answer (an unreachable
+    /// IPv6 route, say) leaves time for the next.
     async fn dial(&self) -> Result<TcpStream, UpstreamError> {
         let connect_error = |e: std::io::Error| UpstreamError::Connect(Box::new(e));
         if let Some(addr) = self.connect_to {
             return TcpStream::connect(addr).await.map_err(connect_error);
         }
-        let addrs = tokio::net::lookup_host((self.host.as_str(), self.port))
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
             .await
-            .map_err(|e| UpstreamError::Connect(format!("cannot resolve {}: {e}", self.host).into()))?;
+            .map_err(|e| UpstreamError::Connect(format!("cannot resolve {}: {e}", self.host).into()))?
+            .collect();
+        let share = self.connect_timeout / u32::try_from(addrs.len().max(1)).unwrap_or(u32::MAX);
         let mut last = None;
         for addr in addrs {
-            match TcpStream::connect(addr).await {
-                Ok(tcp) => return Ok(tcp),
-                Err(e) => last = Some(e),
+            match tokio::time::timeout(share, TcpStream::connect(addr)).await {
+                Ok(Ok(tcp)) => return Ok(tcp),
+                Ok(Err(e)) => last = Some(connect_error(e)),
+                Err(_) => {
+                    last = Some(UpstreamError::Connect(
+                        format!("{addr}: no answer within {share:?}").into(),
+                    ))
+                }
             }
         }
-        Err(last.map_or_else(
-            || UpstreamError::Connect(format!("{} has no address", self.host).into()),
-            connect_error,
-        ))
+        Err(last.unwrap_or_else(|| UpstreamError::Connect(format!("{} has no address", self.host).into())))
     }
 }
 

@@ -692,3 +692,30 @@ async fn a_download_the_client_abandons_does_not_spoil_later_requests() {
     assert_eq!(up.received().len(), 6);
     lg.stop().await;
 }
+
+/// Without `connect_to`, the upstream's name is resolved and its addresses
+/// tried in turn (where `localhost` also resolves to ::1, that one is
+/// refused and 127.0.0.1, where the stand-in listens, answers).
+#[tokio::test]
+async fn upstream_named_by_dns_is_dialled_at_an_address_that_answers() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let up = StandIn::plain().await;
+    let toml = format!(
+        "{}[upstream]\nurl = \"http://localhost:{}\"\n{}",
+        listen_section(),
+        up.addr.port(),
+        host_section(CLICK, "click")
+    );
+    let lg = Linkgate::start(dir.path(), &toml).await;
+    let resp = client(&pki, &lg, &[CLICK])
+        .get(lg.url(CLICK, "/wf/open"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.expect("body"), "ok");
+    assert_eq!(up.received()[0].header("host"), Some(CLICK));
+    lg.stop().await;
+}
