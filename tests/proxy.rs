@@ -11,16 +11,17 @@ const CLICK: &str = "click.example.test";
 
 /// One host, a plain stand-in upstream, linkgate on loopback.
 async fn setup() -> (TempDir, Pki, StandIn, Linkgate) {
+    let up = StandIn::plain().await;
+    let upstream = plain_upstream(&up);
+    setup_with(up, &upstream).await
+}
+
+/// One host behind linkgate, `upstream` being the whole `[upstream]` section.
+async fn setup_with(up: StandIn, upstream: &str) -> (TempDir, Pki, StandIn, Linkgate) {
     let dir = TempDir::new().expect("tempdir");
     let pki = Pki::new();
     pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
-    let toml = format!(
-        "{}{}{}",
-        listen_section(),
-        plain_upstream(&up),
-        host_section(CLICK, "click")
-    );
+    let toml = format!("{}{upstream}{}", listen_section(), host_section(CLICK, "click"));
     let lg = Linkgate::start(dir.path(), &toml).await;
     (dir, pki, up, lg)
 }
@@ -608,17 +609,9 @@ async fn eventually(within: std::time::Duration, cond: impl Fn() -> bool) -> boo
 
 #[tokio::test]
 async fn upstream_connections_are_reused_then_closed_when_idle() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
     let up = StandIn::plain().await;
-    let toml = format!(
-        "{}{}pool_idle_timeout = \"1s\"\n{}",
-        listen_section(),
-        plain_upstream(&up),
-        host_section(CLICK, "click")
-    );
-    let lg = Linkgate::start(dir.path(), &toml).await;
+    let upstream = format!("{}pool_idle_timeout = \"1s\"\n", plain_upstream(&up));
+    let (_dir, pki, up, lg) = setup_with(up, &upstream).await;
     let c = client(&pki, &lg, &[CLICK]);
     // A pixel, a large body, a redirect, an empty body: each read to its end.
     for path in ["/wf/open", "/big?n=300000", "/redirect", "/echo", "/wf/open"] {
@@ -650,17 +643,9 @@ async fn upstream_connections_are_reused_then_closed_when_idle() {
 
 #[tokio::test]
 async fn a_connection_the_upstream_closed_while_idle_is_not_used_again() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
     let up = StandIn::plain_closing_idle_after(std::time::Duration::from_millis(200)).await;
-    let toml = format!(
-        "{}{}{}",
-        listen_section(),
-        plain_upstream(&up),
-        host_section(CLICK, "click")
-    );
-    let lg = Linkgate::start(dir.path(), &toml).await;
+    let upstream = plain_upstream(&up);
+    let (_dir, pki, up, lg) = setup_with(up, &upstream).await;
     let c = client(&pki, &lg, &[CLICK]);
     for round in 1..=3 {
         let resp = c.get(lg.url(CLICK, "/wf/open")).send().await.expect("request");
@@ -698,17 +683,9 @@ async fn a_download_the_client_abandons_does_not_spoil_later_requests() {
 /// refused and 127.0.0.1, where the stand-in listens, answers).
 #[tokio::test]
 async fn upstream_named_by_dns_is_dialled_at_an_address_that_answers() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
     let up = StandIn::plain().await;
-    let toml = format!(
-        "{}[upstream]\nurl = \"http://localhost:{}\"\n{}",
-        listen_section(),
-        up.addr.port(),
-        host_section(CLICK, "click")
-    );
-    let lg = Linkgate::start(dir.path(), &toml).await;
+    let upstream = format!("[upstream]\nurl = \"http://localhost:{}\"\n", up.addr.port());
+    let (_dir, pki, up, lg) = setup_with(up, &upstream).await;
     let resp = client(&pki, &lg, &[CLICK])
         .get(lg.url(CLICK, "/wf/open"))
         .send()
