@@ -1,7 +1,7 @@
 //! The upstream side: a pool of HTTP/1.1 connections to the configured
 //! upstream (plain or TLS), and the classification of what can go wrong on it.
 //!
-//! The pool key, TLS SNI and certificate verification all use the upstream's
+//! The connection, TLS SNI and certificate verification use the upstream's
 //! name, while the Host header the proxy sets carries the branded name.
 //! HTTP/1.1 only: an HTTP/2 upstream would receive `:authority` and `host`
 //! disagreeing, which is exactly the ambiguity a proxy must not create.
@@ -114,6 +114,12 @@ struct Pool {
 struct Idle {
     sender: http1::SendRequest<RequestBody>,
     since: Instant,
+}
+
+impl Idle {
+    fn expired(&self, now: Instant, idle_timeout: Duration) -> bool {
+        now.saturating_duration_since(self.since) >= idle_timeout
+    }
 }
 
 /// A response body from the upstream. Its connection goes back to the pool
@@ -314,7 +320,7 @@ impl Pool {
         let now = Instant::now();
         let mut idle = self.lock();
         while let Some(i) = idle.pop_back() {
-            if now.saturating_duration_since(i.since) >= self.idle_timeout {
+            if i.expired(now, self.idle_timeout) {
                 // The newest is too old, so are all the others.
                 idle.clear();
                 return None;
@@ -345,7 +351,7 @@ impl Pool {
     fn expire(&self, idle: &mut VecDeque<Idle>, now: Instant) {
         while idle
             .front()
-            .is_some_and(|i| i.sender.is_closed() || now.saturating_duration_since(i.since) >= self.idle_timeout)
+            .is_some_and(|i| i.sender.is_closed() || i.expired(now, self.idle_timeout))
         {
             idle.pop_front();
         }
