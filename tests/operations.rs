@@ -72,14 +72,6 @@ fn load_loop(
     (stop, ok, failed, task)
 }
 
-async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + HANG_GUARD;
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn metric(lg: &Linkgate, line_start: &str) -> Option<f64> {
     let text = reqwest::get(lg.admin_url("/metrics")).await.ok()?.text().await.ok()?;
     text.lines()

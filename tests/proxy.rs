@@ -595,18 +595,6 @@ async fn upstream_refused_is_502_and_silent_upstream_is_504() {
     lg.stop().await;
 }
 
-/// Waits until `cond` holds, for at most `within`.
-async fn eventually(within: std::time::Duration, cond: impl Fn() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + within;
-    while !cond() {
-        if tokio::time::Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    true
-}
-
 #[tokio::test]
 async fn upstream_connections_are_reused_then_closed_when_idle() {
     let up = StandIn::plain().await;
@@ -631,10 +619,10 @@ async fn upstream_connections_are_reused_then_closed_when_idle() {
     );
     assert_eq!(up.open_connections(), 1);
     // Idle past pool_idle_timeout, linkgate closes it; the next request opens another.
-    assert!(
-        eventually(std::time::Duration::from_secs(5), || up.open_connections() == 0).await,
-        "idle upstream connection still open"
-    );
+    wait_for("linkgate to close the idle upstream connection", async || {
+        up.open_connections() == 0
+    })
+    .await;
     let resp = c.get(lg.url(CLICK, "/wf/open")).send().await.expect("request");
     assert_eq!(resp.text().await.expect("body"), "ok");
     assert_eq!(up.received().last().map(|r| r.conn), Some(2));
@@ -652,10 +640,10 @@ async fn a_connection_the_upstream_closed_while_idle_is_not_used_again() {
         assert_eq!(resp.status(), 200, "round {round}");
         assert_eq!(resp.text().await.expect("body"), "ok");
         assert_eq!(up.received().last().map(|r| r.conn), Some(round));
-        assert!(
-            eventually(std::time::Duration::from_secs(5), || up.open_connections() == 0).await,
-            "the stand-in did not close its idle connection"
-        );
+        wait_for("the stand-in to close its idle connection", async || {
+            up.open_connections() == 0
+        })
+        .await;
     }
     lg.stop().await;
 }

@@ -559,6 +559,15 @@ pub async fn raw_plain(addr: SocketAddr, request: &[u8]) -> std::io::Result<Stri
 }
 
 /// True once the server has closed `s` (EOF or reset), within `within`.
+/// Waits until `check` holds, failing the test after [`HANG_GUARD`].
+pub async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + HANG_GUARD;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub async fn closed_by_server<S: tokio::io::AsyncRead + Unpin + ?Sized>(s: &mut S, within: Duration) -> bool {
     use tokio::io::AsyncReadExt;
     let mut buf = [0u8; 256];
