@@ -9,6 +9,7 @@
 //! - [`config`]: the TOML file's shape and its validation into [`config::Config`].
 //! - [`host`]: host-name normalisation shared by config, SNI and Host checks.
 //! - [`tls`]: PEM loading, certificate/key/host checks, the SNI resolver.
+//! - [`tls_stream`]: the server side of a client's TLS connection, with buffers held only while in use.
 //! - [`check`]: `linkgate check`, the offline report on a config file.
 //! - [`doctor`]: `linkgate doctor`, DNS and HTTPS probes from the outside.
 //! - [`reload`]: the live configuration, SIGHUP and file-watch reloads.
@@ -47,4 +48,5 @@ pub mod proxy_protocol;
 pub mod reload;
 pub mod server;
 pub mod tls;
+pub mod tls_stream;
 pub mod upstream;

@@ -26,7 +26,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::{timeout_at, Instant};
-use tokio_rustls::LazyConfigAcceptor;
 
 use crate::config::{Config, Limits};
 use crate::connection::{ConnInfo, Resumable, WriteDeadline};
@@ -34,6 +33,7 @@ use crate::host::HostName;
 use crate::metrics::ChallengeLabels;
 use crate::proxy::Proxy;
 use crate::reload::{Active, Live};
+use crate::tls_stream::{Hello, TlsStream};
 use crate::upstream::Upstream;
 use crate::{acme, admin, proxy_protocol, tls};
 
@@ -357,13 +357,12 @@ async fn connection(
     let Some((tls, host)) = Box::pin(handshake(&proxy.active, &shared.live, stream, client, deadline)).await else {
         return;
     };
-    let conn = tls.get_ref().1;
-    let protocol = if conn.alpn_protocol() == Some(b"h2") {
+    let protocol = if tls.alpn_protocol() == Some(b"h2") {
         Protocol::Http2
     } else {
         Protocol::Http1
     };
-    let version = match conn.protocol_version() {
+    let version = match tls.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_3) => Some("TLSv1.3"),
         Some(rustls::ProtocolVersion::TLSv1_2) => Some("TLSv1.2"),
         _ => None,
@@ -380,15 +379,10 @@ async fn handshake(
     stream: TcpStream,
     peer: SocketAddr,
     deadline: Instant,
-) -> Option<(Box<tokio_rustls::server::TlsStream<TcpStream>>, HostName)> {
+) -> Option<(Box<TlsStream>, HostName)> {
     let metrics = &live.metrics;
-    let start = match timeout_at(
-        deadline,
-        LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream),
-    )
-    .await
-    {
-        Ok(Ok(start)) => start,
+    let hello = match timeout_at(deadline, Hello::read(stream)).await {
+        Ok(Ok(hello)) => hello,
         Ok(Err(e)) => {
             metrics.handshake("error");
             tracing::debug!(client = %peer, error = %e, "TLS handshake failed before ClientHello");
@@ -400,15 +394,11 @@ async fn handshake(
             return None;
         }
     };
-    let hello = start.client_hello();
     let sni = hello.server_name().map(str::to_owned);
-    if hello
-        .alpn()
-        .is_some_and(|mut offered| offered.any(|p| p == acme::ACME_TLS_ALPN))
-    {
+    if hello.offers_alpn(acme::ACME_TLS_ALPN) {
         // Boxed: a rare path must not grow every connection's task (its
         // state would otherwise be part of the future of each connection).
-        Box::pin(answer_alpn01(active, live, start, sni, peer, deadline)).await;
+        Box::pin(answer_alpn01(active, live, hello, sni, peer, deadline)).await;
         return None;
     }
     let Some(host) = sni.as_deref().and_then(|sni| active.sni.host_for(sni).cloned()) else {
@@ -419,10 +409,10 @@ async fn handshake(
         };
         metrics.handshake(result);
         tracing::debug!(client = %peer, sni = sni.as_deref().unwrap_or("<none>"), result, "TLS handshake refused: unknown or missing SNI, or no certificate yet");
-        refuse(start.io).await;
+        refuse(hello.into_io()).await;
         return None;
     };
-    match timeout_at(deadline, start.into_stream(active.tls.clone())).await {
+    match timeout_at(deadline, hello.handshake(active.tls.clone())).await {
         Ok(Ok(tls)) => {
             metrics.handshake("ok");
             // Boxed: 1.2 KiB, moved into every future that serves the connection.
@@ -447,7 +437,7 @@ async fn handshake(
 async fn answer_alpn01(
     active: &Active,
     live: &Live,
-    start: tokio_rustls::StartHandshake<TcpStream>,
+    hello: Hello,
     sni: Option<String>,
     peer: SocketAddr,
     deadline: Instant,
@@ -460,10 +450,10 @@ async fn answer_alpn01(
     let (Some(host), Some(config)) = (host, config) else {
         live.metrics.handshake("unknown_sni");
         tracing::debug!(client = %peer, sni = sni.as_deref().unwrap_or("<none>"), "acme-tls/1 handshake refused: no challenge pending for this name");
-        refuse(start.io).await;
+        refuse(hello.into_io()).await;
         return;
     };
-    match timeout_at(deadline, start.into_stream(config)).await {
+    match timeout_at(deadline, hello.handshake(config)).await {
         Ok(Ok(mut tls)) => {
             live.metrics.handshake("acme_challenge");
             live.metrics
