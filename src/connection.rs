@@ -101,36 +101,41 @@ impl Activity {
         self.epoch + Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed))
     }
 
-    /// Completes once a request has completed since [`completed`](Self::completed)
-    /// returned `since`, and no request has been in flight for `limit` after it.
-    pub async fn settled_for(&self, limit: Duration, since: u32) {
+    /// Completes once no request has been in flight for `idle`
+    /// ([`Quiet::Idle`]) or, with `park` given as `(after, since)`, once a
+    /// request has completed since [`completed`](Self::completed) returned
+    /// `since` and none has been in flight for `after` after it
+    /// ([`Quiet::Park`]), whichever comes first. One timer serves both, so a
+    /// connection's task holds one timer, not two.
+    pub async fn quiet(&self, park: Option<(Duration, u32)>, idle: Duration) -> Quiet {
         loop {
             let now = tokio::time::Instant::now();
-            let waiting = self.in_flight.load(Ordering::Relaxed) > 0 || self.completed() == since;
-            let settles = self.idle_since() + limit;
-            if !waiting && settles <= now {
-                return;
-            }
-            tokio::time::sleep_until(if waiting { now + limit } else { settles }).await;
-        }
-    }
-
-    /// Completes once no request has been in flight for `limit`.
-    pub async fn idle_for(&self, limit: Duration) {
-        loop {
-            let idle_since = self.idle_since();
             let busy = self.in_flight.load(Ordering::Relaxed) > 0;
-            if !busy && idle_since + limit <= tokio::time::Instant::now() {
-                return;
+            let idle_since = self.idle_since();
+            if !busy && idle_since + idle <= now {
+                return Quiet::Idle;
             }
-            let next = if busy {
-                tokio::time::Instant::now() + limit
-            } else {
-                idle_since + limit
-            };
-            tokio::time::sleep_until(next).await;
+            let mut wake = if busy { now + idle } else { idle_since + idle };
+            if let Some((after, since)) = park {
+                let waiting = busy || self.completed() == since;
+                let settles = idle_since + after;
+                if !waiting && settles <= now {
+                    return Quiet::Park;
+                }
+                wake = wake.min(if waiting { now + after } else { settles });
+            }
+            tokio::time::sleep_until(wake).await;
         }
     }
+}
+
+/// What [`Activity::quiet`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quiet {
+    /// Settled after a request: the connection may be parked.
+    Park,
+    /// Idle for the whole idle timeout: the connection should close.
+    Idle,
 }
 
 /// A connection's I/O with a bound on stalled writes: when the client stops

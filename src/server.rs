@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::{timeout_at, Instant};
 
 use crate::config::{Config, Limits};
-use crate::connection::{ConnInfo, Resumable, WriteDeadline};
+use crate::connection::{ConnInfo, Quiet, Resumable, WriteDeadline};
 use crate::host::HostName;
 use crate::metrics::ChallengeLabels;
 use crate::proxy::Proxy;
@@ -563,14 +563,14 @@ where
                     draining = true;
                     conn.as_mut().graceful_shutdown();
                 }
-                () = activity.settled_for(park_after, parked_at), if !draining && !parking => {
-                    // Idle (or midway through a request head, which the next
-                    // connection is handed): hyper ends the connection at once.
-                    parking = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-                () = activity.idle_for(limits.idle_timeout), if !draining && !parking => {
-                    draining = true;
+                quiet = activity.quiet(Some((park_after, parked_at)), limits.idle_timeout), if !draining && !parking => {
+                    // Parking: idle (or midway through a request head, which
+                    // the next connection is handed), so hyper ends the
+                    // connection at once. Idle too long: closing.
+                    match quiet {
+                        Quiet::Park => parking = true,
+                        Quiet::Idle => draining = true,
+                    }
                     conn.as_mut().graceful_shutdown();
                 }
             }
@@ -605,7 +605,7 @@ where
                 _ => return,
             },
             _ = stopping.wait_for(|s| *s) => false,
-            () = activity.idle_for(limits.idle_timeout) => false,
+            _ = activity.quiet(None, limits.idle_timeout) => false,
         };
         if !resumed {
             close(io.into_inner()).await;
@@ -644,7 +644,7 @@ where
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
-            () = info.activity.idle_for(limits.idle_timeout), if !draining => {
+            _ = info.activity.quiet(None, limits.idle_timeout), if !draining => {
                 draining = true;
                 close_by = Some(tokio::time::Instant::now() + IDLE_CLOSE_GRACE);
                 conn.as_mut().graceful_shutdown();
