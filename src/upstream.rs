@@ -8,8 +8,9 @@
 //!
 //! Each worker has its own [`Upstream`] (its connections are served on one
 //! thread), so the pool is a plain list behind an uncontended lock: the most
-//! recently used connection is taken first, and connections idle longer than
-//! `pool_idle_timeout` are closed. It is built on hyper's connection API
+//! recently used connection is taken first, connections idle longer than
+//! `pool_idle_timeout` are closed, and after a burst the connections it no
+//! longer needs are closed within seconds (see [`PURGE_EVERY`]). It is built on hyper's connection API
 //! rather than hyper-util's general client because a proxy with one upstream
 //! needs none of that client's keying, connector layers or per-request
 //! boxing, and those were a measurable part of each request's CPU.
@@ -41,6 +42,14 @@ use tokio_rustls::TlsConnector;
 use crate::config;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// Every this often, half of the idle connections that have not been used
+/// since the last time are closed (keeping one): a burst of clicks can open
+/// hundreds of upstream connections (about 30 KiB each), and once it has
+/// passed they are closed within seconds instead of `pool_idle_timeout`,
+/// while a pool in steady use keeps the connections it uses. (HAProxy's
+/// `pool-purge-delay` works the same way.)
+pub const PURGE_EVERY: Duration = Duration::from_secs(2);
 
 /// The request body sent upstream: the client's, streamed, capped at `limits.max_request_body`.
 pub struct RequestBody {
@@ -424,22 +433,40 @@ where
     Ok(sender)
 }
 
-/// Closes each idle connection when it has idled `pool_idle_timeout`, for as
-/// long as there are idle connections.
+/// Closes each idle connection when it has idled `pool_idle_timeout`, and
+/// the surplus every [`PURGE_EVERY`], for as long as there are idle
+/// connections.
 async fn sweep(pool: Weak<Pool>) {
     loop {
         let next = {
             let Some(pool) = pool.upgrade() else {
                 return;
             };
+            let now = Instant::now();
             let mut idle = pool.lock();
-            pool.expire(&mut idle, Instant::now());
+            pool.expire(&mut idle, now);
+            purge(&mut idle, now);
             let Some(oldest) = idle.front() else {
                 pool.sweeping.store(false, Ordering::Release);
                 return;
             };
-            oldest.since + pool.idle_timeout
+            let expires = oldest.since + pool.idle_timeout;
+            if idle.len() > 1 {
+                expires.min(now + PURGE_EVERY)
+            } else {
+                expires
+            }
         };
         tokio::time::sleep_until(next.into()).await;
     }
+}
+
+/// Closes half (rounded down) of the connections unused for [`PURGE_EVERY`]:
+/// the oldest-idle ones, at the front. One unused connection is kept.
+fn purge(idle: &mut VecDeque<Idle>, now: Instant) {
+    let unused = idle
+        .iter()
+        .take_while(|i| now.saturating_duration_since(i.since) >= PURGE_EVERY)
+        .count();
+    idle.drain(..unused / 2);
 }

@@ -629,6 +629,49 @@ async fn upstream_connections_are_reused_then_closed_when_idle() {
     lg.stop().await;
 }
 
+/// After a burst, the upstream connections it opened and no longer needs are
+/// closed within seconds (halved every `PURGE_EVERY`), long before
+/// `pool_idle_timeout`; one stays open for the next request.
+#[tokio::test]
+async fn upstream_connections_left_over_from_a_burst_are_closed_within_seconds() {
+    let up = StandIn::plain().await;
+    let upstream = format!("{}pool_idle_timeout = \"90s\"\n", plain_upstream(&up));
+    let (_dir, pki, up, lg) = setup_with(up, &upstream).await;
+    // One HTTP/2 connection, so one worker and one pool: 8 requests held open
+    // at the same time take 8 upstream connections.
+    let c = h2_client(&pki, &lg, &[CLICK]);
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let mut resp = c.get(lg.url(CLICK, "/stream")).send().await.expect("request");
+        assert_eq!(resp.status(), 200);
+        // Once the first chunk is here, the stand-in waits for the release.
+        let first = resp.chunk().await.expect("first chunk");
+        assert_eq!(first.as_deref(), Some(&b"first-chunk\n"[..]));
+        held.push(resp);
+    }
+    assert_eq!(up.open_connections(), 8);
+    up.release.notify_waiters();
+    for resp in held {
+        assert_eq!(resp.text().await.expect("body"), "rest\n");
+    }
+    wait_for("linkgate to close the connections the burst left over", async || {
+        up.open_connections() == 1
+    })
+    .await;
+    // The one kept is used for the next request, not a new one.
+    let before = up.received().len();
+    let resp = c.get(lg.url(CLICK, "/wf/open")).send().await.expect("request");
+    assert_eq!(resp.text().await.expect("body"), "ok");
+    let conns: Vec<usize> = up.received().iter().map(|r| r.conn).collect();
+    assert_eq!(conns.len(), before + 1);
+    assert!(
+        conns[..before].contains(&conns[before]),
+        "a new connection was opened: {conns:?}"
+    );
+    assert_eq!(up.open_connections(), 1);
+    lg.stop().await;
+}
+
 #[tokio::test]
 async fn a_connection_the_upstream_closed_while_idle_is_not_used_again() {
     let up = StandIn::plain_closing_idle_after(std::time::Duration::from_millis(200)).await;
