@@ -148,14 +148,24 @@ pub struct TlsStream {
     close_notify_queued: bool,
 }
 
-/// What processing the received bytes led to.
+/// What running the TLS state machine led to.
 enum Progress {
     /// Plaintext was delivered.
     Data,
+    /// The data (or close_notify) asked for was encrypted into `outgoing`.
+    Written,
     /// More input from the client is needed.
     NeedsInput,
-    /// The client closed the TLS session (close_notify).
+    /// The TLS session is closed (the client sent close_notify).
     Closed,
+}
+
+/// What [`TlsStream::advance`] is run for.
+enum Goal<'a, 'b, 'c> {
+    /// Plaintext, delivered to this buffer as far as it fits (or kept).
+    Read(Option<&'a mut ReadBuf<'b>>),
+    /// Writing this data, or close_notify for `None`.
+    Write(Option<&'c [u8]>),
 }
 
 impl TlsStream {
@@ -177,7 +187,7 @@ impl TlsStream {
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            let progress = match self.process(None) {
+            let progress = match self.advance(Goal::Read(None)) {
                 Ok(progress) => progress,
                 Err(e) => {
                     // The alert rustls queued, if the socket takes it now.
@@ -203,24 +213,26 @@ impl TlsStream {
     }
 
     /// Runs the TLS state machine over the received bytes until it needs
-    /// more input, delivers plaintext or sees close_notify. Decrypted
-    /// bytes go to `out` as far as they fit, the rest to `self.plaintext`;
-    /// TLS records to send are added to `self.outgoing`.
-    fn process(&mut self, mut out: Option<&mut ReadBuf<'_>>) -> io::Result<Progress> {
+    /// more input, sees close_notify, or reaches `goal`: plaintext delivered,
+    /// or the data to write encrypted. Decrypted bytes go to the read
+    /// buffer as far as they fit, the rest (and all of it when writing) to
+    /// `self.plaintext`; TLS records to send are added to `self.outgoing`.
+    fn advance(&mut self, mut goal: Goal<'_, '_, '_>) -> io::Result<Progress> {
         loop {
             let UnbufferedStatus { discard, state } = self.conn.process_tls_records(&mut self.received);
             let step = match state {
                 Ok(ConnectionState::ReadTraffic(mut traffic)) => {
                     let mut step = Step::Continue;
                     while let Some(record) = traffic.next_record() {
-                        match record {
+                        match (record, &mut goal) {
                             // An empty record delivers nothing: go on (a read of 0 bytes would mean EOF).
-                            Ok(record) => {
-                                if deliver(record.payload, &mut out, &mut self.plaintext) {
+                            (Ok(record), Goal::Read(out)) => {
+                                if deliver(record.payload, out, &mut self.plaintext) {
                                     step = Step::Done(Ok(Progress::Data));
                                 }
                             }
-                            Err(e) => step = Step::Failed(e),
+                            (Ok(record), Goal::Write(_)) => self.plaintext.extend_from_slice(record.payload),
+                            (Err(e), _) => step = Step::Failed(e),
                         }
                     }
                     step
@@ -234,10 +246,22 @@ impl TlsStream {
                     transmit.done();
                     Step::Continue
                 }
-                Ok(ConnectionState::WriteTraffic(_) | ConnectionState::BlockedHandshake) => {
-                    Step::Done(Ok(Progress::NeedsInput))
+                Ok(ConnectionState::WriteTraffic(mut traffic)) => match goal {
+                    Goal::Write(data) => {
+                        Step::Done(encrypt_into(&mut traffic, data, &mut self.outgoing).map(|()| Progress::Written))
+                    }
+                    Goal::Read(_) => Step::Done(Ok(Progress::NeedsInput)),
+                },
+                Ok(ConnectionState::BlockedHandshake) => Step::Done(Ok(Progress::NeedsInput)),
+                Ok(ConnectionState::PeerClosed) => {
+                    self.read_closed = true;
+                    match goal {
+                        // Writing may go on after the client's close_notify.
+                        Goal::Write(_) => Step::Continue,
+                        Goal::Read(_) => Step::Done(Ok(Progress::Closed)),
+                    }
                 }
-                Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => Step::Done(Ok(Progress::Closed)),
+                Ok(ConnectionState::Closed) => Step::Done(Ok(Progress::Closed)),
                 // Early data is not enabled, and no other state is known.
                 Ok(other) => Step::Failed(rustls::Error::General(format!("unexpected TLS state {other:?}"))),
                 Err(e) => Step::Failed(e),
@@ -248,6 +272,16 @@ impl TlsStream {
                 Step::Continue => {}
                 Step::Failed(e) => return Err(self.fail(e)),
             }
+        }
+    }
+
+    /// Encrypts `data` (close_notify for `None`) into `outgoing`, handling
+    /// what the client sent meanwhile.
+    fn encrypt(&mut self, data: Option<&[u8]>) -> io::Result<()> {
+        match self.advance(Goal::Write(data))? {
+            Progress::Written => Ok(()),
+            Progress::Closed => Err(io::ErrorKind::BrokenPipe.into()),
+            Progress::Data | Progress::NeedsInput => Err(invalid_data("TLS connection not ready for data")),
         }
     }
 
@@ -300,55 +334,6 @@ impl TlsStream {
             self.sent = 0;
         }
         Poll::Ready(Ok(()))
-    }
-
-    /// Runs the state machine to the point where application data may be
-    /// written (keeping what the client sent meanwhile), then calls `write`.
-    fn with_write_traffic(
-        &mut self,
-        write: impl FnOnce(&mut WriteTraffic<'_, ServerConnectionData>, &mut Vec<u8>) -> io::Result<()>,
-    ) -> io::Result<()> {
-        let mut write = Some(write);
-        loop {
-            let UnbufferedStatus { discard, state } = self.conn.process_tls_records(&mut self.received);
-            let step = match state {
-                Ok(ConnectionState::WriteTraffic(mut traffic)) => match write.take() {
-                    Some(write) => Step::Done(write(&mut traffic, &mut self.outgoing)),
-                    None => Step::Done(Ok(())),
-                },
-                Ok(ConnectionState::ReadTraffic(mut traffic)) => {
-                    let mut step = Step::Continue;
-                    while let Some(record) = traffic.next_record() {
-                        match record {
-                            Ok(record) => self.plaintext.extend_from_slice(record.payload),
-                            Err(e) => step = Step::Failed(e),
-                        }
-                    }
-                    step
-                }
-                Ok(ConnectionState::EncodeTlsData(mut encode)) => match encode_into(&mut encode, &mut self.outgoing) {
-                    Ok(()) => Step::Continue,
-                    Err(e) => Step::Done(Err(e)),
-                },
-                Ok(ConnectionState::TransmitTlsData(transmit)) => {
-                    transmit.done();
-                    Step::Continue
-                }
-                Ok(ConnectionState::PeerClosed) => {
-                    self.read_closed = true;
-                    Step::Continue
-                }
-                Ok(ConnectionState::Closed) => Step::Done(Err(io::ErrorKind::BrokenPipe.into())),
-                Ok(other) => Step::Failed(rustls::Error::General(format!("unexpected TLS state {other:?}"))),
-                Err(e) => Step::Failed(e),
-            };
-            self.received.advance(discard);
-            match step {
-                Step::Done(result) => return result,
-                Step::Continue => {}
-                Step::Failed(e) => return Err(self.fail(e)),
-            }
-        }
     }
 }
 
@@ -433,6 +418,10 @@ fn invalid_data(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::E
 impl AsyncRead for TlsStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if buf.remaining() == 0 {
+            // Nothing fits: done at once, as a socket would be, without reading or decrypting.
+            return Poll::Ready(Ok(()));
+        }
         if !this.plaintext.is_empty() {
             let n = this.plaintext.len().min(buf.remaining());
             buf.put_slice(&this.plaintext[..n]);
@@ -446,8 +435,8 @@ impl AsyncRead for TlsStream {
             if this.read_closed {
                 return Poll::Ready(Ok(()));
             }
-            match this.process(Some(buf)) {
-                Ok(Progress::Data) => return Poll::Ready(Ok(())),
+            match this.advance(Goal::Read(Some(buf))) {
+                Ok(Progress::Data | Progress::Written) => return Poll::Ready(Ok(())),
                 Ok(Progress::Closed) => {
                     this.read_closed = true;
                     return Poll::Ready(Ok(()));
@@ -481,7 +470,7 @@ impl AsyncWrite for TlsStream {
             return Poll::Ready(Ok(0));
         }
         let data = &data[..data.len().min(MAX_WRITE)];
-        this.with_write_traffic(|traffic, outgoing| encrypt_into(traffic, Some(data), outgoing))?;
+        this.encrypt(Some(data))?;
         // Sent now if the socket takes it, otherwise by the next write or flush.
         if let Poll::Ready(Err(e)) = this.poll_send(cx) {
             return Poll::Ready(Err(e));
@@ -500,7 +489,7 @@ impl AsyncWrite for TlsStream {
         if !this.close_notify_queued {
             this.close_notify_queued = true;
             // Best effort: a connection whose TLS session already failed closes without it.
-            let _ = this.with_write_traffic(|traffic, outgoing| encrypt_into(traffic, None, outgoing));
+            let _ = this.encrypt(None);
         }
         ready!(this.poll_send(cx))?;
         Pin::new(&mut this.io).poll_shutdown(cx)
