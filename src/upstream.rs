@@ -450,12 +450,9 @@ async fn sweep(pool: Weak<Pool>) {
                 pool.sweeping.store(false, Ordering::Release);
                 return;
             };
-            let expires = oldest.since + pool.idle_timeout;
-            if idle.len() > 1 {
-                expires.min(now + PURGE_EVERY)
-            } else {
-                expires
-            }
+            // Every PURGE_EVERY, also while only one is idle: more may
+            // be checked in before the next wake-up, and nothing else wakes it.
+            (oldest.since + pool.idle_timeout).min(now + PURGE_EVERY)
         };
         tokio::time::sleep_until(next.into()).await;
     }
