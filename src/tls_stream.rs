@@ -360,24 +360,11 @@ fn deliver(payload: &[u8], out: &mut Option<&mut ReadBuf<'_>>, rest: &mut BytesM
 
 /// Appends a TLS message rustls prepared (handshake, alert, key update) to `outgoing`.
 fn encode_into(encode: &mut EncodeTlsData<'_, ServerConnectionData>, outgoing: &mut Vec<u8>) -> io::Result<()> {
-    let start = outgoing.len();
-    let mut room = 0;
-    loop {
-        outgoing.resize(start + room, 0);
-        match encode.encode(&mut outgoing[start..]) {
-            Ok(n) => {
-                outgoing.truncate(start + n);
-                return Ok(());
-            }
-            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) if required_size > room => {
-                room = required_size;
-            }
-            Err(e) => {
-                outgoing.truncate(start);
-                return Err(io::Error::other(e.to_string()));
-            }
-        }
-    }
+    append_sized(outgoing, 0, |room| match encode.encode(room) {
+        Ok(n) => Ok(n),
+        Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => Err(Ok(required_size)),
+        Err(e) => Err(Err(e.to_string())),
+    })
 }
 
 /// Encrypts `data` (or, for close_notify, nothing) into `outgoing`.
@@ -386,26 +373,45 @@ fn encrypt_into(
     data: Option<&[u8]>,
     outgoing: &mut Vec<u8>,
 ) -> io::Result<()> {
-    let start = outgoing.len();
     let len = data.map_or(0, <[u8]>::len);
-    let mut room = len + (len.div_ceil(0x4000) + 1) * RECORD_OVERHEAD;
+    let room = len + (len.div_ceil(0x4000) + 1) * RECORD_OVERHEAD;
+    append_sized(outgoing, room, |room| {
+        let written = match data {
+            Some(data) => traffic.encrypt(data, room),
+            None => traffic.queue_close_notify(room),
+        };
+        match written {
+            Ok(n) => Ok(n),
+            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => Err(Ok(required_size)),
+            Err(e) => Err(Err(e.to_string())),
+        }
+    })
+}
+
+/// Gives `write` `room` bytes at the end of `outgoing` and keeps what it
+/// wrote; when it answers that it needs more (`Err(Ok(size))`), tries again
+/// with that much.
+fn append_sized(
+    outgoing: &mut Vec<u8>,
+    mut room: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, Result<usize, String>>,
+) -> io::Result<()> {
+    let start = outgoing.len();
     loop {
         outgoing.resize(start + room, 0);
-        let result = match data {
-            Some(data) => traffic.encrypt(data, &mut outgoing[start..]),
-            None => traffic.queue_close_notify(&mut outgoing[start..]),
-        };
-        match result {
+        match write(&mut outgoing[start..]) {
             Ok(n) => {
                 outgoing.truncate(start + n);
                 return Ok(());
             }
-            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) if required_size > room => {
-                room = required_size;
-            }
-            Err(e) => {
+            Err(Ok(needed)) if needed > room => room = needed,
+            Err(Ok(needed)) => {
                 outgoing.truncate(start);
-                return Err(io::Error::other(e.to_string()));
+                return Err(io::Error::other(format!("TLS output does not fit {needed} bytes")));
+            }
+            Err(Err(e)) => {
+                outgoing.truncate(start);
+                return Err(io::Error::other(e));
             }
         }
     }

@@ -10,27 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use tempfile::TempDir;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-const CLICK: &str = "click.example.test";
 /// How long a refused connection may stay open before the case counts as a hang.
 const CLOSE_WITHIN: Duration = Duration::from_secs(5);
-
-async fn setup(extra: &str) -> (TempDir, Pki, StandIn, Linkgate) {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
-    let toml = format!(
-        "{}{}{}{extra}",
-        listen_section(),
-        plain_upstream(&up),
-        host_section(CLICK, "click")
-    );
-    let lg = Linkgate::start(dir.path(), &toml).await;
-    (dir, pki, up, lg)
-}
 
 /// What a case must produce.
 #[derive(Debug, Clone, Copy)]
@@ -127,7 +110,7 @@ fn head(lines: &[&str]) -> String {
 
 #[tokio::test]
 async fn ambiguous_framing_and_malformed_heads_are_refused_over_both_listeners() {
-    let (_dir, pki, up, lg) = setup("").await;
+    let (_dir, pki, up, lg) = serve_click("").await;
     let host = format!("Host: {CLICK}");
     let h = host.as_str();
     let many_headers: Vec<String> = (0..200).map(|i| format!("X-H{i}: {i}")).collect();
@@ -576,7 +559,7 @@ async fn others_are_served(pki: &Pki, lg: &Linkgate) {
 
 #[tokio::test]
 async fn http2_authority_and_host_disagreeing_is_refused() {
-    let (_dir, pki, up, lg) = setup("").await;
+    let (_dir, pki, up, lg) = serve_click("").await;
     let mut c = h2_connect(&pki, lg.https).await;
     let block = hpack(&[
         (":method", "GET"),
@@ -641,7 +624,7 @@ fn statuses_sorted(mut got: Vec<(u32, u16)>, want: &[(u32, u16)]) {
 
 #[tokio::test]
 async fn http2_rapid_reset_closes_the_connection_and_others_are_served() {
-    let (_dir, pki, _up, lg) = setup("").await;
+    let (_dir, pki, _up, lg) = serve_click("").await;
     let c = h2_connect(&pki, lg.https).await;
     let (r, mut w) = tokio::io::split(c);
     let reader = tokio::spawn(h2_outcome(r));
@@ -673,7 +656,7 @@ async fn http2_rapid_reset_closes_the_connection_and_others_are_served() {
 
 #[tokio::test]
 async fn http2_continuation_without_end_closes_the_connection() {
-    let (_dir, pki, up, lg) = setup("").await;
+    let (_dir, pki, up, lg) = serve_click("").await;
     let c = h2_connect(&pki, lg.https).await;
     let (r, mut w) = tokio::io::split(c);
     let reader = tokio::spawn(h2_outcome(r));
@@ -701,7 +684,7 @@ async fn http2_continuation_without_end_closes_the_connection() {
 async fn http2_settings_flood_closes_the_connection() {
     // The flood stalls the server's writes (the acknowledgements are never
     // read); a connection that cannot write for idle_timeout is closed.
-    let (_dir, pki, _up, lg) = setup("[limits]\nidle_timeout = \"2s\"\n").await;
+    let (_dir, pki, _up, lg) = serve_click("[limits]\nidle_timeout = \"2s\"\n").await;
     let c = h2_connect(&pki, lg.https).await;
     let (r, mut w) = tokio::io::split(c);
     // Never read: the acknowledgements pile up on the server's side.
@@ -726,7 +709,7 @@ async fn http2_settings_flood_closes_the_connection() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_cut_after_idle_timeout() {
-    let (_dir, pki, _up, lg) = setup("[limits]\nidle_timeout = \"2s\"\n").await;
+    let (_dir, pki, _up, lg) = serve_click("[limits]\nidle_timeout = \"2s\"\n").await;
     const SIZE: usize = 64 << 20;
     let request = format!("GET /big?n={SIZE} HTTP/1.1\r\nHost: {CLICK}\r\nConnection: close\r\n\r\n");
     for listener in ["tls", "plain"] {
@@ -820,7 +803,7 @@ async fn after_one_request(lg: &Linkgate, pki: &Pki, listener: &str) -> Box<dyn 
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_parked_and_serves_its_next_request() {
     // Parking happens after min(1 s, header_read_timeout / 2) = 0.5 s without a request.
-    let (_dir, pki, up, lg) = setup("[limits]\nheader_read_timeout = \"1s\"\nidle_timeout = \"4s\"\n").await;
+    let (_dir, pki, up, lg) = serve_click("[limits]\nheader_read_timeout = \"1s\"\nidle_timeout = \"4s\"\n").await;
     for listener in ["tls", "plain"] {
         let mut s = after_one_request(&lg, &pki, listener).await;
 
@@ -879,7 +862,7 @@ async fn an_idle_keep_alive_connection_is_parked_and_serves_its_next_request() {
 
 #[tokio::test]
 async fn a_head_left_unfinished_is_still_cut_by_header_read_timeout() {
-    let (_dir, pki, up, lg) = setup("[limits]\nheader_read_timeout = \"1s\"\nidle_timeout = \"60s\"\n").await;
+    let (_dir, pki, up, lg) = serve_click("[limits]\nheader_read_timeout = \"1s\"\nidle_timeout = \"60s\"\n").await;
     for listener in ["tls", "plain"] {
         let mut s = after_one_request(&lg, &pki, listener).await;
         // The start of a head, then nothing: parking hands it to a new hyper
@@ -909,7 +892,7 @@ async fn a_head_left_unfinished_is_still_cut_by_header_read_timeout() {
 async fn a_parked_connection_is_closed_at_once_when_the_server_drains() {
     // The default grace period (30 s) is longer than HANG_GUARD: stop() only
     // returns in time if the parked connection is closed when draining starts.
-    let (_dir, pki, up, lg) = setup("").await;
+    let (_dir, pki, up, lg) = serve_click("").await;
     let mut s = after_one_request(&lg, &pki, "tls").await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let started = tokio::time::Instant::now();

@@ -10,27 +10,9 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use common::*;
-use tempfile::TempDir;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-
-const CLICK: &str = "click.example.test";
-
-async fn setup() -> (TempDir, Pki, StandIn, Linkgate) {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
-    let toml = format!(
-        "{}{}{}",
-        listen_section(),
-        plain_upstream(&up),
-        host_section(CLICK, "click")
-    );
-    let lg = Linkgate::start(dir.path(), &toml).await;
-    (dir, pki, up, lg)
-}
 
 /// A socket that sends at most `step` bytes per write and lets the other
 /// side run in between, so the server sees TLS records (the ClientHello
@@ -111,7 +93,7 @@ async fn read_response<S: AsyncRead + Unpin>(s: &mut S) -> (u16, Vec<u8>) {
 
 #[tokio::test]
 async fn records_arriving_a_few_bytes_at_a_time_are_served_whole() {
-    let (_dir, pki, up, lg) = setup().await;
+    let (_dir, pki, up, lg) = serve_click("").await;
     let tcp = TcpStream::connect(lg.https).await.expect("connect");
     tcp.set_nodelay(true).expect("nodelay");
     // 7 bytes per segment: the ClientHello, the client's Finished and every
@@ -156,7 +138,7 @@ async fn records_arriving_a_few_bytes_at_a_time_are_served_whole() {
 
 #[tokio::test]
 async fn a_key_update_from_the_client_is_answered_and_the_connection_goes_on() {
-    let (_dir, pki, up, lg) = setup().await;
+    let (_dir, pki, up, lg) = serve_click("").await;
     let tcp = TcpStream::connect(lg.https).await.expect("connect");
     let mut tls = connect(&pki, tcp).await;
     assert_eq!(
@@ -179,7 +161,7 @@ async fn a_key_update_from_the_client_is_answered_and_the_connection_goes_on() {
 
 #[tokio::test]
 async fn the_server_ends_a_connection_with_close_notify() {
-    let (_dir, pki, _up, lg) = setup().await;
+    let (_dir, pki, _up, lg) = serve_click("").await;
     let tcp = TcpStream::connect(lg.https).await.expect("connect");
     let mut tls = connect(&pki, tcp).await;
     tls.write_all(format!("GET /wf/open HTTP/1.1\r\nHost: {CLICK}\r\nConnection: close\r\n\r\n").as_bytes())
@@ -197,7 +179,7 @@ async fn the_server_ends_a_connection_with_close_notify() {
 
 #[tokio::test]
 async fn close_notify_from_the_client_ends_its_keep_alive_connection() {
-    let (_dir, pki, _up, lg) = setup().await;
+    let (_dir, pki, _up, lg) = serve_click("").await;
     let tcp = TcpStream::connect(lg.https).await.expect("connect");
     let mut tls = connect(&pki, tcp).await;
     tls.write_all(format!("GET /wf/open HTTP/1.1\r\nHost: {CLICK}\r\n\r\n").as_bytes())
@@ -219,7 +201,7 @@ async fn close_notify_from_the_client_ends_its_keep_alive_connection() {
 
 #[tokio::test]
 async fn a_handshake_that_cannot_succeed_is_answered_with_the_alert_that_says_why() {
-    let (_dir, pki, up, lg) = setup().await;
+    let (_dir, pki, up, lg) = serve_click("").await;
     // TLS 1.2 with RSA key exchange signatures only, against an ECDSA certificate.
     let provider = rustls::crypto::CryptoProvider {
         cipher_suites: vec![rustls::crypto::aws_lc_rs::cipher_suite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256],

@@ -468,6 +468,26 @@ impl Drop for Linkgate {
 }
 
 /// A `[listen]` section on loopback port 0, with a plain-http listener too.
+/// The branded host most tests use.
+pub const CLICK: &str = "click.example.test";
+
+/// linkgate serving [`CLICK`] (its certificate from a fresh test PKI) in
+/// front of a plain stand-in upstream, with `extra` appended to the config.
+pub async fn serve_click(extra: &str) -> (tempfile::TempDir, Pki, StandIn, Linkgate) {
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let up = StandIn::plain().await;
+    let toml = format!(
+        "{}{}{}{extra}",
+        listen_section(),
+        plain_upstream(&up),
+        host_section(CLICK, "click")
+    );
+    let lg = Linkgate::start(dir.path(), &toml).await;
+    (dir, pki, up, lg)
+}
+
 pub fn listen_section() -> &'static str {
     "[listen]\nhttps = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n"
 }
