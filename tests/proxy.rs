@@ -476,17 +476,7 @@ async fn responses_stream_before_the_upstream_finishes() {
 
 #[tokio::test]
 async fn large_upload_and_download_arrive_intact() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
-    let toml = format!(
-        "{}{}{}[limits]\nmax_request_body = \"64MiB\"\n",
-        listen_section(),
-        plain_upstream(&up),
-        host_section(CLICK, "click")
-    );
-    let lg = Linkgate::start(dir.path(), &toml).await;
+    let (_dir, pki, up, lg) = serve_click("[limits]\nmax_request_body = \"64MiB\"\n").await;
     let c = client(&pki, &lg, &[CLICK]);
     let n = 24 * 1024 * 1024 + 7;
     let body = bytes::Bytes::from(pattern(n));

@@ -222,18 +222,8 @@ async fn server_prefers_aes_128_gcm_whatever_the_client_asks_first() {
     if !have_openssl() {
         return;
     }
-    let dir = TempDir::new().expect("tempdir");
+    let (dir, _pki, _up, lg) = serve_click("").await;
     let d = dir.path();
-    let pki = Pki::new();
-    pki.write_leaf(d, "click", &[CLICK]);
-    let up = StandIn::plain().await;
-    let toml = format!(
-        "{}{}{}",
-        listen_section(),
-        plain_upstream(&up),
-        host_section(CLICK, "click")
-    );
-    let lg = Linkgate::start(d, &toml).await;
     let connect = format!("127.0.0.1:{}", lg.https.port());
     // Off the test's thread: the server runs on it.
     let negotiated = |args: &[&str]| {
