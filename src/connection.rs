@@ -1,19 +1,25 @@
 //! What is known about one client connection: its client address, the host
 //! its TLS handshake named, whether its forwarding headers are trusted, and
-//! the requests in flight on it (for the idle timeout and parking); the
-//! bound on a connection whose client stops reading; and the I/O wrapper
-//! that lets an idle HTTP/1 connection be taken back from hyper.
+//! the requests in flight on it (for the idle timeout and parking); whether
+//! an HTTP/1 connection is between messages and may be resumed after
+//! parking; the bound on a connection whose client stops reading; and the
+//! I/O wrapper that lets an idle HTTP/1 connection be taken back from hyper.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 
 use crate::host::HostName;
@@ -32,6 +38,10 @@ pub struct ConnInfo {
     pub tls_version: Option<&'static str>,
     /// Requests in flight, for the idle timeout.
     pub activity: Activity,
+    /// HTTP/2: a permit per upstream connection its streams hold, so one
+    /// client connection holds `limits.upstream_per_connection` at most.
+    /// (An HTTP/1 connection has one request at a time.)
+    upstream_slots: Option<Arc<Semaphore>>,
 }
 
 impl ConnInfo {
@@ -47,7 +57,19 @@ impl ConnInfo {
             keep_forwarded,
             tls_version,
             activity: Activity::new(),
+            upstream_slots: None,
         }
+    }
+
+    /// Lets this connection hold at most `n` upstream connections at a time.
+    pub fn with_upstream_slots(mut self, n: u32) -> Self {
+        self.upstream_slots = Some(Arc::new(Semaphore::new(n as usize)));
+        self
+    }
+
+    /// Waits for a turn to use an upstream connection (at once on HTTP/1).
+    pub(crate) async fn upstream_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.upstream_slots.clone()?.acquire_owned().await.ok()
     }
 
     pub(crate) fn proto(&self) -> &'static str {
@@ -61,7 +83,8 @@ impl ConnInfo {
 
 /// Counts the requests in flight on a connection (from request head to the
 /// end of the response body), the requests completed, and when the last one
-/// ended.
+/// ended; and whether the connection is at a message boundary that a new
+/// HTTP/1 parser may start from (see [`Activity::resumable`]).
 #[derive(Debug)]
 pub struct Activity {
     in_flight: AtomicU32,
@@ -69,6 +92,11 @@ pub struct Activity {
     /// Milliseconds after `epoch` when the connection last became idle.
     idle_since_ms: AtomicU64,
     epoch: tokio::time::Instant,
+    /// Request bodies that have begun and not yet been read to their end.
+    open_bodies: AtomicU32,
+    /// Set once anything has happened after which the bytes that follow on
+    /// the connection must not be read as a request: see [`Activity::must_close`].
+    must_close: AtomicBool,
 }
 
 impl Activity {
@@ -78,7 +106,30 @@ impl Activity {
             completed: AtomicU32::new(0),
             idle_since_ms: AtomicU64::new(0),
             epoch: tokio::time::Instant::now(),
+            open_bodies: AtomicU32::new(0),
+            must_close: AtomicBool::new(false),
         }
+    }
+
+    /// Marks the connection as one that must not be resumed after parking:
+    /// a request or answer said `Connection: close` (every refusal does), the
+    /// request was not plain HTTP/1.1 keep-alive, its framing carried
+    /// Transfer-Encoding (hyper may have dropped a Content-Length beside it
+    /// and decided to close), or its body was abandoned before its end.
+    /// hyper then ends the connection itself when it has finished; parking
+    /// must not hand what follows to a new parser.
+    pub(crate) fn must_close(&self) {
+        self.must_close.store(true, Ordering::Relaxed);
+    }
+
+    /// True when every request has been answered, every request body read
+    /// to its end and nothing asked for the connection to close: the
+    /// connection is between two messages, and bytes that follow are the
+    /// start of the next request.
+    pub fn resumable(&self) -> bool {
+        !self.must_close.load(Ordering::Relaxed)
+            && self.in_flight.load(Ordering::Relaxed) == 0
+            && self.open_bodies.load(Ordering::Relaxed) == 0
     }
 
     pub(crate) fn begin(&self) {
@@ -125,6 +176,165 @@ impl Activity {
                 wake = wake.min(if waiting { now + after } else { settles });
             }
             tokio::time::sleep_until(wake).await;
+        }
+    }
+}
+
+/// A client's request body, as the proxy reads it: counted as open on its
+/// connection's [`Activity`] until it has been read to its end. Dropped
+/// before that (refused, answered early, the upstream went away), it marks
+/// the connection [`Activity::must_close`]: hyper is then midway through
+/// the body, and what follows on the connection is not a request.
+pub struct ClientBody {
+    inner: Incoming,
+    /// Set while the body is open; taken when it ends.
+    conn: Option<Arc<ConnInfo>>,
+}
+
+impl ClientBody {
+    pub fn new(inner: Incoming, conn: &Arc<ConnInfo>) -> Self {
+        if inner.is_end_stream() {
+            return Self { inner, conn: None };
+        }
+        conn.activity.open_bodies.fetch_add(1, Ordering::Relaxed);
+        Self {
+            inner,
+            conn: Some(conn.clone()),
+        }
+    }
+
+    fn ended(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.activity.open_bodies.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.ended(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.ended(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.activity.must_close();
+            conn.activity.open_bodies.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+thread_local! {
+    /// The stream being polled on this thread (see [`Watched`]): whether its
+    /// response head is out, and whether its body moved since the poll began.
+    static STREAM: Cell<(bool, bool)> = const { Cell::new((false, false)) };
+}
+
+/// Called when a response head is ready: from here on, the HTTP/2 stream
+/// being polled is cut if its body stops moving (see [`Watched`]).
+pub(crate) fn responding() {
+    STREAM.with(|s| s.set((true, s.get().1)));
+}
+
+/// Called when a response body hands out a frame: the stream moved.
+pub(crate) fn progressed() {
+    STREAM.with(|s| s.set((s.get().0, true)));
+}
+
+/// The executor for HTTP/2 streams: hyper runs each stream in a task of its
+/// own, and each is spawned wrapped in [`Watched`].
+#[derive(Clone, Copy, Debug)]
+pub struct StreamExecutor {
+    /// `limits.idle_timeout`.
+    pub stall: Duration,
+}
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(Watched {
+            inner: Box::pin(fut),
+            stall: self.stall,
+            responding: false,
+            last: tokio::time::Instant::now(),
+            timer: None,
+        });
+    }
+}
+
+/// One HTTP/2 stream's task, cut when its response has made no progress
+/// toward the client for `stall`. A client that grants no flow-control
+/// window (`SETTINGS_INITIAL_WINDOW_SIZE = 0`) while answering PINGs leaves
+/// hyper waiting for capacity, with nothing to write, so neither the
+/// stalled-write bound nor the idle timeout (a request is in flight) would
+/// ever end it, and its upstream connection would be held for good.
+/// Dropping the stream's future resets the stream (`RST_STREAM`), drops its
+/// response body and with it the upstream connection.
+pub struct Watched<F> {
+    inner: Pin<Box<F>>,
+    stall: Duration,
+    /// The response head is out: progress is watched from now on.
+    responding: bool,
+    /// When the body last moved (or the head went out).
+    last: tokio::time::Instant,
+    /// Armed the first time the stream waits while responding.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<F: Future> Future for Watched<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let outer = STREAM.with(|s| s.replace((this.responding, false)));
+        let polled = this.inner.as_mut().poll(cx);
+        let (responding, moved) = STREAM.with(|s| s.replace(outer));
+        if polled.is_ready() {
+            return Poll::Ready(());
+        }
+        if responding && (moved || !this.responding) {
+            this.last = tokio::time::Instant::now();
+        }
+        this.responding = responding;
+        if !responding {
+            return Poll::Pending;
+        }
+        // Re-armed only when it fires early, not at every frame.
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(this.last + this.stall)));
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let deadline = this.last + this.stall;
+            if deadline <= tokio::time::Instant::now() {
+                tracing::debug!(stall = ?this.stall, "HTTP/2 response made no progress; stream cut");
+                return Poll::Ready(());
+            }
+            timer.as_mut().reset(deadline);
         }
     }
 }

@@ -70,6 +70,8 @@ pub struct Metrics {
     pub request_duration: Histogram,
     pub upstream_duration: Histogram,
     pub upstream_errors: Family<KindLabels, Counter>,
+    pub upstream_retries: Counter,
+    pub upstream_address_failures: Counter,
     pub handshakes: Family<ResultLabels, Counter>,
     pub open_connections: Gauge,
     pub reloads: Family<ResultLabels, Counter>,
@@ -109,8 +111,20 @@ impl Metrics {
         let upstream_errors = Family::<KindLabels, Counter>::default();
         registry.register(
             "upstream_errors",
-            "Failed upstream requests by kind (connect, tls, timeout, reset)",
+            "Failed upstream requests by kind (connect, tls, timeout, reset, upgrade)",
             upstream_errors.clone(),
+        );
+        let upstream_retries = Counter::default();
+        registry.register(
+            "upstream_retries",
+            "Requests sent again on a new upstream connection after a reused one closed under them before any answer",
+            upstream_retries.clone(),
+        );
+        let upstream_address_failures = Counter::default();
+        registry.register(
+            "upstream_address_failures",
+            "Connection attempts an address of the upstream's name refused or let time out (then tried last for 10 s)",
+            upstream_address_failures.clone(),
         );
         let handshakes = Family::<ResultLabels, Counter>::default();
         registry.register(
@@ -163,6 +177,8 @@ impl Metrics {
             request_duration,
             upstream_duration,
             upstream_errors,
+            upstream_retries,
+            upstream_address_failures,
             handshakes,
             open_connections,
             reloads,

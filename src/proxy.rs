@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use crate::access::{AccessRecord, ProxyBody};
 use crate::acme;
 use crate::config::HttpMode;
-use crate::connection::ConnInfo;
+use crate::connection::{ClientBody, ConnInfo};
 use crate::host::HostName;
 use crate::metrics::{KindLabels, Metrics};
 use crate::reload::Active;
@@ -29,6 +29,24 @@ use crate::upstream::{RequestBody, Upstream, UpstreamBody, UpstreamError};
 pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub(crate) static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Other headers that claim a client address. Providers read the client's
+/// address (SendGrid's Apple Mail Privacy detection, for one), so from
+/// anyone but a trusted proxy these are dropped, never passed on.
+static CLIENT_ADDRESS_CLAIMS: [HeaderName; 5] = [
+    header::FORWARDED,
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("cf-connecting-ip"),
+    HeaderName::from_static("x-client-ip"),
+];
+
+/// An upstream answer whose Content-Length is at most this is read whole
+/// before its head goes to the client, and its upstream connection released
+/// at once (as nginx's proxy buffering does): a client that reads slowly,
+/// or an HTTP/2 client that grants no flow-control window, then holds no
+/// upstream connection for the pixels and redirects that are most answers.
+pub const BUFFER_RESPONSES_UP_TO: u64 = 64 * 1024;
 
 /// Headers that describe one hop and are never passed on (RFC 9110 §7.6.1),
 /// in addition to the names a `Connection` header lists.
@@ -58,6 +76,17 @@ pub enum ProxyError {
     /// The request head is larger than the host's provider accepts.
     HeadTooLarge,
     Upstream(UpstreamError),
+}
+
+/// The metric label of an upstream failure (`linkgate_upstream_errors_total{kind}`).
+fn upstream_kind(err: &UpstreamError) -> &'static str {
+    match err {
+        UpstreamError::Connect(_) => "connect",
+        UpstreamError::Tls(_) => "tls",
+        UpstreamError::Timeout(_) => "timeout",
+        UpstreamError::Broken(_) => "reset",
+        UpstreamError::Upgrade => "upgrade",
+    }
 }
 
 impl ProxyError {
@@ -146,18 +175,17 @@ impl Proxy {
             None
         };
         let version = req.version();
+        if version < Version::HTTP_2 && !keeps_alive(&req) {
+            conn.activity.must_close();
+        }
+        let req = req.map(|body| ClientBody::new(body, &conn));
         let mut host = None;
         let result = self.forward(&conn, req, &mut host).await;
-        let (resp, upstream_time, error) = match result {
-            Ok((resp, t)) => (resp, t, None),
+        let (resp, upstream_time, slot, error) = match result {
+            Ok((resp, t, slot)) => (resp, t, slot, None),
             Err(e) => {
                 if let ProxyError::Upstream(err) = &e {
-                    let kind = match err {
-                        UpstreamError::Connect(_) => "connect",
-                        UpstreamError::Tls(_) => "tls",
-                        UpstreamError::Timeout(_) => "timeout",
-                        UpstreamError::Broken(_) => "reset",
-                    };
+                    let kind = upstream_kind(err);
                     self.metrics.upstream_errors.get_or_create(&KindLabels { kind }).inc();
                     tracing::warn!(client = %conn.peer, host = host.as_ref().map_or("-", HostName::as_str), error = %err, "upstream request failed");
                 }
@@ -167,9 +195,16 @@ impl Proxy {
                 } else {
                     Some(message)
                 };
-                (e.into_response(version), None, message)
+                (e.into_response(version), None, None, message)
             }
         };
+        if resp
+            .headers()
+            .get(header::CONNECTION)
+            .is_some_and(|v| has_token(v, "close"))
+        {
+            conn.activity.must_close();
+        }
         let status = resp.status().as_u16();
         if let Some(t) = upstream_time {
             self.metrics.upstream_duration.observe(t.as_secs_f64());
@@ -188,18 +223,19 @@ impl Proxy {
         if let Some(hsts) = conn.sni.as_ref().and_then(|h| self.active.host(h)?.hsts.clone()) {
             parts.headers.insert(header::STRICT_TRANSPORT_SECURITY, hsts);
         }
+        crate::connection::responding();
         Ok(Response::from_parts(
             parts,
-            ProxyBody::new(body, record.map(|r| (r, started)), conn),
+            ProxyBody::new(body, record.map(|r| (r, started)), conn, slot),
         ))
     }
 
     async fn forward(
         &self,
-        conn: &ConnInfo,
-        req: Request<Incoming>,
+        conn: &Arc<ConnInfo>,
+        req: Request<ClientBody>,
         host_out: &mut Option<HostName>,
-    ) -> Result<(Response<Either<UpstreamBody, Full<Bytes>>>, Option<Duration>), ProxyError> {
+    ) -> Result<Forwarded, ProxyError> {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::MethodNotAllowed);
         }
@@ -224,14 +260,14 @@ impl Proxy {
         // HTTP-01 challenges on plain http, then plain http redirected to https.
         if let Some(file) = host_cfg.files.get(path_and_query.path()) {
             let (parts, body) = file.respond(req.method(), req.headers()).into_parts();
-            return Ok((Response::from_parts(parts, Either::Right(Full::new(body))), None));
+            return Ok((Response::from_parts(parts, Either::Right(Full::new(body))), None, None));
         }
         if conn.sni.is_none() && host_cfg.is_acme() {
             if let Some(token) = path_and_query.path().strip_prefix(acme::HTTP01_PREFIX) {
                 let acme = self.active.config.acme.as_ref();
                 let answer = acme::answer_http01(acme, &self.metrics, &host, token, req.method()).await;
                 let (parts, body) = answer.into_parts();
-                return Ok((Response::from_parts(parts, Either::Right(Full::new(body))), None));
+                return Ok((Response::from_parts(parts, Either::Right(Full::new(body))), None, None));
             }
         }
         if conn.sni.is_none() && host_cfg.http == HttpMode::Redirect {
@@ -241,7 +277,7 @@ impl Proxy {
                 .header(header::LOCATION, location)
                 .body(Either::Right(Full::new(Bytes::new())))
                 .map_err(|_| ProxyError::BadRequest("invalid request target\n"))?;
-            return Ok((resp, None));
+            return Ok((resp, None, None));
         }
         let upstream = &self.upstreams[host_cfg.upstream];
         let head_cap = self.active.config.upstreams[host_cfg.upstream].max_header_bytes;
@@ -257,6 +293,9 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         // Origin form: the connection is to the upstream already.
         parts.uri = Uri::from(path_and_query);
+        if parts.version >= Version::HTTP_2 {
+            join_cookies(&mut parts.headers);
+        }
         parts.version = Version::HTTP_11;
         parts.extensions = http::Extensions::new();
         rewrite_request_headers(&mut parts.headers, &host, conn);
@@ -284,7 +323,13 @@ impl Proxy {
 
         let sent = Instant::now();
         let timeout = upstream.response_timeout();
-        let resp = tokio::time::timeout(timeout, upstream.send(Request::from_parts(parts, body)))
+        let deadline = tokio::time::Instant::now() + timeout;
+        let timed_out = || ProxyError::Upstream(UpstreamError::Timeout(timeout));
+        // HTTP/2: one of this connection's upstream slots, waiting for a turn if all are in use.
+        let slot = tokio::time::timeout_at(deadline, conn.upstream_slot())
+            .await
+            .map_err(|_| timed_out())?;
+        let resp = tokio::time::timeout_at(deadline, upstream.send(Request::from_parts(parts, body)))
             .await
             .unwrap_or(Err(UpstreamError::Timeout(timeout)))
             .map_err(|e| {
@@ -298,7 +343,68 @@ impl Proxy {
 
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Ok((Response::from_parts(parts, Either::Left(body)), Some(upstream_time)))
+        let small = body.size_hint().exact().is_some_and(|n| n <= BUFFER_RESPONSES_UP_TO);
+        if small && !body.is_end_stream() {
+            // Read whole, so the upstream connection is free before the client reads a byte.
+            let whole = tokio::time::timeout_at(deadline, body.collect())
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(|e| ProxyError::Upstream(UpstreamError::Broken(Box::new(e))))?;
+            let body = Either::Right(Full::new(whole.to_bytes()));
+            return Ok((Response::from_parts(parts, body), Some(upstream_time), None));
+        }
+        Ok((
+            Response::from_parts(parts, Either::Left(body)),
+            Some(upstream_time),
+            slot,
+        ))
+    }
+}
+
+/// What [`Proxy::forward`] answers with: the response, how long the
+/// upstream took to send its head, and the upstream slot its body holds.
+type Forwarded = (
+    Response<Either<UpstreamBody, Full<Bytes>>>,
+    Option<Duration>,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+);
+
+/// True when an HTTP/1 request leaves the connection open for the next one:
+/// HTTP/1.1, no `Connection: close`, and no Transfer-Encoding (beside which
+/// hyper drops a Content-Length and then closes the connection after the
+/// answer). Anything else must not be resumed after parking.
+fn keeps_alive<B>(req: &Request<B>) -> bool {
+    let headers = req.headers();
+    req.version() == Version::HTTP_11
+        && !headers.contains_key(header::TRANSFER_ENCODING)
+        && !headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v, "close"))
+}
+
+/// True when a comma-separated header value lists `token` (case-insensitive).
+fn has_token(value: &HeaderValue, token: &str) -> bool {
+    value
+        .to_str()
+        .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// HTTP/2 may split the cookie header into several fields; an HTTP/1.1
+/// upstream gets them as one, joined with `; ` (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    if values.next().is_none() || values.next().is_none() {
+        return;
+    }
+    let joined = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
     }
 }
 
@@ -370,8 +476,9 @@ pub(crate) fn request_host<B>(req: &Request<B>) -> Result<HostName, ProxyError> 
 
 /// Prepares request headers for the upstream: hop-by-hop headers removed,
 /// Host set to the branded name, X-Forwarded-For appended to (trusted peers)
-/// or replaced (anyone else), X-Forwarded-Proto kept from a trusted peer or
-/// set, X-Forwarded-Host set.
+/// or replaced (anyone else), other client-address claims kept from a
+/// trusted peer only, X-Forwarded-Proto kept from a trusted peer or set,
+/// X-Forwarded-Host set.
 pub(crate) fn rewrite_request_headers(headers: &mut HeaderMap, host: &HostName, conn: &ConnInfo) {
     strip_hop_by_hop(headers);
     // A HostName is a valid header value by construction (letters, digits, '-', '_', '.').
@@ -396,6 +503,11 @@ pub(crate) fn rewrite_request_headers(headers: &mut HeaderMap, host: &HostName, 
         }
     };
     headers.remove(&X_FORWARDED_FOR);
+    if !conn.keep_forwarded {
+        for name in &CLIENT_ADDRESS_CLAIMS {
+            headers.remove(name);
+        }
+    }
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }

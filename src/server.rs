@@ -21,20 +21,20 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::{timeout_at, Instant};
 
 use crate::config::{Config, Limits};
-use crate::connection::{ConnInfo, Quiet, Resumable, WriteDeadline};
+use crate::connection::{ConnInfo, Quiet, Resumable, StreamExecutor, WriteDeadline};
 use crate::host::HostName;
 use crate::metrics::ChallengeLabels;
 use crate::proxy::Proxy;
 use crate::reload::{Active, Live};
 use crate::tls_stream::{Hello, TlsStream};
-use crate::upstream::Upstream;
+use crate::upstream::{self, Upstream};
 use crate::{acme, admin, proxy_protocol, tls};
 
 /// Pause after a failed accept (e.g. EMFILE) before trying again.
@@ -87,6 +87,8 @@ impl Listeners {
 /// What every worker shares.
 struct Shared {
     live: Arc<Live>,
+    /// The upstream connection cap and counters, across all workers.
+    upstream: upstream::Shared,
     /// `limits.max_connections`, across all workers; a permit per open connection.
     connections: Arc<Semaphore>,
     /// Becomes true when the workers must stop accepting and drain.
@@ -101,8 +103,9 @@ struct Shared {
 pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let config = live.load().config.clone();
     // Fail now, not on the first connection, if an upstream client cannot be built.
+    let upstream_shared = upstream::Shared::new(config.limits.upstream_connections(), &live.metrics);
     for upstream in &config.upstreams {
-        Upstream::new(upstream)?;
+        Upstream::new(upstream, &upstream_shared)?;
     }
     let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     // Everything that needs a file descriptor is set up before any worker
@@ -130,6 +133,7 @@ pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Ou
     let (stop, stopping) = watch::channel(false);
     let shared = Arc::new(Shared {
         live: live.clone(),
+        upstream: upstream_shared,
         connections: Arc::new(Semaphore::new(config.limits.max_connections as usize)),
         stopping,
     });
@@ -208,7 +212,7 @@ async fn worker(shared: Arc<Shared>, https: std::net::TcpListener, http: Option<
     };
     // Every connection task holds a sender; when all are dropped, the worker is drained.
     let (open, mut drained) = mpsc::channel::<()>(1);
-    let proxies = Arc::new(ProxyCache::new(shared.live.clone()));
+    let proxies = Arc::new(ProxyCache::new(shared.live.clone(), shared.upstream.clone()));
     let mut stopping = shared.stopping.clone();
     loop {
         let permit = tokio::select! {
@@ -256,13 +260,15 @@ async fn worker(shared: Arc<Shared>, https: std::net::TcpListener, http: Option<
 /// open (files, upstreams, hosts), not only to new connections.
 struct ProxyCache {
     live: Arc<Live>,
+    upstream: upstream::Shared,
     cached: std::sync::Mutex<Option<Arc<Proxy>>>,
 }
 
 impl ProxyCache {
-    fn new(live: Arc<Live>) -> Self {
+    fn new(live: Arc<Live>, upstream: upstream::Shared) -> Self {
         Self {
             live,
+            upstream,
             cached: std::sync::Mutex::new(None),
         }
     }
@@ -272,13 +278,13 @@ impl ProxyCache {
     fn current(&self) -> Option<Arc<Proxy>> {
         // Uncontended: one worker's connections run on one thread.
         let mut cached = self.cached.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        current_proxy(&self.live, &mut cached)
+        current_proxy(&self.live, &self.upstream, &mut cached)
     }
 }
 
 /// This worker's proxy for the configuration in force: rebuilt after a
 /// reload, keeping the pool of every upstream whose settings did not change.
-fn current_proxy(live: &Live, cached: &mut Option<Arc<Proxy>>) -> Option<Arc<Proxy>> {
+fn current_proxy(live: &Live, shared: &upstream::Shared, cached: &mut Option<Arc<Proxy>>) -> Option<Arc<Proxy>> {
     let active = live.load();
     if let Some(p) = cached.as_ref().filter(|p| p.active.generation == active.generation) {
         return Some(p.clone());
@@ -289,7 +295,7 @@ fn current_proxy(live: &Live, cached: &mut Option<Arc<Proxy>>) -> Option<Arc<Pro
             let i = p.active.config.upstreams.iter().position(|u| u == settings)?;
             p.upstreams.get(i).cloned()
         });
-        match kept.map_or_else(|| Upstream::new(settings), Ok) {
+        match kept.map_or_else(|| Upstream::new(settings, shared), Ok) {
             Ok(u) => upstreams.push(u),
             Err(e) => {
                 // The roots were checked at start-up and on reload; keep what works if this still fails.
@@ -512,7 +518,10 @@ async fn serve<IO>(
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = proxy.active.config.limits.clone();
-    let info = Arc::new(info);
+    let info = Arc::new(match protocol {
+        Protocol::Http2 => info.with_upstream_slots(limits.upstream_per_connection),
+        Protocol::Http1 => info,
+    });
     let service = {
         let (fallback, info) = (proxy.clone(), info.clone());
         service_fn(move |req| {
@@ -535,6 +544,14 @@ async fn serve<IO>(
 /// waiting for the first byte of the next request). The wait for the next
 /// request is bounded by `idle_timeout`; a request head, by
 /// `header_read_timeout` from when hyper starts reading it.
+///
+/// A connection is parked, and later resumed by a new hyper connection,
+/// only when it is between two messages ([`crate::connection::Activity::resumable`]):
+/// every request answered, every request body read to its end, and nothing
+/// said `Connection: close`. Anything else (a refusal, a body the upstream
+/// did not wait for, ambiguous framing) is left to hyper, which closes the
+/// connection when it is done: bytes after such a request are never read as
+/// a request.
 async fn serve_http1<IO, S>(io: IO, service: S, info: &ConnInfo, limits: &Limits, mut stopping: watch::Receiver<bool>)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -555,23 +572,38 @@ where
     loop {
         // Boxed: freed while parked, instead of sizing every connection's task for it.
         let mut conn = Box::pin(http1_builder(limits).serve_connection(TokioIo::new(io), service.clone()));
-        let (mut draining, mut parking) = (false, false);
+        let (mut draining, mut parking, mut may_park) = (false, false, true);
+        // Set when the idle timeout starts a graceful close: a connection
+        // hyper cannot end (midway through a body the client stopped
+        // sending) is cut then.
+        let mut close_by: Option<Instant> = None;
         let result = loop {
+            let park = may_park.then_some((park_after, parked_at));
             tokio::select! {
                 result = conn.as_mut() => break result,
                 _ = stopping.wait_for(|s| *s), if !draining => {
                     draining = true;
                     conn.as_mut().graceful_shutdown();
                 }
-                quiet = activity.quiet(Some((park_after, parked_at)), limits.idle_timeout), if !draining && !parking => {
-                    // Parking: idle (or midway through a request head, which
-                    // the next connection is handed), so hyper ends the
-                    // connection at once. Idle too long: closing.
-                    match quiet {
-                        Quiet::Park => parking = true,
-                        Quiet::Idle => draining = true,
+                quiet = activity.quiet(park, limits.idle_timeout), if !draining && !parking => match quiet {
+                    // Between messages: hyper ends the connection at once
+                    // (or after the answer it is still writing), and the
+                    // next hyper connection is handed what follows.
+                    Quiet::Park if activity.resumable() => {
+                        parking = true;
+                        conn.as_mut().graceful_shutdown();
                     }
-                    conn.as_mut().graceful_shutdown();
+                    // Not at a message boundary: hyper keeps it, to its end.
+                    Quiet::Park => may_park = false,
+                    Quiet::Idle => {
+                        draining = true;
+                        close_by = Some(Instant::now() + IDLE_CLOSE_GRACE);
+                        conn.as_mut().graceful_shutdown();
+                    }
+                },
+                () = tokio::time::sleep_until(close_by.unwrap_or_else(Instant::now)), if close_by.is_some() => {
+                    tracing::debug!(client = %info.peer, "idle connection did not close gracefully; closed");
+                    return;
                 }
             }
         };
@@ -583,8 +615,10 @@ where
             io: taken, read_buf, ..
         } = Pin::into_inner(conn).into_parts();
         io = taken.into_inner();
-        if draining || !parking {
-            // Drained, idle too long, or the client asked to close.
+        if draining || !parking || !activity.resumable() {
+            // Drained, idle too long, hyper closed it (the client asked, or
+            // a request left it midway), or it stopped being resumable
+            // while hyper finished.
             close(io.into_inner()).await;
             return;
         }
@@ -667,8 +701,10 @@ fn http1_builder(limits: &Limits) -> http1::Builder {
     builder
 }
 
-fn http2_builder(limits: &Limits) -> http2::Builder<TokioExecutor> {
-    let mut builder = http2::Builder::new(TokioExecutor::new());
+fn http2_builder(limits: &Limits) -> http2::Builder<StreamExecutor> {
+    let mut builder = http2::Builder::new(StreamExecutor {
+        stall: limits.idle_timeout,
+    });
     builder
         .timer(TokioTimer::new())
         .max_concurrent_streams(128)

@@ -14,32 +14,52 @@
 //! rather than hyper-util's general client because a proxy with one upstream
 //! needs none of that client's keying, connector layers or per-request
 //! boxing, and those were a measurable part of each request's CPU.
+//!
+//! What keeps one exchange from spoiling the next:
+//! - a connection goes back to the pool only once its response has been read
+//!   to the end *and* its request body has been sent to its end; an upstream
+//!   that answers before the body is complete (legal, and common for errors)
+//!   gets the connection closed instead, since the rest of that body can no
+//!   longer be sent anywhere (see [`Exchange`]);
+//! - checkout takes only a connection whose task says it is ready for the
+//!   next request, and skips one that is not;
+//! - a request that a reused connection lost before any byte of an answer
+//!   came back (the upstream's keep-alive timeout closing it as the request
+//!   went out) is sent once more on a new connection, when its method is
+//!   idempotent and its body can be sent again;
+//! - every connection holds a permit of the process-wide cap on upstream
+//!   connections, so they can never use up the descriptors clients need;
+//! - an address of the upstream's name that refused or timed out is tried
+//!   last for [`ADDRESS_PENALTY`].
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::Scheme;
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Limited;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
 
 use crate::config;
+use crate::connection::ClientBody;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -51,17 +71,91 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 /// `pool-purge-delay` works the same way.)
 pub const PURGE_EVERY: Duration = Duration::from_secs(2);
 
+/// An address that refused a connection or did not answer is tried after
+/// the others for this long (nginx's `fail_timeout`, with `max_fails=1`).
+pub const ADDRESS_PENALTY: Duration = Duration::from_secs(10);
+
+/// What every worker's pools share: the cap on upstream connections
+/// across the process, and the counters the pools keep.
+#[derive(Clone)]
+pub struct Shared {
+    /// One permit per open upstream connection.
+    pub connections: Arc<Semaphore>,
+    /// Requests sent again on a new connection after a reused one was lost.
+    pub retries: Counter,
+    /// Connection attempts an address of the upstream's name refused or let time out.
+    pub address_failures: Counter,
+}
+
+impl Shared {
+    /// `max_connections` upstream connections at most, across the process;
+    /// the counters are `metrics`'.
+    pub fn new(max_connections: usize, metrics: &crate::metrics::Metrics) -> Self {
+        Self {
+            connections: Arc::new(Semaphore::new(max_connections)),
+            retries: metrics.upstream_retries.clone(),
+            address_failures: metrics.upstream_address_failures.clone(),
+        }
+    }
+}
+
+/// One exchange's request body as its upstream connection sees it, shared
+/// between the body being written and the response coming back.
+#[derive(Default)]
+struct Exchange {
+    /// The body has been sent to its end.
+    sent: AtomicBool,
+    /// The response ended first: the body is to stop, failing the connection.
+    abandoned: AtomicBool,
+    /// The connection task waiting for more of the body.
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Exchange {
+    fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Release);
+        if let Some(w) = self.waker.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            w.wake();
+        }
+    }
+}
+
 /// The request body sent upstream: the client's, streamed, capped at `limits.max_request_body`.
 pub struct RequestBody {
     first: Option<Frame<Bytes>>,
-    rest: Limited<Incoming>,
+    /// `None` in a copy made to send again.
+    rest: Option<Limited<ClientBody>>,
+    /// `None` for a body with nothing left to send after `first`.
+    exchange: Option<Arc<Exchange>>,
 }
 
 impl RequestBody {
     /// A body whose first frame the proxy has already read (to refuse a
     /// malformed body before anything reaches the upstream), then the rest.
-    pub fn new(first: Option<Frame<Bytes>>, rest: Limited<Incoming>) -> Self {
-        Self { first, rest }
+    pub fn new(first: Option<Frame<Bytes>>, rest: Limited<ClientBody>) -> Self {
+        let exchange = (!rest.is_end_stream()).then(Arc::default);
+        Self {
+            first,
+            rest: Some(rest),
+            exchange,
+        }
+    }
+
+    /// A copy to send again, when the body is already complete in memory
+    /// (none, or a first frame that was the whole of it).
+    fn replayable(&self) -> Option<Self> {
+        if self.exchange.is_some() {
+            return None;
+        }
+        let first = match &self.first {
+            None => None,
+            Some(frame) => Some(Frame::data(frame.data_ref()?.clone())),
+        };
+        Some(Self {
+            first,
+            rest: None,
+            exchange: None,
+        })
     }
 }
 
@@ -74,11 +168,28 @@ impl Body for RequestBody {
         if let Some(frame) = this.first.take() {
             return Poll::Ready(Some(Ok(frame)));
         }
-        Pin::new(&mut this.rest).poll_frame(cx)
+        let (Some(exchange), Some(rest)) = (&this.exchange, &mut this.rest) else {
+            return Poll::Ready(None);
+        };
+        if exchange.abandoned.load(Ordering::Acquire) {
+            return Poll::Ready(Some(Err(
+                "the upstream answered before the request body was complete".into()
+            )));
+        }
+        let polled = Pin::new(&mut *rest).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => exchange.sent.store(true, Ordering::Release),
+            Poll::Ready(Some(Ok(_))) if rest.is_end_stream() => exchange.sent.store(true, Ordering::Release),
+            Poll::Pending => {
+                *exchange.waker.lock().unwrap_or_else(PoisonError::into_inner) = Some(cx.waker().clone());
+            }
+            _ => {}
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.rest.is_end_stream()
+        self.first.is_none() && (self.exchange.is_none() || self.rest.as_ref().is_none_or(Limited::is_end_stream))
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -88,7 +199,10 @@ impl Body for RequestBody {
             .as_ref()
             .and_then(Frame::data_ref)
             .map_or(0, |d| d.len() as u64);
-        let rest = self.rest.size_hint();
+        let rest = match (&self.exchange, &self.rest) {
+            (Some(_), Some(rest)) => rest.size_hint(),
+            _ => SizeHint::with_exact(0),
+        };
         let mut hint = SizeHint::new();
         hint.set_lower(rest.lower() + first);
         if let Some(upper) = rest.upper() {
@@ -105,6 +219,7 @@ pub struct Upstream {
 }
 
 struct Pool {
+    shared: Shared,
     /// Host (without IPv6 brackets) and port to resolve and dial.
     host: String,
     port: u16,
@@ -118,10 +233,20 @@ struct Pool {
     idle: Mutex<VecDeque<Idle>>,
     /// True while a task is closing connections that idle too long.
     sweeping: AtomicBool,
+    /// Addresses that failed lately, and until when they are tried last.
+    failed: Mutex<HashMap<SocketAddr, Instant>>,
+}
+
+/// One upstream connection as the pool holds it.
+struct Conn {
+    sender: http1::SendRequest<RequestBody>,
+    /// Bytes read from the connection so far: unchanged after a failed
+    /// request means the upstream sent no byte of an answer.
+    read: Arc<AtomicU64>,
 }
 
 struct Idle {
-    sender: http1::SendRequest<RequestBody>,
+    conn: Conn,
     since: Instant,
 }
 
@@ -136,13 +261,32 @@ impl Idle {
 /// client went away) takes its connection down with it.
 pub struct UpstreamBody {
     inner: Incoming,
-    conn: Option<(http1::SendRequest<RequestBody>, Arc<Pool>)>,
+    conn: Option<(Conn, Arc<Pool>)>,
+    exchange: Option<Arc<Exchange>>,
 }
 
 impl UpstreamBody {
     fn release(&mut self) {
-        if let Some((sender, pool)) = self.conn.take() {
-            pool.checkin(sender);
+        let Some((conn, pool)) = self.conn.take() else {
+            return;
+        };
+        match self.exchange.take() {
+            // Answered before the request body was all sent: that connection
+            // is midway through a request, and is closed, never reused.
+            Some(exchange) if !exchange.sent.load(Ordering::Acquire) => exchange.abandon(),
+            _ => pool.checkin(conn),
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // Dropped early: the connection goes down with it; a body still
+        // being sent on it stops now rather than when the client's does.
+        if let Some(exchange) = self.exchange.take() {
+            if self.conn.is_some() && !exchange.sent.load(Ordering::Acquire) {
+                exchange.abandon();
+            }
         }
     }
 }
@@ -183,6 +327,8 @@ pub enum UpstreamError {
     Timeout(Duration),
     /// The connection broke or the upstream answered something that is not HTTP.
     Broken(BoxError),
+    /// The upstream answered `101 Switching Protocols`: linkgate never tunnels.
+    Upgrade,
 }
 
 impl fmt::Display for UpstreamError {
@@ -192,6 +338,7 @@ impl fmt::Display for UpstreamError {
             Self::Tls(e) => write!(f, "upstream TLS failed: {}", chain(e.as_ref())),
             Self::Timeout(d) => write!(f, "upstream sent no response within {d:?}"),
             Self::Broken(e) => write!(f, "upstream connection failed: {}", chain(e.as_ref())),
+            Self::Upgrade => write!(f, "upstream switched protocols (101); linkgate does not tunnel"),
         }
     }
 }
@@ -231,7 +378,7 @@ pub(crate) fn chain(e: &(dyn StdError + 'static)) -> String {
 }
 
 impl Upstream {
-    pub fn new(cfg: &config::Upstream) -> Result<Self, rustls::Error> {
+    pub fn new(cfg: &config::Upstream, shared: &Shared) -> Result<Self, rustls::Error> {
         let mut tls = crate::tls::client_config(cfg.ca_certs.as_deref())?;
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let host = cfg
@@ -250,6 +397,7 @@ impl Upstream {
         };
         Ok(Self {
             pool: Arc::new(Pool {
+                shared: shared.clone(),
                 port: cfg.authority.port_u16().unwrap_or(if https { 443 } else { 80 }),
                 host,
                 connect_to: cfg.connect_to,
@@ -259,6 +407,7 @@ impl Upstream {
                 idle_timeout: cfg.pool_idle_timeout,
                 idle: Mutex::new(VecDeque::new()),
                 sweeping: AtomicBool::new(false),
+                failed: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -289,67 +438,104 @@ impl Pool {
     }
 
     async fn request(self: Arc<Self>, mut req: Request<RequestBody>) -> Result<Response<UpstreamBody>, UpstreamError> {
+        // After a reused connection lost the request, it goes on a new one.
+        let mut fresh = false;
         loop {
-            let (mut sender, reused) = match self.checkout() {
-                Some(sender) => (sender, true),
+            let (mut conn, reused) = match self.checkout().filter(|_| !fresh) {
+                Some(conn) => (conn, true),
                 // Boxed: connecting (TLS included) is rare, and inline its
                 // state would size every request's future for it.
                 None => (Box::pin(self.connect()).await?, false),
             };
-            // A pooled connection is ready once its task has finished the previous exchange.
-            if let Err(e) = sender.ready().await {
-                if reused {
-                    continue;
-                }
-                return Err(UpstreamError::Broken(Box::new(e)));
+            if !reused {
+                conn.sender
+                    .ready()
+                    .await
+                    .map_err(|e| UpstreamError::Broken(Box::new(e)))?;
             }
-            match sender.try_send_request(req).await {
+            // A copy to send again if the upstream closes this reused
+            // connection as the request goes out (its keep-alive timeout).
+            let again = if reused && idempotent(req.method()) {
+                req.body().replayable().map(|body| {
+                    let mut copy = Request::new(body);
+                    *copy.method_mut() = req.method().clone();
+                    *copy.uri_mut() = req.uri().clone();
+                    *copy.version_mut() = req.version();
+                    *copy.headers_mut() = req.headers().clone();
+                    copy
+                })
+            } else {
+                None
+            };
+            let read_before = conn.read.load(Ordering::Relaxed);
+            let exchange = req.body().exchange.clone();
+            match conn.sender.try_send_request(req).await {
                 Ok(resp) => {
+                    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                        return Err(UpstreamError::Upgrade);
+                    }
                     let (parts, inner) = resp.into_parts();
                     let mut body = UpstreamBody {
                         inner,
-                        conn: Some((sender, self.clone())),
+                        conn: Some((conn, self.clone())),
+                        exchange,
                     };
                     if body.inner.is_end_stream() {
                         body.release();
                     }
                     return Ok(Response::from_parts(parts, body));
                 }
-                Err(mut e) => match e.take_message() {
+                Err(mut e) => match (e.take_message(), again) {
                     // Never written: a pooled connection closed under us. Another one, or a new one, gets it.
-                    Some(unsent) if reused => req = unsent,
+                    (Some(unsent), _) if reused => req = unsent,
+                    // Written, and lost before any byte of an answer: once more, on a new connection.
+                    (_, Some(again)) if conn.read.load(Ordering::Relaxed) == read_before => {
+                        tracing::debug!(error = %e.into_error(), "upstream closed a reused connection under a request; sending it again on a new one");
+                        self.shared.retries.inc();
+                        req = again;
+                        fresh = true;
+                    }
                     _ => return Err(UpstreamError::Broken(Box::new(e.into_error()))),
                 },
             }
         }
     }
 
-    /// The most recently used idle connection that is still open.
-    fn checkout(&self) -> Option<http1::SendRequest<RequestBody>> {
+    /// The most recently used idle connection that is ready for a request.
+    /// One still finishing its previous exchange is skipped (and kept); one
+    /// that has closed is dropped.
+    fn checkout(&self) -> Option<Conn> {
         let now = Instant::now();
         let mut idle = self.lock();
-        while let Some(i) = idle.pop_back() {
-            if i.expired(now, self.idle_timeout) {
-                // The newest is too old, so are all the others.
-                idle.clear();
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            if idle[i].expired(now, self.idle_timeout) {
+                // This one is too old, so are all before it.
+                idle.drain(..=i);
                 return None;
             }
-            if !i.sender.is_closed() {
-                return Some(i.sender);
+            match idle[i].conn.sender.poll_ready(&mut cx) {
+                Poll::Ready(Ok(())) => return idle.remove(i).map(|i| i.conn),
+                Poll::Ready(Err(_)) => {
+                    idle.remove(i);
+                }
+                Poll::Pending => {}
             }
         }
         None
     }
 
-    fn checkin(self: Arc<Self>, sender: http1::SendRequest<RequestBody>) {
-        if sender.is_closed() {
+    fn checkin(self: Arc<Self>, conn: Conn) {
+        if conn.sender.is_closed() {
             return;
         }
         let now = Instant::now();
         {
             let mut idle = self.lock();
             self.expire(&mut idle, now);
-            idle.push_back(Idle { sender, since: now });
+            idle.push_back(Idle { conn, since: now });
         }
         if !self.sweeping.swap(true, Ordering::AcqRel) {
             tokio::spawn(sweep(Arc::downgrade(&self)));
@@ -360,20 +546,29 @@ impl Pool {
     fn expire(&self, idle: &mut VecDeque<Idle>, now: Instant) {
         while idle
             .front()
-            .is_some_and(|i| i.sender.is_closed() || i.expired(now, self.idle_timeout))
+            .is_some_and(|i| i.conn.sender.is_closed() || i.expired(now, self.idle_timeout))
         {
             idle.pop_front();
         }
     }
 
-    async fn connect(&self) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
+    async fn connect(&self) -> Result<Conn, UpstreamError> {
+        // Waits its turn when the process holds as many upstream connections
+        // as it may (the caller's response timeout bounds the wait).
+        let permit = self
+            .shared
+            .connections
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| UpstreamError::Connect("shutting down".into()))?;
         let tcp = tokio::time::timeout(self.connect_timeout, self.dial())
             .await
             .map_err(|_| UpstreamError::Connect(format!("no connection within {:?}", self.connect_timeout).into()))??;
         // Request heads and small bodies go out at once.
         let _ = tcp.set_nodelay(true);
         match &self.tls {
-            None => handshake(tcp).await,
+            None => handshake(tcp, permit).await,
             Some((connector, name)) => {
                 let stream = connector.connect(name.clone(), tcp).await.map_err(|e| {
                     if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
@@ -382,7 +577,7 @@ impl Pool {
                         UpstreamError::Connect(Box::new(e))
                     }
                 })?;
-                handshake(stream).await
+                handshake(stream, permit).await
             }
         }
     }
@@ -396,32 +591,105 @@ impl Pool {
         if let Some(addr) = self.connect_to {
             return TcpStream::connect(addr).await.map_err(connect_error);
         }
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
+        let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
             .await
             .map_err(|e| UpstreamError::Connect(format!("cannot resolve {}: {e}", self.host).into()))?
             .collect();
+        // Those that failed lately last, in the resolver's order otherwise.
+        let now = Instant::now();
+        {
+            let mut failed = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
+            failed.retain(|_, until| *until > now);
+            addrs.sort_by_key(|a| failed.contains_key(a));
+        }
         let share = self.connect_timeout / u32::try_from(addrs.len().max(1)).unwrap_or(u32::MAX);
         let mut last = None;
         for addr in addrs {
-            match tokio::time::timeout(share, TcpStream::connect(addr)).await {
-                Ok(Ok(tcp)) => return Ok(tcp),
-                Ok(Err(e)) => last = Some(connect_error(e)),
-                Err(_) => {
-                    last = Some(UpstreamError::Connect(
-                        format!("{addr}: no answer within {share:?}").into(),
-                    ))
+            let error = match tokio::time::timeout(share, TcpStream::connect(addr)).await {
+                Ok(Ok(tcp)) => {
+                    self.failed.lock().unwrap_or_else(PoisonError::into_inner).remove(&addr);
+                    return Ok(tcp);
                 }
+                Ok(Err(e)) => connect_error(e),
+                Err(_) => UpstreamError::Connect(format!("{addr}: no answer within {share:?}").into()),
+            };
+            self.shared.address_failures.inc();
+            let newly = self
+                .failed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(addr, Instant::now() + ADDRESS_PENALTY)
+                .is_none();
+            if newly {
+                tracing::warn!(upstream = %self.host, address = %addr, error = %error, "upstream address failed; trying the others first for {ADDRESS_PENALTY:?}");
             }
+            last = Some(error);
         }
         Err(last.unwrap_or_else(|| UpstreamError::Connect(format!("{} has no address", self.host).into())))
     }
 }
 
-/// Starts HTTP/1.1 on a new connection; its task runs until the connection closes.
-async fn handshake<IO>(io: IO) -> Result<http1::SendRequest<RequestBody>, UpstreamError>
+/// Methods a request may be sent twice with (RFC 9110 §9.2.2).
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// A connection's I/O that counts the bytes read from it.
+struct Counted<IO> {
+    io: IO,
+    read: Arc<AtomicU64>,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            this.read.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Starts HTTP/1.1 on a new connection; its task runs until the connection
+/// closes, holding the connection's permit of the process-wide cap.
+async fn handshake<IO>(io: IO, permit: OwnedSemaphorePermit) -> Result<Conn, UpstreamError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let read = Arc::new(AtomicU64::new(0));
+    let io = Counted { io, read: read.clone() };
     let (sender, conn) = http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| UpstreamError::Broken(Box::new(e)))?;
@@ -429,8 +697,9 @@ where
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "upstream connection ended with an error");
         }
+        drop(permit);
     });
-    Ok(sender)
+    Ok(Conn { sender, read })
 }
 
 /// Closes each idle connection when it has idled `pool_idle_timeout`, and

@@ -135,6 +135,40 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Request bodies above this answer 413.
     pub max_request_body: u64,
+    /// Upstream connections one client connection (HTTP/2: its streams) may
+    /// hold at a time; further streams wait their turn.
+    pub upstream_per_connection: u32,
+    /// Upstream connections open at once across the process. `None`: half
+    /// the descriptors the process may open, after a reserve (see
+    /// [`Limits::upstream_connections`]).
+    pub max_upstream_connections: Option<u32>,
+}
+
+/// Descriptors kept back from the upstream cap for accepting, the admin
+/// listener, log and config files, file watches and ACME storage.
+const DESCRIPTOR_RESERVE: u64 = 256;
+
+impl Limits {
+    /// The cap on upstream connections in force: as configured, or half of
+    /// what the descriptor limit leaves after [`DESCRIPTOR_RESERVE`], so
+    /// that upstream connections can never take the descriptors that
+    /// accepting clients and the admin listener need.
+    pub fn upstream_connections(&self) -> usize {
+        let derived = descriptor_limit().map_or(4096, |n| n.saturating_sub(DESCRIPTOR_RESERVE) / 2);
+        let n = self.max_upstream_connections.map_or(derived, u64::from);
+        usize::try_from(n.max(1)).unwrap_or(usize::MAX)
+    }
+}
+
+/// The soft limit on open descriptors, from `/proc/self/limits` (Linux).
+pub fn descriptor_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let soft = line.trim_start_matches("Max open files").split_whitespace().next()?;
+    if soft == "unlimited" {
+        return Some(u64::MAX);
+    }
+    soft.parse().ok()
 }
 
 impl Default for Limits {
@@ -146,6 +180,8 @@ impl Default for Limits {
             max_connections: 20_000,
             max_header_bytes: 16_384,
             max_request_body: 1 << 20,
+            upstream_per_connection: 32,
+            max_upstream_connections: None,
         }
     }
 }
@@ -888,6 +924,14 @@ fn build_limits(raw: RawLimits) -> Result<Limits, KeyError> {
     if max_connections == 0 {
         return Err(("limits.max_connections", "must be at least 1".into()));
     }
+    let upstream_per_connection = raw.upstream_per_connection.unwrap_or(d.upstream_per_connection);
+    if !(1..=1024).contains(&upstream_per_connection) {
+        return Err(("limits.upstream_per_connection", "must be between 1 and 1024".into()));
+    }
+    let max_upstream_connections = raw.max_upstream_connections;
+    if max_upstream_connections == Some(0) {
+        return Err(("limits.max_upstream_connections", "must be at least 1".into()));
+    }
     Ok(Limits {
         handshake_timeout: duration("limits.handshake_timeout", raw.handshake_timeout, d.handshake_timeout)?,
         header_read_timeout: duration(
@@ -899,6 +943,8 @@ fn build_limits(raw: RawLimits) -> Result<Limits, KeyError> {
         max_connections,
         max_header_bytes: max_header_bytes as usize,
         max_request_body: size("limits.max_request_body", raw.max_request_body, d.max_request_body)?,
+        upstream_per_connection,
+        max_upstream_connections,
     })
 }
 

@@ -102,6 +102,8 @@ pub struct RawLimits {
     pub max_connections: Option<u32>,
     pub max_header_bytes: Option<SizeValue>,
     pub max_request_body: Option<SizeValue>,
+    pub upstream_per_connection: Option<u32>,
+    pub max_upstream_connections: Option<u32>,
 }
 
 /// A size written as a number of bytes or as text with a unit (`"1MiB"`).
