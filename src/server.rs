@@ -607,14 +607,18 @@ where
                 }
             }
         };
+        let failed = result.is_err();
         if let Err(e) = result {
             tracing::debug!(client = %info.peer, error = %e, "connection ended with an error");
-            return;
         }
         let http1::Parts {
             io: taken, read_buf, ..
         } = Pin::into_inner(conn).into_parts();
         io = taken.into_inner();
+        if failed {
+            close(io.into_inner()).await;
+            return;
+        }
         if draining || !parking || !activity.resumable() {
             // Drained, idle too long, hyper closed it (the client asked, or
             // a request left it midway), or it stopped being resumable
@@ -649,9 +653,26 @@ where
     }
 }
 
-/// Closes a connection that hyper has finished with: TLS close_notify, then FIN.
-async fn close<IO: AsyncWrite + Unpin>(mut io: IO) {
-    let _ = tokio::time::timeout(IDLE_CLOSE_GRACE, io.shutdown()).await;
+/// How long a closing HTTP/1 connection goes on reading (and discarding)
+/// what the client still sends, like nginx's lingering close.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Closes a connection that hyper has finished with: TLS close_notify, then
+/// FIN, then what the client is still sending (the rest of a body nobody
+/// waited for, pipelined requests after a refusal) is read and discarded
+/// for up to [`LINGER`] or until the client closes. Closing a socket with
+/// unread input makes the kernel send a reset, which throws away the
+/// answers still queued for the client: it would lose the very response
+/// that explains why the connection closed.
+async fn close<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO) {
+    if tokio::time::timeout(IDLE_CLOSE_GRACE, io.shutdown()).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut sink = [0u8; 4096];
+        while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 async fn serve_http2<IO, S>(io: IO, service: S, info: &ConnInfo, limits: &Limits, mut stopping: watch::Receiver<bool>)
