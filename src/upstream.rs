@@ -591,10 +591,17 @@ impl Pool {
         if let Some(addr) = self.connect_to {
             return TcpStream::connect(addr).await.map_err(connect_error);
         }
-        let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
             .await
             .map_err(|e| UpstreamError::Connect(format!("cannot resolve {}: {e}", self.host).into()))?
             .collect();
+        self.dial_any(addrs).await
+    }
+
+    /// The first of `addrs` that accepts a connection, those that failed
+    /// lately tried last.
+    async fn dial_any(&self, mut addrs: Vec<SocketAddr>) -> Result<TcpStream, UpstreamError> {
+        let connect_error = |e: std::io::Error| UpstreamError::Connect(Box::new(e));
         // Those that failed lately last, in the resolver's order otherwise.
         let now = Instant::now();
         {
@@ -735,4 +742,41 @@ fn purge(idle: &mut VecDeque<Idle>, now: Instant) {
         .take_while(|i| now.saturating_duration_since(i.since) >= PURGE_EVERY)
         .count();
     idle.drain(..unused / 2);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_address_is_tried_last() {
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let metrics = crate::metrics::Metrics::new();
+        let shared = Shared::new(16, &metrics);
+        let cfg = config::Upstream {
+            scheme: Scheme::HTTP,
+            authority: http::uri::Authority::from_static("upstream.test"),
+            connect_to: None,
+            ca_certs: None,
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(2),
+            pool_idle_timeout: Duration::from_secs(2),
+            provider: None,
+            max_header_bytes: None,
+        };
+        let upstream = Upstream::new(&cfg, &shared).expect("upstream");
+        let addrs = vec![dead, live.local_addr().expect("addr")];
+        for _ in 0..3 {
+            upstream.pool.dial_any(addrs.clone()).await.expect("the live address");
+        }
+        // Refused once, then tried after the live one.
+        assert_eq!(shared.address_failures.get(), 1);
+        // A dead address alone is still tried (and fails) rather than skipped.
+        assert!(upstream.pool.dial_any(vec![dead]).await.is_err());
+        assert_eq!(shared.address_failures.get(), 2);
+    }
 }

@@ -170,14 +170,14 @@ async fn a_refused_request_pipelined_behind_a_large_answer_ends_the_connection()
     let mut c = Raw::connect(lg.http.expect("http")).await;
     // An answer large enough to fill the socket buffers, then a request
     // for a host this listener does not serve (421, close), then another.
-    let mut pipeline = get("/big?n=4000000");
+    let mut pipeline = get("/big?n=24000000");
     pipeline.extend_from_slice(b"GET /refused HTTP/1.1\r\nHost: other.example.test\r\n\r\n");
     pipeline.extend_from_slice(&smuggled("pipelined"));
     c.send(&pipeline).await;
     // Not reading for longer than the parking delay.
     tokio::time::sleep(Duration::from_millis(1600)).await;
     let big = c.answer(HANG_GUARD).await.expect("the large answer");
-    assert_eq!((big.status, big.body.len()), (200, 4_000_000));
+    assert_eq!((big.status, big.body.len()), (200, 24_000_000));
     let refused = c.answer(HANG_GUARD).await.expect("the refusal");
     assert_eq!(refused.status, 421);
     assert!(refused.close, "a refusal says Connection: close");
@@ -188,7 +188,7 @@ async fn a_refused_request_pipelined_behind_a_large_answer_ends_the_connection()
     assert!(c.buf.is_empty(), "something was answered after the refusal");
     assert_nothing_smuggled(&origin);
     let targets: Vec<String> = origin.requests().into_iter().map(|r| r.target).collect();
-    assert_eq!(targets, ["/big?n=4000000"]);
+    assert_eq!(targets, ["/big?n=24000000"]);
 }
 
 // ---------------------------------------------------------------- finding 2: pool poisoning
@@ -269,7 +269,8 @@ const STALL_LIMITS: &str = "[limits]\nidle_timeout = \"2s\"\nupstream_per_connec
 
 #[tokio::test]
 async fn streams_that_grant_no_window_hold_few_upstream_connections_and_are_cut() {
-    let (_dir, pki, origin, lg) = setup("", STALL_LIMITS).await;
+    // pool_idle_timeout 1 s: the bystander's idle upstream connection closes too.
+    let (_dir, pki, origin, lg) = setup("pool_idle_timeout = \"1s\"\n", STALL_LIMITS).await;
     let mut attackers = Vec::new();
     for _ in 0..2 {
         let mut b = h2::client::Builder::new();
@@ -414,6 +415,21 @@ async fn an_upstream_101_is_answered_502_and_never_tunnelled() {
     );
 }
 
+/// Sends 2.5 MB of body as fast as the server's window allows.
+async fn feed(mut body: h2::SendStream<Bytes>) {
+    for _ in 0..40 {
+        body.reserve_capacity(64 * 1024);
+        match std::future::poll_fn(|cx| body.poll_capacity(cx)).await {
+            Some(Ok(n)) if n > 0 => {
+                if body.send_data(Bytes::from(vec![b'b'; n]), false).is_err() {
+                    return;
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
 #[tokio::test]
 async fn an_http2_answer_before_the_body_ends_arrives_whole() {
     let (_dir, pki, origin, lg) = setup("", "").await;
@@ -434,16 +450,8 @@ async fn an_http2_answer_before_the_body_ends_arrives_whole() {
     assert_eq!(text, b"request body too large\n");
     // Streamed past the cap without a declared length: 413 too.
     let mut s = h2c.clone().ready().await.expect("ready");
-    let (resp, mut body) = s.send_request(h2_request("POST", "/upload"), false).expect("send");
-    let feeder = tokio::spawn(async move {
-        for _ in 0..40 {
-            body.reserve_capacity(64 * 1024);
-            if body.send_data(Bytes::from(vec![b'b'; 64 * 1024]), false).is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    });
+    let (resp, body) = s.send_request(h2_request("POST", "/upload"), false).expect("send");
+    let feeder = tokio::spawn(feed(body));
     let resp = tokio::time::timeout(HANG_GUARD, resp)
         .await
         .expect("in time")
