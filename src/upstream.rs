@@ -441,7 +441,8 @@ impl Pool {
         // After a reused connection lost the request, it goes on a new one.
         let mut fresh = false;
         loop {
-            let (mut conn, reused) = match self.checkout().filter(|_| !fresh) {
+            let pooled = if fresh { None } else { self.checkout() };
+            let (mut conn, reused) = match pooled {
                 Some(conn) => (conn, true),
                 // Boxed: connecting (TLS included) is rare, and inline its
                 // state would size every request's future for it.
