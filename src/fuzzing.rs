@@ -131,9 +131,16 @@ pub fn header_rewrite(data: &[u8]) {
                 assert!(!out.contains_key(name), "{name} must not be forwarded");
             }
         }
+        // Other client-address claims: only from a trusted proxy.
+        for name in &proxy::CLIENT_ADDRESS_CLAIMS {
+            if !trusted && !ours.contains(name) {
+                assert!(!out.contains_key(name), "{name} forwarded from an untrusted peer");
+            }
+        }
         // Everything else passes through unchanged, in order.
         for name in headers.keys() {
-            if !ours.contains(name) && !HOP_BY_HOP.contains(name) && !listed.contains(name) {
+            let claim = !trusted && proxy::CLIENT_ADDRESS_CLAIMS.contains(name);
+            if !ours.contains(name) && !HOP_BY_HOP.contains(name) && !listed.contains(name) && !claim {
                 assert_eq!(
                     headers.get_all(name).iter().collect::<Vec<_>>(),
                     out.get_all(name).iter().collect::<Vec<_>>()

@@ -33,7 +33,7 @@ pub(crate) static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forw
 /// Other headers that claim a client address. Providers read the client's
 /// address (SendGrid's Apple Mail Privacy detection, for one), so from
 /// anyone but a trusted proxy these are dropped, never passed on.
-static CLIENT_ADDRESS_CLAIMS: [HeaderName; 5] = [
+pub(crate) static CLIENT_ADDRESS_CLAIMS: [HeaderName; 5] = [
     header::FORWARDED,
     HeaderName::from_static("x-real-ip"),
     HeaderName::from_static("true-client-ip"),
