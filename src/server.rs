@@ -653,24 +653,31 @@ where
     }
 }
 
-/// How long a closing HTTP/1 connection goes on reading (and discarding)
-/// what the client still sends, like nginx's lingering close.
-const LINGER: Duration = Duration::from_secs(2);
+/// A closing HTTP/1 connection goes on reading (and discarding) what the
+/// client still sends until the client closes, with at most
+/// [`LINGER_QUIET`] between two reads and [`LINGER`] in all, as nginx's
+/// `lingering_timeout` and `lingering_time` (whose defaults these are).
+const LINGER: Duration = Duration::from_secs(30);
+const LINGER_QUIET: Duration = Duration::from_secs(5);
 
 /// Closes a connection that hyper has finished with: TLS close_notify, then
 /// FIN, then what the client is still sending (the rest of a body nobody
 /// waited for, pipelined requests after a refusal) is read and discarded
-/// for up to [`LINGER`] or until the client closes. Closing a socket with
-/// unread input makes the kernel send a reset, which throws away the
-/// answers still queued for the client: it would lose the very response
-/// that explains why the connection closed.
+/// (see [`LINGER`]). Closing a socket with unread input, or receiving more
+/// after it closed, makes the kernel send a reset, and a reset throws away
+/// what the client has not read yet: it would lose the very answers that
+/// came before the close.
 async fn close<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO) {
     if tokio::time::timeout(IDLE_CLOSE_GRACE, io.shutdown()).await.is_err() {
         return;
     }
     let _ = tokio::time::timeout(LINGER, async {
         let mut sink = [0u8; 4096];
-        while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}
+        while let Ok(Ok(n)) = tokio::time::timeout(LINGER_QUIET, io.read(&mut sink)).await {
+            if n == 0 {
+                break;
+            }
+        }
     })
     .await;
 }

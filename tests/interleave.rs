@@ -46,16 +46,38 @@ struct Answer {
     body: Vec<u8>,
 }
 
-/// A raw HTTP/1 client on the plain listener.
+fn connector(pki: &Pki) -> tokio_rustls::TlsConnector {
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_tls(pki, &[b"http/1.1"])))
+}
+
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// A raw HTTP/1 client, on the plain listener or over TLS.
 struct Raw {
-    s: TcpStream,
+    s: Box<dyn Io>,
     buf: Vec<u8>,
 }
 
 impl Raw {
     async fn connect(addr: SocketAddr) -> Self {
         Self {
-            s: TcpStream::connect(addr).await.expect("connect"),
+            s: Box::new(TcpStream::connect(addr).await.expect("connect")),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Over TLS to the https listener, SNI [`CLICK`], ALPN http/1.1.
+    async fn tls(pki: &Pki, addr: SocketAddr) -> Self {
+        Self::tls_with(&connector(pki), addr).await
+    }
+
+    async fn tls_with(connector: &tokio_rustls::TlsConnector, addr: SocketAddr) -> Self {
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let name = rustls_pki_types::ServerName::try_from(CLICK).expect("name");
+        let tls = connector.connect(name, tcp).await.expect("handshake");
+        Self {
+            s: Box::new(tls),
             buf: Vec::new(),
         }
     }
@@ -166,29 +188,44 @@ async fn a_body_the_upstream_did_not_wait_for_is_never_read_as_a_request() {
 
 #[tokio::test]
 async fn a_refused_request_pipelined_behind_a_large_answer_ends_the_connection() {
-    let (_dir, _pki, origin, lg) = setup("", "").await;
-    let mut c = Raw::connect(lg.http.expect("http")).await;
-    // An answer large enough to fill the socket buffers, then a request
-    // for a host this listener does not serve (421, close), then another.
-    let mut pipeline = get("/big?n=24000000");
-    pipeline.extend_from_slice(b"GET /refused HTTP/1.1\r\nHost: other.example.test\r\n\r\n");
-    pipeline.extend_from_slice(&smuggled("pipelined"));
-    c.send(&pipeline).await;
-    // Not reading for longer than the parking delay.
-    tokio::time::sleep(Duration::from_millis(1600)).await;
-    let big = c.answer(HANG_GUARD).await.expect("the large answer");
-    assert_eq!((big.status, big.body.len()), (200, 24_000_000));
-    let refused = c.answer(HANG_GUARD).await.expect("the refusal");
-    assert_eq!(refused.status, 421);
-    assert!(refused.close, "a refusal says Connection: close");
-    assert!(
-        c.closed(Duration::from_secs(3)).await,
-        "the connection stays open after a refusal"
-    );
-    assert!(c.buf.is_empty(), "something was answered after the refusal");
-    assert_nothing_smuggled(&origin);
-    let targets: Vec<String> = origin.requests().into_iter().map(|r| r.target).collect();
-    assert_eq!(targets, ["/big?n=24000000"]);
+    let (_dir, pki, origin, lg) = setup("", "").await;
+    // Over TLS and plain http, with answers of several sizes around what the
+    // socket buffers hold, so that the refusal's answer waits behind the
+    // large one while the client is not reading.
+    for (tls, n) in [
+        (true, 1_000_000),
+        (true, 4_000_000),
+        (false, 4_000_000),
+        (false, 24_000_000),
+    ] {
+        let mut c = if tls {
+            Raw::tls(&pki, lg.https).await
+        } else {
+            Raw::connect(lg.http.expect("http")).await
+        };
+        let big = format!("/big?n={n}&tls={tls}");
+        // The large answer, then a request for a host this connection does
+        // not serve (421, close), then another.
+        let mut pipeline = get(&big);
+        pipeline.extend_from_slice(b"GET /refused HTTP/1.1\r\nHost: other.example.test\r\n\r\n");
+        pipeline.extend_from_slice(&smuggled("pipelined"));
+        c.send(&pipeline).await;
+        // Not reading for longer than the parking delay.
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+        let answer = c.answer(HANG_GUARD).await.expect("the large answer");
+        assert_eq!((answer.status, answer.body.len()), (200, n));
+        let refused = c.answer(HANG_GUARD).await.expect("the refusal");
+        assert_eq!(refused.status, 421);
+        assert!(refused.close, "a refusal says Connection: close");
+        assert!(
+            c.closed(Duration::from_secs(3)).await,
+            "the connection stays open after a refusal"
+        );
+        assert!(c.buf.is_empty(), "something was answered after the refusal");
+        assert_nothing_smuggled(&origin);
+        let got = origin.requests().into_iter().filter(|r| r.target == big).count();
+        assert_eq!(got, 1, "{big}");
+    }
 }
 
 // ---------------------------------------------------------------- finding 2: pool poisoning
@@ -584,9 +621,17 @@ fn target_of(m: &Move) -> &str {
     }
 }
 
+/// Where the random clients connect: the https listener (over TLS) or the plain one.
+#[derive(Clone)]
+struct Target {
+    tls: tokio_rustls::TlsConnector,
+    https: SocketAddr,
+    http: SocketAddr,
+}
+
 /// Runs one random client connection; returns the moves it made and a
 /// description of any broken invariant on the client's side.
-async fn random_client(addr: SocketAddr, case: u64, rng: &mut Rng) -> (Vec<Move>, Result<(), String>) {
+async fn random_client(to: Target, case: u64, rng: &mut Rng) -> (Vec<Move>, Result<(), String>) {
     let n = 1 + rng.below(4) as usize;
     let moves: Vec<Move> = (0..n)
         .map(|i| {
@@ -623,7 +668,11 @@ async fn random_client(addr: SocketAddr, case: u64, rng: &mut Rng) -> (Vec<Move>
         })
         .collect();
     let pipelined = rng.below(2) == 0;
-    let mut c = Raw::connect(addr).await;
+    let mut c = if rng.below(2) == 0 {
+        Raw::tls_with(&to.tls, to.https).await
+    } else {
+        Raw::connect(to.http).await
+    };
     let mut outcome = Ok(());
     let mut pauses = Vec::new();
     for _ in &moves {
@@ -727,20 +776,25 @@ async fn seeded_interleavings_keep_every_request_whole_and_every_answer_its_own(
                 | 1
         });
     println!("interleavings: {cases} cases, LINKGATE_INTERLEAVE_SEED={seed}");
-    let (_dir, _pki, origin, lg) = setup(
+    let (_dir, pki, origin, lg) = setup(
         "pool_idle_timeout = \"1s\"\n",
         "[limits]\nheader_read_timeout = \"2s\"\nidle_timeout = \"10s\"\n",
     )
     .await;
-    let addr = lg.http.expect("http");
+    let to = Target {
+        tls: connector(&pki),
+        https: lg.https,
+        http: lg.http.expect("http"),
+    };
     let mut failures = Vec::new();
     let mut sent: Vec<(u64, Vec<Move>)> = Vec::new();
     for batch in (0..cases).collect::<Vec<_>>().chunks(16) {
         let mut tasks = Vec::new();
         for &case in batch {
             let mut rng = Rng(seed ^ case.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let to = to.clone();
             tasks.push(tokio::spawn(async move {
-                let (moves, outcome) = random_client(addr, case, &mut rng).await;
+                let (moves, outcome) = random_client(to, case, &mut rng).await;
                 (case, moves, outcome)
             }));
         }
