@@ -68,10 +68,6 @@ impl Raw {
     }
 
     /// Over TLS to the https listener, SNI [`CLICK`], ALPN http/1.1.
-    async fn tls(pki: &Pki, addr: SocketAddr) -> Self {
-        Self::tls_with(&connector(pki), addr).await
-    }
-
     async fn tls_with(connector: &tokio_rustls::TlsConnector, addr: SocketAddr) -> Self {
         let tcp = TcpStream::connect(addr).await.expect("connect");
         let name = rustls_pki_types::ServerName::try_from(CLICK).expect("name");
