@@ -667,12 +667,18 @@ const LINGER_QUIET: Duration = Duration::from_secs(5);
 /// after it closed, makes the kernel send a reset, and a reset throws away
 /// what the client has not read yet: it would lose the very answers that
 /// came before the close.
-async fn close<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO) {
+async fn close<IO: AsyncRead + AsyncWrite + Unpin>(io: IO) {
+    // Boxed: inline, the lingering state (its timers) would be part of
+    // every connection's task, parked ones included.
+    Box::pin(linger(io)).await;
+}
+
+async fn linger<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO) {
     if tokio::time::timeout(IDLE_CLOSE_GRACE, io.shutdown()).await.is_err() {
         return;
     }
     let _ = tokio::time::timeout(LINGER, async {
-        let mut sink = [0u8; 4096];
+        let mut sink = vec![0u8; 4096];
         while let Ok(Ok(n)) = tokio::time::timeout(LINGER_QUIET, io.read(&mut sink)).await {
             if n == 0 {
                 break;
