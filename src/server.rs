@@ -616,14 +616,17 @@ where
         } = Pin::into_inner(conn).into_parts();
         io = taken.into_inner();
         if failed {
-            close(io.into_inner()).await;
+            close(io.into_inner(), Linger::Yes).await;
             return;
         }
         if draining || !parking || !activity.resumable() {
             // Drained, idle too long, hyper closed it (the client asked, or
             // a request left it midway), or it stopped being resumable
-            // while hyper finished.
-            close(io.into_inner()).await;
+            // while hyper finished. Only the last two follow an answer the
+            // client may still be sending into; at a message boundary there
+            // is nothing to linger for (and a drain must not wait).
+            let linger = if activity.resumable() { Linger::No } else { Linger::Yes };
+            close(io.into_inner(), linger).await;
             return;
         }
         parked_at = activity.completed();
@@ -646,7 +649,8 @@ where
             _ = activity.quiet(None, limits.idle_timeout) => false,
         };
         if !resumed {
-            close(io.into_inner()).await;
+            // Parked: no answer is on its way to the client.
+            close(io.into_inner(), Linger::No).await;
             return;
         }
         io.replay(Bytes::copy_from_slice(&first));
@@ -667,14 +671,23 @@ const LINGER_QUIET: Duration = Duration::from_secs(5);
 /// after it closed, makes the kernel send a reset, and a reset throws away
 /// what the client has not read yet: it would lose the very answers that
 /// came before the close.
-async fn close<IO: AsyncRead + AsyncWrite + Unpin>(io: IO) {
+async fn close<IO: AsyncRead + AsyncWrite + Unpin>(io: IO, linger: Linger) {
     // Boxed: inline, the lingering state (its timers) would be part of
     // every connection's task, parked ones included.
-    Box::pin(linger(io)).await;
+    Box::pin(close_lingering(io, linger)).await;
 }
 
-async fn linger<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO) {
-    if tokio::time::timeout(IDLE_CLOSE_GRACE, io.shutdown()).await.is_err() {
+/// Whether a close waits for the client's own (see [`close`]): after an
+/// answer, yes; a parked or idle connection has none on its way, and a
+/// drain must not wait for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Linger {
+    Yes,
+    No,
+}
+
+async fn close_lingering<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO, linger: Linger) {
+    if tokio::time::timeout(IDLE_CLOSE_GRACE, io.shutdown()).await.is_err() || linger == Linger::No {
         return;
     }
     let _ = tokio::time::timeout(LINGER, async {
