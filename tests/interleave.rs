@@ -67,9 +67,21 @@ impl Raw {
         }
     }
 
+    /// A TCP connection whose receive buffer is `rcvbuf` bytes: a small
+    /// window keeps the server's send buffer small too, so what the kernel
+    /// holds for a client that does not read is about known.
+    async fn tcp_small(addr: SocketAddr, rcvbuf: u32) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(rcvbuf).expect("SO_RCVBUF");
+        socket.connect(addr).await.expect("connect")
+    }
+
     /// Over TLS to the https listener, SNI [`CLICK`], ALPN http/1.1.
     async fn tls_with(connector: &tokio_rustls::TlsConnector, addr: SocketAddr) -> Self {
-        let tcp = TcpStream::connect(addr).await.expect("connect");
+        Self::tls_over(connector, TcpStream::connect(addr).await.expect("connect")).await
+    }
+
+    async fn tls_over(connector: &tokio_rustls::TlsConnector, tcp: TcpStream) -> Self {
         let name = rustls_pki_types::ServerName::try_from(CLICK).expect("name");
         let tls = connector.connect(name, tcp).await.expect("handshake");
         Self {
@@ -190,17 +202,26 @@ async fn a_refused_request_pipelined_behind_a_large_answer_ends_the_connection()
     // as large as what the socket buffers hold, which depends on the
     // kernel. So many sizes at once, over TLS and plain http.
     let mut clients = Vec::new();
-    for step in 0..48u64 {
-        let (tls, n) = (step % 2 == 0, 256 * 1024 + step * 160 * 1024);
+    // Large sizes with ordinary sockets; small ones (every 2 KiB up to 160
+    // KiB) with a 4 KiB receive buffer, which keeps the kernel's share small.
+    let sizes = (0..48u64)
+        .map(|step| (false, 256 * 1024 + step * 160 * 1024))
+        .chain((0..76u64).map(|step| (true, 8 * 1024 + step * 2 * 1024)));
+    for (step, (small, n)) in sizes.enumerate() {
+        let tls = step % 2 == 0;
         let connector = connector(&pki);
         let (https, http) = (lg.https, lg.http.expect("http"));
         clients.push(tokio::spawn(async move {
-            let mut c = if tls {
-                Raw::tls_with(&connector, https).await
-            } else {
-                Raw::connect(http).await
+            let mut c = match (tls, small) {
+                (true, false) => Raw::tls_with(&connector, https).await,
+                (false, false) => Raw::connect(http).await,
+                (true, true) => Raw::tls_over(&connector, Raw::tcp_small(https, 4096).await).await,
+                (false, true) => Raw {
+                    s: Box::new(Raw::tcp_small(http, 4096).await),
+                    buf: Vec::new(),
+                },
             };
-            let big = format!("/big?n={n}&tls={tls}");
+            let big = format!("/big?n={n}&tls={tls}&small={small}");
             // The large answer, then a request for a host this connection
             // does not serve (421, close), then another.
             let mut pipeline = get(&big);
