@@ -139,7 +139,10 @@ pub fn header_rewrite(data: &[u8]) {
         }
         // Everything else passes through unchanged, in order.
         for name in headers.keys() {
-            let claim = !trusted && proxy::CLIENT_ADDRESS_CLAIMS.contains(name);
+            let folded = name.as_str().replace('_', "-");
+            let twin = name.as_str().contains('_')
+                && (ours.iter().chain(&proxy::CLIENT_ADDRESS_CLAIMS)).any(|k| k.as_str() == folded);
+            let claim = twin || (!trusted && proxy::CLIENT_ADDRESS_CLAIMS.contains(name));
             if !ours.contains(name) && !HOP_BY_HOP.contains(name) && !listed.contains(name) && !claim {
                 assert_eq!(
                     headers.get_all(name).iter().collect::<Vec<_>>(),

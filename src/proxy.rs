@@ -508,12 +508,35 @@ pub(crate) fn rewrite_request_headers(headers: &mut HeaderMap, host: &HostName, 
             headers.remove(name);
         }
     }
+    drop_underscore_twins(headers);
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
     // Kept from a trusted proxy only when it sent exactly one: several could be read either way.
     if !(conn.keep_forwarded && headers.get_all(&X_FORWARDED_PROTO).iter().count() == 1) {
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(conn.proto()));
+    }
+}
+
+/// Removes headers that spell one of the forwarding headers linkgate sets or
+/// checks with `_` for `-` (`X_Forwarded_For`, `X_Real_IP`): backends that
+/// map names CGI-style (`HTTP_X_REAL_IP`) read them as the real thing, so
+/// they would carry a client's claim past the checks above. From anyone.
+fn drop_underscore_twins(headers: &mut HeaderMap) {
+    let twins: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().contains('_'))
+        .filter(|name| {
+            let folded = name.as_str().replace('_', "-");
+            [&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST]
+                .into_iter()
+                .chain(&CLIENT_ADDRESS_CLAIMS)
+                .any(|known| known.as_str() == folded)
+        })
+        .cloned()
+        .collect();
+    for name in twins {
+        headers.remove(name);
     }
 }
 
@@ -628,9 +651,24 @@ mod tests {
         assert_eq!(h["cookie"], "a=b");
 
         // From an untrusted peer the client's claims are replaced, not extended.
+        for twin in ["x_forwarded_for", "x_real_ip", "cf_connecting_ip", "x_forwarded_host"] {
+            untrusted.insert(HeaderName::from_static(twin), HeaderValue::from_static("6.6.6.6"));
+        }
+        untrusted.insert("x-real-ip", HeaderValue::from_static("6.6.6.6"));
+        untrusted.insert("x_kept_with_underscore", HeaderValue::from_static("1"));
         let conn = ConnInfo::new(conn.peer, conn.sni.clone(), false, None);
         rewrite_request_headers(&mut untrusted, &host, &conn);
         assert_eq!(untrusted["x-forwarded-for"], "203.0.113.7");
+        for gone in [
+            "x_forwarded_for",
+            "x_real_ip",
+            "cf_connecting_ip",
+            "x_forwarded_host",
+            "x-real-ip",
+        ] {
+            assert!(!untrusted.contains_key(gone), "{gone} passed through");
+        }
+        assert_eq!(untrusted["x_kept_with_underscore"], "1");
         assert_eq!(untrusted["x-forwarded-proto"], "https");
     }
 }

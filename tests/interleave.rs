@@ -421,7 +421,7 @@ async fn untrusted_client_address_claims_are_dropped() {
         format!(
             "GET /claims HTTP/1.1\r\nHost: {CLICK}\r\nForwarded: for=198.51.100.9\r\nX-Real-IP: 198.51.100.9\r\n\
              True-Client-IP: 198.51.100.9\r\nCF-Connecting-IP: 198.51.100.9\r\nX-Client-IP: 198.51.100.9\r\n\
-             X-Forwarded-For: 198.51.100.9\r\n\r\n"
+             X-Forwarded-For: 198.51.100.9\r\nX_Forwarded_For: 198.51.100.9\r\nX_Real_IP: 198.51.100.9\r\n\r\n"
         )
         .as_bytes(),
     )
@@ -434,6 +434,9 @@ async fn untrusted_client_address_claims_are_dropped() {
         "true-client-ip",
         "cf-connecting-ip",
         "x-client-ip",
+        // Spelled with underscores, as CGI-style backends read them.
+        "x_forwarded_for",
+        "x_real_ip",
     ] {
         assert_eq!(req.header(name), None, "{name} passed through from an untrusted client");
     }
