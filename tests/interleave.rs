@@ -267,6 +267,15 @@ async fn h2_conn(pki: &Pki, lg: &Linkgate, builder: h2::client::Builder) -> h2::
     send
 }
 
+/// A well-behaved HTTP/2 connection, ready for a request.
+async fn h2_ready(pki: &Pki, lg: &Linkgate) -> h2::client::SendRequest<Bytes> {
+    h2_conn(pki, lg, h2::client::Builder::new())
+        .await
+        .ready()
+        .await
+        .expect("ready")
+}
+
 fn h2_request(method: &str, path: &str) -> http::Request<()> {
     http::Request::builder()
         .method(method)
@@ -289,11 +298,7 @@ async fn h2_body(resp: http::Response<h2::RecvStream>) -> Result<Vec<u8>, h2::Er
 #[tokio::test]
 async fn an_upstream_that_answers_before_the_body_does_not_spoil_the_next_request() {
     let (_dir, pki, origin, lg) = setup("", "").await;
-    let mut h2c = h2_conn(&pki, &lg, h2::client::Builder::new())
-        .await
-        .ready()
-        .await
-        .expect("ready");
+    let mut h2c = h2_ready(&pki, &lg).await;
     // One client: 100 of 100,000 bytes, answered early, then the client stalls.
     let mut post = h2_request("POST", "/early?close=20000");
     post.headers_mut()
@@ -446,11 +451,7 @@ async fn untrusted_client_address_claims_are_dropped() {
 #[tokio::test]
 async fn http2_cookie_fields_reach_the_upstream_as_one_header() {
     let (_dir, pki, origin, lg) = setup("", "").await;
-    let mut h2c = h2_conn(&pki, &lg, h2::client::Builder::new())
-        .await
-        .ready()
-        .await
-        .expect("ready");
+    let mut h2c = h2_ready(&pki, &lg).await;
     let mut req = h2_request("GET", "/cookies");
     req.headers_mut()
         .append("cookie", http::HeaderValue::from_static("a=1"));
