@@ -77,6 +77,22 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Back-off after the first failure; doubles with each further one.
 const BACKOFF_FIRST: Duration = Duration::from_secs(120);
 const BACKOFF_MAX: Duration = Duration::from_secs(6 * 3600);
+/// The longest a CA's `Retry-After` is obeyed: a week (Let's Encrypt's
+/// longest rate-limit window). Longer, and a host would never renew.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(7 * 86400);
+/// Each answer from the CA, head and whole body, within this.
+const CA_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest answer read from the CA. A directory, an order or a
+/// certificate chain is a few kilobytes.
+const MAX_CA_BODY: usize = 256 * 1024;
+/// How far the CA's clock may be ahead of ours: a certificate that starts
+/// at most this far in the future is taken.
+const CLOCK_SKEW: i64 = 300;
+/// A certificate due for renewal sooner than this after it arrives is a
+/// failed attempt: storing it would order again at once, in a loop. (Short:
+/// a test CA's 30-second certificates with `renew_before = "25s"` are
+/// renewed 5 s on, as asked.)
+const MIN_TIME_TO_RENEWAL: i64 = 1;
 
 /// The certificate slot of one ACME host: empty until a certificate exists.
 pub type Slot = Arc<ArcSwapOption<CertifiedKey>>;
@@ -680,10 +696,12 @@ impl HostState {
     pub fn describe(&self) -> String {
         let mut out = match (self.not_after, &self.unusable) {
             (Some(t), _) => format!("ACME certificate valid until {}", fmt_unix(t)),
-            (None, Some(e)) => format!("stored ACME certificate unusable: {e}"),
+            (None, Some(e)) => format!("stored ACME certificate unusable: {}", crate::text::Printable(e)),
             (None, None) => "no ACME certificate issued yet".to_owned(),
         };
         if let Some(error) = &self.status.last_error {
+            // Written by any replica, of any version: shown escaped.
+            let error = crate::text::Printable(error);
             out.push_str(&format!(
                 "; last attempt failed{}: {error}",
                 self.status
@@ -704,17 +722,20 @@ fn fmt_unix(t: i64) -> String {
 }
 
 /// Runs the ACME work for as long as the returned handle lives: one task
-/// per configured ACME host, added and removed as reloads change the hosts.
+/// per configured ACME host, added and removed as reloads change the hosts,
+/// and restarted with back-off if one ends while its host is configured (a
+/// host whose task is gone would silently stop renewing).
 pub fn spawn(live: Arc<Live>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let owner: Arc<str> = owner_id().into();
         let mut tasks = Tasks::default();
         let mut generation = None;
+        let mut wanted: Vec<HostName> = Vec::new();
         loop {
             let active = live.load();
             if generation != Some(active.generation) {
                 generation = Some(active.generation);
-                let wanted: Vec<HostName> = match &active.config.acme {
+                wanted = match &active.config.acme {
                     Some(_) => active
                         .config
                         .hosts
@@ -724,18 +745,17 @@ pub fn spawn(live: Arc<Live>) -> tokio::task::JoinHandle<()> {
                         .collect(),
                     None => Vec::new(),
                 };
-                tasks.0.retain(|host, task| {
-                    let keep = wanted.contains(host);
-                    if !keep {
-                        task.abort();
-                    }
-                    keep
-                });
-                for host in wanted {
-                    if let std::collections::hash_map::Entry::Vacant(slot) = tasks.0.entry(host) {
-                        let task = tokio::spawn(host_task(live.clone(), slot.key().clone(), owner.clone()));
-                        slot.insert(task);
-                    }
+                tasks.0.retain(|host, _| wanted.contains(host));
+            }
+            for host in &wanted {
+                let supervised = tasks.0.entry(host.clone()).or_default();
+                let ended = supervised.tend(|| tokio::spawn(host_task(live.clone(), host.clone(), owner.clone())));
+                if let Some(ended) = ended {
+                    live.metrics
+                        .acme_task_restarts
+                        .get_or_create(&HostLabels { host: host.to_string() })
+                        .inc();
+                    tracing::error!(host = %host, reason = %ended.reason, restart_in_seconds = ended.restart_in.as_secs(), restarts = supervised.restarts, "ACME: the task that keeps this host's certificate ended unexpectedly; restarting it (please report this)");
                 }
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -743,15 +763,79 @@ pub fn spawn(live: Arc<Live>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// The per-host tasks; aborted when the manager stops.
-#[derive(Default)]
-struct Tasks(HashMap<HostName, tokio::task::JoinHandle<()>>);
+/// The first wait before restarting a task that ended; doubles with each
+/// further end, up to [`RESTART_MAX`].
+const RESTART_FIRST: Duration = Duration::from_secs(5);
+const RESTART_MAX: Duration = Duration::from_secs(600);
 
-impl Drop for Tasks {
+/// The per-host tasks; aborted when the manager stops or the host goes.
+#[derive(Default)]
+struct Tasks(HashMap<HostName, Supervised>);
+
+/// A task kept running: restarted with back-off whenever it ends.
+#[derive(Default)]
+struct Supervised {
+    task: Option<tokio::task::JoinHandle<()>>,
+    /// Unexpected ends so far.
+    restarts: u32,
+    /// No restart before this, after an end.
+    restart_at: Option<tokio::time::Instant>,
+}
+
+/// How a supervised task ended, and when it starts again.
+struct Ended {
+    reason: String,
+    restart_in: Duration,
+}
+
+impl Supervised {
+    /// Starts the task if it is not running and its back-off is over. If it
+    /// is found ended, says why.
+    fn tend(&mut self, start: impl FnOnce() -> tokio::task::JoinHandle<()>) -> Option<Ended> {
+        let now = tokio::time::Instant::now();
+        let mut ended = None;
+        if let Some(task) = self.task.take_if(|t| t.is_finished()) {
+            self.restarts = self.restarts.saturating_add(1);
+            let restart_in = RESTART_FIRST
+                .saturating_mul(1 << (self.restarts - 1).min(16))
+                .min(RESTART_MAX);
+            self.restart_at = Some(now + restart_in);
+            ended = Some(Ended {
+                reason: end_reason(task),
+                restart_in,
+            });
+        }
+        if self.task.is_none() && self.restart_at.is_none_or(|t| t <= now) {
+            self.restart_at = None;
+            self.task = Some(start());
+        }
+        ended
+    }
+}
+
+impl Drop for Supervised {
     fn drop(&mut self) {
-        for task in self.0.values() {
+        if let Some(task) = &self.task {
             task.abort();
         }
+    }
+}
+
+/// Why a finished task ended: its panic message, or that it returned.
+fn end_reason(mut task: tokio::task::JoinHandle<()>) -> String {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match Pin::new(&mut task).poll(&mut cx) {
+        std::task::Poll::Ready(Err(e)) if e.is_panic() => {
+            let payload = e.into_panic();
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_owned());
+            format!("panicked: {}", crate::text::printable(&message))
+        }
+        std::task::Poll::Ready(Err(_)) => "cancelled".to_owned(),
+        _ => "returned".to_owned(),
     }
 }
 
@@ -834,6 +918,11 @@ async fn host_task(live: Arc<Live>, host: HostName, owner: Arc<str>) {
                 tokio::time::sleep(POLL).await;
                 continue;
             }
+            Err(e) if out_of_descriptors(&e) => {
+                tracing::error!(host = %host, error = %e, "ACME: cannot open a lock file: linkgate has run out of file descriptors (raise its open-files limit, `ulimit -n` or the container's nofile, or lower limits.max_connections)");
+                tokio::time::sleep(POLL * 6).await;
+                continue;
+            }
             Err(e) => {
                 tracing::error!(host = %host, error = %e, storage = %settings.storage.display(), "ACME: cannot write a lock file in storage; check the volume is mounted read-write");
                 tokio::time::sleep(POLL * 6).await;
@@ -857,8 +946,9 @@ async fn host_task(live: Arc<Live>, host: HostName, owner: Arc<str>) {
         )
         .await
         .unwrap_or_else(|_| Err(format!("gave up after {}s", ATTEMPT_TIMEOUT.as_secs())));
+        let settle = |fresh: Stored| fit_to_serve(&fresh, settings.renew_before, unix_now()).map(|()| fresh);
         let outcome = match attempt {
-            Ok(pem) => match parse_stored(pem.as_bytes(), &host) {
+            Ok(pem) => match parse_stored(pem.as_bytes(), &host).and_then(settle) {
                 Ok(fresh) => on_storage(&storage, &host, move |storage, host| {
                     write_private(&storage.certificate_path(host), pem.as_bytes())?;
                     storage.write_status(
@@ -895,6 +985,9 @@ async fn host_task(live: Arc<Live>, host: HostName, owner: Arc<str>) {
                 stored = Some(Arc::new(fresh));
             }
             Err(error) => {
+                // The CA's words end up in storage, the log, `check` and
+                // `doctor`: never with a terminal's control sequences.
+                let error = crate::text::printable(&error).into_owned();
                 let failures = status.failures.saturating_add(1);
                 let exponential = BACKOFF_FIRST
                     .saturating_mul(1 << failures.saturating_sub(1).min(16))
@@ -928,6 +1021,42 @@ async fn host_task(live: Arc<Live>, host: HostName, owner: Arc<str>) {
         }
         drop(lock);
     }
+}
+
+/// Why a certificate the CA has just returned must not be stored or
+/// served, if it must not: it is not valid now (give or take
+/// [`CLOCK_SKEW`] at its start), or it is due for renewal on arrival, which
+/// would order another at once, and again, until the CA's limits are hit.
+fn fit_to_serve(cert: &Stored, renew_before: Duration, now: i64) -> Result<(), String> {
+    if cert.not_after <= now {
+        return Err(format!(
+            "it expired at {} (before it arrived: is the CA's clock, or this machine's, wrong?)",
+            fmt_unix(cert.not_after)
+        ));
+    }
+    if cert.not_before > now + CLOCK_SKEW {
+        return Err(format!(
+            "it is not valid before {} (is the CA's clock, or this machine's, wrong?)",
+            fmt_unix(cert.not_before)
+        ));
+    }
+    let renew_at = cert.renew_at(renew_before);
+    if renew_at < now + MIN_TIME_TO_RENEWAL {
+        return Err(format!(
+            "it is valid until {} only, so it is due for renewal on arrival (at {}, acme.renew_before = {}s): storing it would order again at once",
+            fmt_unix(cert.not_after),
+            fmt_unix(renew_at),
+            renew_before.as_secs()
+        ));
+    }
+    Ok(())
+}
+
+/// True for EMFILE or ENFILE: the process, or the system, has no file
+/// descriptor left (not a storage problem).
+fn out_of_descriptors(e: &io::Error) -> bool {
+    // Linux's numbers: EMFILE 24, ENFILE 23.
+    matches!(e.raw_os_error(), Some(23 | 24))
 }
 
 /// Sleeps until `secs` from now, but at most [`POLL`], so the task notices
@@ -1002,43 +1131,75 @@ impl HttpClient for CaClient {
         let is_get = req.method() == Method::GET;
         let fut = self.inner.request(req);
         let retry_after = self.retry_after.clone();
-        Box::pin(async move {
-            let resp = tokio::time::timeout(Duration::from_secs(30), fut)
-                .await
-                .map_err(|_| instant_acme::Error::Other("the ACME server did not answer within 30s".into()))?
-                .map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
-            if !resp.status().is_success() {
-                let after = resp
-                    .headers()
-                    .get(header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| match v.trim().parse::<u64>() {
-                        Ok(secs) => Some(SystemTime::now() + Duration::from_secs(secs)),
-                        Err(_) => httpdate::parse_http_date(v).ok(),
-                    });
-                if after.is_some() {
-                    *retry_after.lock().unwrap_or_else(PoisonError::into_inner) = after;
-                }
-                // The directory GET (the only GET) is parsed whatever its
-                // status: say what the server answered instead.
-                if is_get {
-                    let status = resp.status();
-                    let body = http_body_util::Limited::new(resp.into_body(), 4096);
-                    let body = http_body_util::BodyExt::collect(body)
-                        .await
-                        .map(|b| b.to_bytes())
-                        .unwrap_or_default();
-                    let problem = serde_json::from_slice::<instant_acme::Problem>(&body)
-                        .map(|p| p.to_string())
-                        .unwrap_or_else(|_| String::from_utf8_lossy(&body).chars().take(200).collect());
-                    return Err(instant_acme::Error::Other(
-                        format!("the ACME directory answered {status}: {problem}").into(),
-                    ));
+        let whole = async move {
+            let resp = fut.await.map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
+            let (mut parts, body) = resp.into_parts();
+            // instant-acme reads Retry-After itself when it polls an order
+            // (and adds it to the clock unchecked): it only ever sees the
+            // bounded value.
+            let after = parts
+                .headers
+                .remove(header::RETRY_AFTER)
+                .and_then(|v| retry_after_delay(&v));
+            if let Some(delay) = after {
+                parts.headers.insert(header::RETRY_AFTER, delay.as_secs().into());
+                if !parts.status.is_success() {
+                    *retry_after.lock().unwrap_or_else(PoisonError::into_inner) = Some(SystemTime::now() + delay);
                 }
             }
-            Ok(BytesResponse::from(resp))
+            let body = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, MAX_CA_BODY))
+                .await
+                .map_err(|e| {
+                    let message = if e.is::<http_body_util::LengthLimitError>() {
+                        format!("the ACME server's answer is larger than {} KiB", MAX_CA_BODY / 1024)
+                    } else {
+                        format!("the ACME server's answer broke off: {}", chain(&*e))
+                    };
+                    instant_acme::Error::Other(message.into())
+                })?
+                .to_bytes();
+            // The directory GET (the only GET) is parsed whatever its
+            // status: say what the server answered instead.
+            if is_get && !parts.status.is_success() {
+                let problem = serde_json::from_slice::<instant_acme::Problem>(&body)
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&body).chars().take(200).collect());
+                return Err(instant_acme::Error::Other(
+                    format!("the ACME directory answered {}: {problem}", parts.status).into(),
+                ));
+            }
+            Ok(BytesResponse::from(Response::from_parts(
+                parts,
+                http_body_util::Full::new(body),
+            )))
+        };
+        Box::pin(async move {
+            tokio::time::timeout(CA_ANSWER_TIMEOUT, whole).await.map_err(|_| {
+                instant_acme::Error::Other(
+                    format!(
+                        "the ACME server did not send its whole answer within {}s",
+                        CA_ANSWER_TIMEOUT.as_secs()
+                    )
+                    .into(),
+                )
+            })?
         })
     }
+}
+
+/// How long a `Retry-After` value asks to wait, at most [`MAX_RETRY_AFTER`]
+/// (a CA's figure is never added to the clock unchecked: 2^64-1 seconds
+/// overflows it). `None` if it is neither delay-seconds nor an HTTP-date.
+fn retry_after_delay(value: &header::HeaderValue) -> Option<Duration> {
+    let value = value.to_str().ok()?.trim();
+    let delay = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(SystemTime::now())
+            .unwrap_or_default(),
+    };
+    Some(delay.min(MAX_RETRY_AFTER))
 }
 
 /// The account for `acme.directory`: from storage, or created (once, under
@@ -1088,6 +1249,11 @@ async fn account(acme: &Acme, storage: &Storage, owner: &str, client: &CaClient)
                 return Ok(account);
             }
             Ok(None) => tokio::time::sleep(Duration::from_secs(1)).await,
+            Err(e) if out_of_descriptors(&e) => {
+                return Err(format!(
+                    "cannot open the account lock file: linkgate has run out of file descriptors ({e})"
+                ))
+            }
             Err(e) => return Err(format!("cannot write a lock file in storage: {e}")),
         }
     }
@@ -1240,6 +1406,76 @@ mod tests {
             "acmeIdentifier extension present"
         );
         assert!(der.windows(14).any(|w| w == b"a.example.test"), "host name present");
+    }
+
+    #[tokio::test]
+    async fn a_task_that_ends_is_restarted_after_a_growing_back_off() {
+        let starts = Arc::new(AtomicU64::new(0));
+        let start = || {
+            let n = starts.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if n < 2 {
+                    panic!("boom {n}");
+                }
+                std::future::pending::<()>().await
+            })
+        };
+        let mut supervised = Supervised::default();
+        assert!(supervised.tend(start).is_none(), "started, nothing ended yet");
+        let mut backoffs = Vec::new();
+        for n in 0..2 {
+            while !supervised.task.as_ref().is_some_and(|t| t.is_finished()) {
+                tokio::task::yield_now().await;
+            }
+            let ended = supervised.tend(start).expect("the end is noticed");
+            assert_eq!(ended.reason, format!("panicked: boom {n}"));
+            backoffs.push(ended.restart_in);
+            assert!(supervised.task.is_none(), "not restarted before its back-off");
+            assert!(supervised.tend(start).is_none());
+            assert_eq!(starts.load(Ordering::SeqCst), n + 1, "still not restarted");
+            // The back-off is over.
+            supervised.restart_at = Some(tokio::time::Instant::now());
+            assert!(supervised.tend(start).is_none());
+            assert_eq!(starts.load(Ordering::SeqCst), n + 2, "restarted");
+        }
+        assert_eq!(backoffs, [RESTART_FIRST, RESTART_FIRST * 2]);
+        assert_eq!(supervised.restarts, 2);
+        tokio::task::yield_now().await;
+        assert!(supervised.tend(start).is_none(), "the third one runs");
+    }
+
+    #[test]
+    fn received_certificates_must_be_valid_now_and_not_due_at_once() {
+        let ck = |nb: i64, na: i64| Stored {
+            key: Arc::new(CertifiedKey::new(Vec::new(), test_key())),
+            not_before: nb,
+            not_after: na,
+        };
+        let month = Duration::from_secs(30 * 86400);
+        let now = 1_000_000_000;
+        assert!(fit_to_serve(&ck(now - 3600, now + 90 * 86400), month, now).is_ok());
+        // Pebble's 30-second certificates: renewal 20 s on.
+        assert!(fit_to_serve(&ck(now, now + 30), month, now).is_ok());
+        // A CA clock a minute ahead.
+        assert!(fit_to_serve(&ck(now + 60, now + 90 * 86400), month, now).is_ok());
+        let refused = |nb, na| fit_to_serve(&ck(nb, na), month, now).expect_err("refused");
+        assert!(refused(now - 7200, now - 3600).contains("expired at"));
+        assert!(refused(now - 7200, now).contains("expired at"));
+        assert!(refused(now + 3600, now + 90 * 86400).contains("not valid before"));
+        assert!(refused(now - 89 * 86400, now + 86400).contains("due for renewal on arrival"));
+        assert!(refused(now - 10, now + 1).contains("due for renewal on arrival"));
+    }
+
+    #[test]
+    fn retry_after_is_capped_whatever_the_ca_sends() {
+        let delay = |v: &str| retry_after_delay(&header::HeaderValue::from_str(v).expect("value"));
+        assert_eq!(delay("120"), Some(Duration::from_secs(120)));
+        assert_eq!(delay(" 7200 "), Some(Duration::from_secs(7200)));
+        assert_eq!(delay("18446744073709551615"), Some(MAX_RETRY_AFTER));
+        assert_eq!(delay("Fri, 31 Dec 9999 23:59:59 GMT"), Some(MAX_RETRY_AFTER));
+        assert_eq!(delay("Thu, 01 Jan 1970 00:00:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(delay("-5"), None);
+        assert_eq!(delay("soon"), None);
     }
 
     #[test]

@@ -213,7 +213,8 @@ fn acme_checks(row: &mut HostReport, acme: Option<&Acme>, host: &HostName, now: 
         Err(e) => row.warning(format!("acme: {e}: `serve` orders a new one")),
     }
     if let Some(error) = storage.status(host).last_error {
-        row.warning(format!("acme: last attempt failed: {error}"));
+        // The CA's words, as stored by any replica: shown escaped.
+        row.warning(format!("acme: last attempt failed: {}", crate::text::Printable(&error)));
     }
 }
 

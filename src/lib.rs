@@ -24,6 +24,7 @@
 //! - [`acme`]: certificates obtained and renewed over ACME, shared storage, challenges.
 //! - [`admin`]: /healthz, /readyz, /metrics.
 //! - [`metrics`]: the Prometheus metrics.
+//! - [`text`]: outside text made safe to print and log.
 //! - `fuzzing`: entry points for the fuzz targets in `fuzz/` (hidden).
 //!
 //! Tests start the real server in-process: load a [`config::Config`], bind
@@ -47,6 +48,7 @@ pub mod proxy;
 pub mod proxy_protocol;
 pub mod reload;
 pub mod server;
+pub mod text;
 pub mod tls;
 pub mod tls_stream;
 pub mod upstream;

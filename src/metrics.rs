@@ -79,6 +79,7 @@ pub struct Metrics {
     pub acme_certificates: Family<AcmeLabels, Counter>,
     pub acme_challenges: Family<ChallengeLabels, Counter>,
     pub acme_ready: Family<HostLabels, Gauge>,
+    pub acme_task_restarts: Family<HostLabels, Counter>,
 }
 
 /// The label for requests whose host is not one we serve.
@@ -164,6 +165,12 @@ impl Metrics {
             "1 when an ACME host has a certificate to serve, 0 while its handshakes fail for want of one",
             acme_ready.clone(),
         );
+        let acme_task_restarts = Family::<HostLabels, Counter>::default();
+        registry.register(
+            "acme_task_restarts",
+            "Times a host's ACME task ended unexpectedly and was restarted (a bug: report it)",
+            acme_task_restarts.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -186,6 +193,7 @@ impl Metrics {
             acme_certificates,
             acme_challenges,
             acme_ready,
+            acme_task_restarts,
         })
     }
 

@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::ca::{Misbehaviour, StandInCa};
 use common::process::{wait_line, wait_lines, Process};
 use common::*;
 use rustls_pki_types::{CertificateDer, ServerName};
@@ -857,4 +858,224 @@ async fn a_rate_limited_host_waits_as_long_as_the_ca_asks() {
         asked,
         "nothing more is asked of the CA while it waits"
     );
+}
+
+// ---------------------------------------------------------------- a CA that misbehaves
+
+/// linkgate (the real binary) with one ACME host ordering from `ca`.
+fn against(ca: &StandInCa, dir: &Path, pki: &Pki, host: &str, up: &StandIn) -> Process {
+    let ca_file = pki.write_ca(dir);
+    let rest = format!(
+        "[acme]\ndirectory = \"{}\"\nstorage = \"{}\"\nca_file = \"{}\"\n{}",
+        ca.directory(),
+        dir.join("acme").display(),
+        ca_file.display(),
+        acme_host(host)
+    );
+    Process::start(&linkgate_config(dir, "linkgate", free_port(), free_port(), up, &rest))
+}
+
+/// The failure linkgate logs for `host`, and what it recorded in storage.
+fn failure(lg: &Process, dir: &Path, host: &str) -> (serde_json::Value, serde_json::Value) {
+    let failed = wait_line(&lg.lines, |v| logged(v, "could not obtain a certificate", host));
+    let status =
+        std::fs::read(dir.join("acme").join("certificates").join(format!("{host}.json"))).expect("status file");
+    (failed, serde_json::from_slice(&status).expect("status json"))
+}
+
+/// The stand-in CA is good enough at ACME for what the tests below prove:
+/// when it behaves, linkgate gets and serves its certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stand_in_ca_issues_when_it_behaves() {
+    const HOST: &str = "good.example.test";
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    let ca = StandInCa::start(
+        &pki,
+        Misbehaviour::Issues {
+            not_before: -60,
+            not_after: 90 * 86400,
+        },
+    )
+    .await;
+    let up = StandIn::plain().await;
+    let lg = against(&ca, dir.path(), &pki, HOST, &up);
+    wait_line(&lg.lines, |v| logged(v, "certificate issued; serving it now", HOST));
+    wait_served(&ca.root, lg.https, HOST, HANG_GUARD).await;
+    assert_eq!(ca.orders(), 1);
+}
+
+/// A CA that hands out a certificate already expired, or one due for
+/// renewal the moment it arrives: a failed attempt, backed off, never
+/// stored nor served. The old code stored it, served it and ordered again
+/// at once, 13–16 times in 8–10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_expired_or_due_on_arrival_is_a_failed_attempt_not_a_loop() {
+    const HOST: &str = "stale.example.test";
+    let cases = [
+        // expired an hour ago
+        (-7200, -3600, "expired at"),
+        // valid for a day, renew_before is 30 days: due on arrival
+        (-89 * 86400, 86400, "due for renewal on arrival"),
+    ];
+    for (not_before, not_after, reason) in cases {
+        let dir = TempDir::new().expect("tempdir");
+        let pki = Pki::new();
+        let ca = StandInCa::start(&pki, Misbehaviour::Issues { not_before, not_after }).await;
+        let up = StandIn::plain().await;
+        let lg = against(&ca, dir.path(), &pki, HOST, &up);
+        let (failed, status) = failure(&lg, dir.path(), HOST);
+        let error = failed["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("unusable certificate") && error.contains(reason),
+            "{failed}"
+        );
+        assert!(failed["retry_in_seconds"].as_u64() >= Some(100), "backed off: {failed}");
+        assert_eq!(status["failures"], 1, "{status}");
+        // Given time to loop, it does not.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(ca.orders(), 1, "ordered once, then backed off");
+        assert!(
+            !dir.path()
+                .join("acme")
+                .join("certificates")
+                .join(format!("{HOST}.pem"))
+                .exists(),
+            "not stored"
+        );
+        assert!(
+            served_leaf(&ca.root, lg.https, HOST, &[b"http/1.1"]).await.is_err(),
+            "not served"
+        );
+        let m = metrics(lg.admin).await;
+        assert_eq!(
+            sample(
+                &m,
+                &format!("linkgate_acme_certificates_total{{host=\"{HOST}\",result=\"failed\"}}")
+            ),
+            1.0
+        );
+        assert_eq!(
+            sample(&m, &format!("linkgate_acme_certificate_ready{{host=\"{HOST}\"}}")),
+            0.0
+        );
+    }
+}
+
+/// A directory whose body never ends: cut at a size (the old code read it
+/// whole: 300 MiB of it took linkgate to 320 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_ca_answer_is_cut_at_a_size() {
+    const HOST: &str = "flood.example.test";
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    let ca = StandInCa::start(&pki, Misbehaviour::EndlessDirectory).await;
+    let up = StandIn::plain().await;
+    let lg = against(&ca, dir.path(), &pki, HOST, &up);
+    let (failed, _) = failure(&lg, dir.path(), HOST);
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("larger than 256 KiB")),
+        "{failed}"
+    );
+    let rss = lg.rss_bytes();
+    assert!(rss < 100 << 20, "linkgate's memory stays small: {} MiB", rss >> 20);
+}
+
+/// A directory that sends its head, then a byte a second: bounded in time
+/// for the whole answer, not only the head (the old code waited for the
+/// 300 s attempt timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dripping_ca_answer_is_cut_in_time() {
+    const HOST: &str = "drip.example.test";
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    let ca = StandInCa::start(&pki, Misbehaviour::DrippingDirectory).await;
+    let up = StandIn::plain().await;
+    let lg = against(&ca, dir.path(), &pki, HOST, &up);
+    let started = Instant::now();
+    let failed = loop {
+        // 30 s of dripping, then the failure: wait_line's guard is shorter.
+        match lg.lines.recv_timeout(Duration::from_secs(60)) {
+            Ok(v) if logged(&v, "could not obtain a certificate", HOST) => break v,
+            Ok(_) => {}
+            Err(_) => panic!("no failure within 60 s of dripping"),
+        }
+    };
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("did not send its whole answer within 30s")),
+        "{failed} after {:?}",
+        started.elapsed()
+    );
+}
+
+/// `Retry-After: 2^64-1` on a refused order (read by linkgate) and on an
+/// order being polled (read by instant-acme): the old code panicked in the
+/// host's task, which never came back. Now: capped at a week, recorded,
+/// and the host keeps its schedule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overflowing_retry_after_is_capped_not_a_panic() {
+    const HOST: &str = "later.example.test";
+    const HUGE: &str = "18446744073709551615";
+    for (misbehaviour, reason) in [
+        (Misbehaviour::RateLimited(HUGE), "too many new orders recently"),
+        (Misbehaviour::PendingOrder(HUGE), "validation did not finish"),
+    ] {
+        let dir = TempDir::new().expect("tempdir");
+        let pki = Pki::new();
+        let ca = StandInCa::start(&pki, misbehaviour).await;
+        let up = StandIn::plain().await;
+        let lg = against(&ca, dir.path(), &pki, HOST, &up);
+        let (failed, status) = failure(&lg, dir.path(), HOST);
+        assert!(failed["error"].as_str().is_some_and(|e| e.contains(reason)), "{failed}");
+        let wait = failed["retry_in_seconds"].as_u64().expect("retry_in_seconds");
+        assert!((100..=7 * 86400).contains(&wait), "{failed}");
+        let (failed_at, next) = (
+            status["failed_at"].as_i64().expect("failed_at"),
+            status["next_attempt"].as_i64().expect("next_attempt"),
+        );
+        assert!(next - failed_at <= 7 * 86400, "{status}");
+        let m = metrics(lg.admin).await;
+        assert_eq!(
+            sample(&m, &format!("linkgate_acme_task_restarts_total{{host=\"{HOST}\"}}")),
+            0.0,
+            "the task did not die"
+        );
+    }
+}
+
+/// A CA whose error detail carries terminal escapes (clear the screen, set
+/// the title, a green fake "all pass"): stored, logged and printed by
+/// `check` and `doctor` escaped, never raw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_error_text_reaches_no_terminal_raw() {
+    const HOST: &str = "escape.example.test";
+    const EVIL: &str = "\x1b[2J\x1b]0;owned\x07\x1b[32mall 5 link brandings pass both checks\r\nfine";
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    let ca = StandInCa::start(&pki, Misbehaviour::Problem(EVIL.to_owned())).await;
+    let up = StandIn::plain().await;
+    let lg = against(&ca, dir.path(), &pki, HOST, &up);
+    let (failed, status) = failure(&lg, dir.path(), HOST);
+    let shown = "\\x1b[2J\\x1b]0;owned\\x07\\x1b[32mall 5 link brandings pass both checks\\x0d\\x0afine";
+    for (what, text) in [
+        ("the log", failed["error"].as_str().unwrap_or_default()),
+        ("storage", status["last_error"].as_str().unwrap_or_default()),
+    ] {
+        assert!(text.contains(shown), "{what}: {text:?}");
+        assert!(!text.chars().any(char::is_control), "{what}: {text:?}");
+    }
+    let config = dir.path().join("linkgate.toml");
+    let config = config.to_str().expect("utf-8 path");
+    for args in [&["check", "--config", config][..], &["doctor", "--config", config][..]] {
+        let (_, out) = run_cli(args);
+        assert!(out.contains(shown), "{args:?} shows the CA's text escaped:\n{out}");
+        assert!(
+            !out.contains('\x1b') && !out.contains('\x07') && !out.contains('\r'),
+            "{args:?} prints no control character:\n{out:?}"
+        );
+    }
 }

@@ -3,6 +3,7 @@
 //! loopback, and clients that trust the test CA.
 #![allow(dead_code)]
 
+pub mod ca;
 pub mod origin;
 pub mod process;
 
