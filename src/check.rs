@@ -236,8 +236,11 @@ fn key_file_checks(row: &mut HostReport, key: &Path) {
 fn key_file_checks(_: &mut HostReport, _: &Path) {}
 
 /// The human form: one aligned row per host, then the file's own errors and a summary.
+/// Every cell is printable text: names and errors from certificates and the
+/// CA are shown with their control characters escaped.
 pub fn render_text(report: &Report) -> String {
     let mut out = String::new();
+    let printable = |cell: String| crate::text::printable(&cell).into_owned();
     let rows: Vec<[String; 6]> = report
         .hosts
         .iter()
@@ -258,6 +261,7 @@ pub fn render_text(report: &Report) -> String {
                         .join("; ")
                 },
             ]
+            .map(printable)
         })
         .collect();
     let header = ["HOST", "STATUS", "EXPIRES", "KEY", "ISSUER", "PROBLEMS"].map(String::from);
@@ -285,7 +289,7 @@ pub fn render_text(report: &Report) -> String {
         );
     }
     for e in &report.errors {
-        let _ = writeln!(out, "error: {e}");
+        let _ = writeln!(out, "error: {}", crate::text::Printable(e));
     }
     let count = |s: &str| report.hosts.iter().filter(|h| h.status == s).count();
     let _ = writeln!(

@@ -253,3 +253,33 @@ fn readable_keys_wrong_order_and_file_errors() {
         .expect("run");
     assert_eq!(out.status.code(), Some(2), "unusable arguments");
 }
+
+/// Names inside a certificate come from whoever made it: a CA or issuer
+/// name carrying terminal escapes is shown escaped, never raw.
+#[test]
+fn names_from_certificates_reach_no_terminal_raw() {
+    let dir = TempDir::new().expect("tempdir");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(vec!["a.example.test".to_owned()]).expect("params");
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        "\x1b[2J\x1b]0;owned\x07\x1b[32mall ok\u{202e}",
+    );
+    let cert = params.self_signed(&key).expect("self-signed");
+    let leaf = Leaf {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        der: cert.der().clone(),
+    };
+    write_pair(dir.path(), "a", &leaf, &[]);
+    let config = config(dir.path(), &[("a.example.test", "a")]);
+    let (_, out) = check(&config, &[]);
+    assert!(
+        out.contains("\\x1b[2J\\x1b]0;owned\\x07\\x1b[32mall ok\\u{202e}"),
+        "the issuer is shown, escaped:\n{out}"
+    );
+    assert!(
+        !out.chars().any(|c| c.is_control() && c != '\n') && !out.contains('\u{202e}'),
+        "no control character reaches the terminal:\n{out:?}"
+    );
+}
