@@ -763,3 +763,148 @@ fn http2_builder(limits: &Limits) -> http2::Builder<StreamExecutor> {
         .keep_alive_timeout(Duration::from_secs(20));
     builder
 }
+
+#[cfg(test)]
+mod tests {
+    //! `serve` driven over an in-memory client transport whose buffer is
+    //! small and fixed, so that an answer stalls behind exactly what the
+    //! client has not read: the socket buffers of a real connection are
+    //! sized by the kernel, and the window below could not be hit
+    //! reliably over TCP. The proxy, hyper and the upstream (raw TCP on
+    //! loopback) are the real ones.
+
+    use std::sync::Mutex;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A raw keep-alive upstream: answers `/big?n=N` with N bytes, anything
+    /// else with `ok`, and records every request line it reads.
+    async fn upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                            buf.drain(..end + 4);
+                            let line = head.lines().next().unwrap_or_default().to_owned();
+                            record.lock().expect("lock").push(line.clone());
+                            let n: usize = line
+                                .split_once("/big?n=")
+                                .and_then(|(_, rest)| rest.split(' ').next()?.parse().ok())
+                                .unwrap_or(2);
+                            let mut answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n").into_bytes();
+                            answer.resize(answer.len() + n, b'x');
+                            if conn.write_all(&answer).await.is_err() {
+                                return;
+                            }
+                        }
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    /// Finding 1(a) of the first audit (#17): a client pipelines a request,
+    /// then one that is refused, then `GET /SMUGGLED`, and does not read
+    /// for a while. When the first answer just fits what the transport
+    /// holds, hyper sends it, answers the refusal (`Connection: close`) and
+    /// waits to flush that. A second of quiet later the connection was
+    /// parked, and when the client read, hyper ended `Ok` and what it had
+    /// not read yet (`GET /SMUGGLED`) was replayed into a new connection and
+    /// forwarded. Over TCP the window is a few hundred bytes of answer size
+    /// wherever the kernel's buffers happen to end; here the client's side
+    /// holds exactly 4 KiB, and answer sizes sweep across its end.
+    #[tokio::test]
+    async fn a_request_pipelined_behind_a_refusal_is_never_forwarded() {
+        let (up, seen) = upstream().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["a.example.test".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        std::fs::write(dir.path().join("a.pem"), cert.pem()).expect("write");
+        std::fs::write(dir.path().join("a.key"), key.serialize_pem()).expect("write");
+        let config = dir.path().join("linkgate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[listen]\nhttps = \"127.0.0.1:0\"\n[upstream]\nurl = \"http://sendgrid.net\"\nconnect_to = \"{up}\"\n\
+                 [[host]]\nname = \"a.example.test\"\ncert = \"a.pem\"\nkey = \"a.key\"\n"
+            ),
+        )
+        .expect("write");
+        let config = Config::load(&config).expect("config");
+        let metrics = crate::metrics::Metrics::new();
+        let upstream = upstream::Shared::new(config.limits.upstream_connections(), &metrics);
+        let live = Live::new(config, metrics).expect("live");
+        let proxies = Arc::new(ProxyCache::new(live.clone(), upstream));
+        let (_stop, stopping) = watch::channel(false);
+        let case = |n: usize| {
+            let (proxies, stopping) = (proxies.clone(), stopping.clone());
+            async move {
+                let proxy = proxies.current().expect("proxy");
+                let (mut client, server) = tokio::io::duplex(4096);
+                let info = ConnInfo::new("127.0.0.1:40000".parse().expect("addr"), None, false, None);
+                let served = tokio::spawn(serve(proxy, proxies, server, info, Protocol::Http1, stopping));
+                let requests = format!(
+                    "GET /big?n={n} HTTP/1.1\r\nHost: a.example.test\r\n\r\n\
+                     GET /refused HTTP/1.1\r\nHost: not-served.example.test\r\n\r\n\
+                     GET /SMUGGLED-{n} HTTP/1.1\r\nHost: a.example.test\r\n\r\n"
+                );
+                client.write_all(requests.as_bytes()).await.expect("write");
+                // Longer than the second of quiet after which a connection parks.
+                tokio::time::sleep(PARK_AFTER + Duration::from_millis(600)).await;
+                let mut answers = Vec::new();
+                // The end of the connection, if it comes in time.
+                let ended = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut answers))
+                    .await
+                    .is_ok_and(|read| read.is_ok());
+                drop(client);
+                tokio::time::timeout(Duration::from_secs(10), served)
+                    .await
+                    .expect("the connection's task ends")
+                    .expect("no panic");
+                let answers = String::from_utf8_lossy(&answers);
+                let statuses: Vec<String> = answers
+                    .match_indices("HTTP/1.1 ")
+                    .map(|(i, _)| answers[i + 9..i + 12].to_owned())
+                    .collect();
+                (n, statuses, ended)
+            }
+        };
+        let sizes: Vec<usize> = (3000..4200).step_by(8).collect();
+        let cases: Vec<_> = sizes.iter().map(|&n| tokio::spawn(case(n))).collect();
+        let mut results = Vec::new();
+        for case in cases {
+            results.push(case.await.expect("case"));
+        }
+        let seen = seen.lock().expect("lock").clone();
+        let smuggled: Vec<&String> = seen.iter().filter(|l| l.contains("SMUGGLED")).collect();
+        assert!(smuggled.is_empty(), "forwarded: {smuggled:?}");
+        for (n, statuses, ended) in &results {
+            assert_eq!(statuses, &["200", "421"], "answer of {n} bytes: two answers");
+            assert!(ended, "answer of {n} bytes: the connection is closed after the refusal");
+        }
+        assert_eq!(
+            seen.len(),
+            sizes.len(),
+            "one request per case reached the upstream: {seen:?}"
+        );
+    }
+}
