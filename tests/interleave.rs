@@ -601,6 +601,8 @@ enum Move {
     Refused(String),
     /// A large answer.
     Big(String, usize),
+    /// HTTP/2: a large answer the client resets after its first bytes.
+    Cancel(String),
 }
 
 fn bytes_of(m: &Move, tag: &str) -> (Vec<u8>, Vec<u8>) {
@@ -634,6 +636,7 @@ fn bytes_of(m: &Move, tag: &str) -> (Vec<u8>, Vec<u8>) {
             format!("GET {t} HTTP/1.1\r\nHost: other.example.test\r\n\r\n").into_bytes(),
             Vec::new(),
         ),
+        Move::Cancel(t) => (get(t), Vec::new()),
     }
 }
 
@@ -644,7 +647,8 @@ fn target_of(m: &Move) -> &str {
         | Move::Chunked(t)
         | Move::Early(t, _, _)
         | Move::Refused(t)
-        | Move::Big(t, _) => t,
+        | Move::Big(t, _)
+        | Move::Cancel(t) => t,
     }
 }
 
@@ -652,6 +656,8 @@ fn target_of(m: &Move) -> &str {
 #[derive(Clone)]
 struct Target {
     tls: tokio_rustls::TlsConnector,
+    /// Offers `h2` only.
+    h2: tokio_rustls::TlsConnector,
     https: SocketAddr,
     http: SocketAddr,
 }
@@ -669,7 +675,10 @@ async fn random_client(to: Target, case: u64, rng: &mut Rng) -> (Vec<Move>, Resu
                 4 => Move::Chunked(t),
                 5 | 6 => {
                     let declared = 200 + rng.below(2000) as usize;
-                    let sent = rng.below(declared as u64 / 2) as usize;
+                    // At least a byte: linkgate, like nginx, forwards a
+                    // request with a body once its first bytes are in (a
+                    // client that sends none until answered gets 408).
+                    let sent = 1 + rng.below(declared as u64 / 2) as usize;
                     // An upstream that answers before the body says it will close
                     // (one that does not cannot be told from a keep-alive race).
                     Move::Early(
@@ -761,6 +770,11 @@ async fn expect_answer(c: &mut Raw, m: &Move) -> Result<(), String> {
     let Some(a) = c.answer(Duration::from_secs(8)).await else {
         return Err("closed".into());
     };
+    judge(m, a.status, &a.body)
+}
+
+/// Whether `status` and `body` are the answer to `m`, and not another's.
+fn judge(m: &Move, status: u16, body: &[u8]) -> Result<(), String> {
     let want: (u16, Option<Vec<u8>>) = match m {
         Move::Get(t) => (200, Some(format!("ok {t} 0").into_bytes())),
         Move::Post(t, len) => (200, Some(format!("ok {t} {len}").into_bytes())),
@@ -768,23 +782,184 @@ async fn expect_answer(c: &mut Raw, m: &Move) -> Result<(), String> {
         Move::Early(..) => (200, Some(b"early".to_vec())),
         Move::Refused(_) => (421, None),
         Move::Big(_, n) => (200, Some(pattern(*n))),
+        // Reset after its first bytes, which are those of the pattern.
+        Move::Cancel(_) => (200, None),
     };
-    if a.status != want.0 {
-        return Err(format!("status {} instead of {}", a.status, want.0));
+    if status != want.0 {
+        return Err(format!("status {status} instead of {}", want.0));
     }
     let own = match (&want.1, m) {
-        (Some(body), _) => *body == a.body,
+        (Some(want), _) => want == body,
         // The chunked body's length depends on its tag; its target is enough.
-        (None, Move::Chunked(t)) => a.body.starts_with(format!("ok {t} ").as_bytes()),
+        (None, Move::Chunked(t)) => body.starts_with(format!("ok {t} ").as_bytes()),
+        (None, Move::Cancel(_)) => pattern(body.len()) == body,
         (None, _) => true,
     };
     if !own {
         return Err(format!(
             "someone else's answer: {:?}",
-            String::from_utf8_lossy(&a.body[..a.body.len().min(80)])
+            String::from_utf8_lossy(&body[..body.len().min(80)])
         ));
     }
     Ok(())
+}
+
+/// Runs one random HTTP/2 client connection: its moves run as concurrent
+/// streams, each starting after a random delay, some stalling their reads
+/// (no window granted), some resetting their answer midway. Returns the
+/// moves and a description of any broken invariant on the client's side.
+async fn random_h2_client(to: Target, case: u64, rng: &mut Rng) -> (Vec<Move>, Result<(), String>) {
+    let n = 1 + rng.below(6) as usize;
+    let moves: Vec<Move> = (0..n)
+        .map(|i| {
+            let t = format!("/c{case}m{i}");
+            match rng.below(10) {
+                0..=2 => Move::Get(t),
+                3 | 4 => Move::Post(t, 40 + rng.below(3000) as usize),
+                5 => {
+                    let declared = 200 + rng.below(2000) as usize;
+                    // At least a byte: linkgate, like nginx, forwards a
+                    // request with a body once its first bytes are in (a
+                    // client that sends none until answered gets 408).
+                    let sent = 1 + rng.below(declared as u64 / 2) as usize;
+                    Move::Early(
+                        format!("/early?close={}&announce&c={case}m{i}", rng.below(1200)),
+                        declared,
+                        sent,
+                    )
+                }
+                6 => Move::Refused(t),
+                7 => Move::Cancel(format!("/big?n={}&c={case}m{i}", 200_000 + rng.below(400_000))),
+                _ => {
+                    let n = 1 + rng.below(400_000) as usize;
+                    Move::Big(format!("/big?n={n}&c={case}m{i}"), n)
+                }
+            }
+        })
+        .collect();
+    let plan: Vec<(Duration, Duration)> = moves
+        .iter()
+        .map(|_| {
+            let start = Duration::from_millis(rng.below(300));
+            // How long the stream waits mid-body: before granting window
+            // for its answer, or before sending the rest of its body.
+            let stall = Duration::from_millis([0, 0, 400, 1200, 1700][rng.below(5) as usize]);
+            (start, stall)
+        })
+        .collect();
+    let connected = async {
+        let tcp = TcpStream::connect(to.https).await.map_err(|e| e.to_string())?;
+        let name = rustls_pki_types::ServerName::try_from(CLICK).expect("name");
+        let tls = to.h2.connect(name, tcp).await.map_err(|e| e.to_string())?;
+        h2::client::handshake(tls).await.map_err(|e| e.to_string())
+    };
+    let (send, conn) = match connected.await {
+        Ok(c) => c,
+        Err(e) => return (moves, Err(format!("connect: {e}"))),
+    };
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let streams: Vec<_> = moves
+        .iter()
+        .cloned()
+        .enumerate()
+        .zip(plan)
+        .map(|((i, m), (start, stall))| {
+            let send = send.clone();
+            let tag = format!("c{case}m{i}");
+            tokio::spawn(async move {
+                tokio::time::sleep(start).await;
+                tokio::time::timeout(Duration::from_secs(15), h2_move(send, &m, &tag, stall))
+                    .await
+                    .unwrap_or_else(|_| Err("no answer within 15 s".into()))
+                    .map_err(|e| format!("move {i}: {e}"))
+            })
+        })
+        .collect();
+    let mut outcome = Ok(());
+    for s in streams {
+        if let Err(e) = s.await.expect("stream task") {
+            outcome = outcome.and(Err(e));
+        }
+    }
+    drop(send);
+    driver.abort();
+    (moves, outcome)
+}
+
+/// One stream of [`random_h2_client`].
+async fn h2_move(send: h2::client::SendRequest<Bytes>, m: &Move, tag: &str, stall: Duration) -> Result<(), String> {
+    let mut send = send.ready().await.map_err(|e| format!("not ready: {e}"))?;
+    let authority = if matches!(m, Move::Refused(_)) {
+        "other.example.test"
+    } else {
+        CLICK
+    };
+    let (method, body, declared) = match m {
+        Move::Post(_, len) => {
+            let mut b = smuggled(tag);
+            b.resize(*len, b'p');
+            ("POST", b, *len)
+        }
+        Move::Early(_, declared, _) => {
+            let mut b = smuggled(tag);
+            b.resize(*declared, b'e');
+            ("POST", b, *declared)
+        }
+        _ => ("GET", Vec::new(), 0),
+    };
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("https://{authority}{}", target_of(m)))
+        .body(())
+        .expect("request");
+    if method == "POST" {
+        req.headers_mut().insert("content-length", declared.into());
+    }
+    let (resp, mut tx) = send
+        .send_request(req, method == "GET")
+        .map_err(|e| format!("send: {e}"))?;
+    let mut rest_later = None;
+    match m {
+        Move::Post(..) => {
+            // Half now, the rest after the stall.
+            let half = body.len() / 2;
+            let _ = tx.send_data(Bytes::copy_from_slice(&body[..half]), false);
+            tokio::time::sleep(stall).await;
+            let _ = tx.send_data(Bytes::copy_from_slice(&body[half..]), true);
+        }
+        Move::Early(_, _, sent) => {
+            let _ = tx.send_data(Bytes::copy_from_slice(&body[..*sent]), false);
+            rest_later = Some(Bytes::copy_from_slice(&body[*sent..]));
+        }
+        _ => {}
+    }
+    let resp = resp.await.map_err(|e| format!("answer: {e}"))?;
+    if let Some(rest) = rest_later {
+        // The upstream has answered; the rest of the body may be refused.
+        tokio::time::sleep(stall).await;
+        let _ = tx.send_data(rest, true);
+    }
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    let mut first = true;
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| format!("body after {} bytes: {e}", got.len()))?;
+        got.extend_from_slice(&chunk);
+        if matches!(m, Move::Cancel(_)) {
+            // Dropping the stream resets it (RST_STREAM CANCEL).
+            return judge(m, status, &got);
+        }
+        if first && matches!(m, Move::Big(..)) {
+            // No window for the rest of this answer for a while.
+            tokio::time::sleep(stall).await;
+        }
+        first = false;
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    judge(m, status, &got)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -810,27 +985,36 @@ async fn seeded_interleavings_keep_every_request_whole_and_every_answer_its_own(
     .await;
     let to = Target {
         tls: connector(&pki),
+        h2: tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_tls(&pki, &[b"h2"]))),
         https: lg.https,
         http: lg.http.expect("http"),
     };
     let mut failures = Vec::new();
-    let mut sent: Vec<(u64, Vec<Move>)> = Vec::new();
+    let mut sent: Vec<(u64, Vec<Move>, bool)> = Vec::new();
     for batch in (0..cases).collect::<Vec<_>>().chunks(16) {
         let mut tasks = Vec::new();
         for &case in batch {
             let mut rng = Rng(seed ^ case.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
             let to = to.clone();
             tasks.push(tokio::spawn(async move {
-                let (moves, outcome) = random_client(to, case, &mut rng).await;
-                (case, moves, outcome)
+                // A third of the clients speak HTTP/2: their moves are
+                // concurrent streams, not ordered.
+                let ordered = rng.below(3) != 0;
+                let (moves, outcome) = if ordered {
+                    random_client(to, case, &mut rng).await
+                } else {
+                    random_h2_client(to, case, &mut rng).await
+                };
+                (case, moves, outcome, ordered)
             }));
         }
         for t in tasks {
-            let (case, moves, outcome) = t.await.expect("client task");
+            let (case, moves, outcome, ordered) = t.await.expect("client task");
             if let Err(e) = outcome {
-                failures.push(format!("case {case}: {e}; moves {moves:?}"));
+                let proto = if ordered { "HTTP/1" } else { "HTTP/2" };
+                failures.push(format!("case {case} ({proto}): {e}; moves {moves:?}"));
             }
-            sent.push((case, moves));
+            sent.push((case, moves, ordered));
         }
     }
     // What the upstream received: only what was sent as requests, each at
@@ -841,7 +1025,7 @@ async fn seeded_interleavings_keep_every_request_whole_and_every_answer_its_own(
             failures.push(format!("smuggled: {}", r.target));
         }
     }
-    for (case, moves) in &sent {
+    for (case, moves, ordered) in &sent {
         let mut last_seen = None;
         for (i, m) in moves.iter().enumerate() {
             let t = target_of(m);
@@ -853,7 +1037,7 @@ async fn seeded_interleavings_keep_every_request_whole_and_every_answer_its_own(
                 failures.push(format!("case {case}: the refused {t} was forwarded"));
             }
             if let Some((at, r)) = hits.first() {
-                if last_seen.is_some_and(|prev| prev > *at) {
+                if *ordered && last_seen.is_some_and(|prev| prev > *at) {
                     failures.push(format!(
                         "case {case}: move {i} reached the upstream before an earlier one"
                     ));
@@ -866,7 +1050,7 @@ async fn seeded_interleavings_keep_every_request_whole_and_every_answer_its_own(
                         Some(b)
                     }
                     Move::Chunked(_) => Some(smuggled(&format!("c{case}m{i}"))),
-                    Move::Get(_) | Move::Big(..) => Some(Vec::new()),
+                    Move::Get(_) | Move::Big(..) | Move::Cancel(_) => Some(Vec::new()),
                     _ => None,
                 };
                 if want_body.is_some_and(|b| b != r.body) {
