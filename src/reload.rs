@@ -245,9 +245,20 @@ pub enum Trigger {
 /// stays). Also watches the config file and every certificate and key it
 /// names; folders are watched rather than files, so renames and `..data`
 /// symlink swaps are seen (Linux, inotify; elsewhere reload with SIGHUP).
-pub async fn run(live: Arc<Live>, triggers: mpsc::UnboundedSender<Trigger>, mut rx: mpsc::UnboundedReceiver<Trigger>) {
+///
+/// The files are watched from the moment `run` returns, before its future
+/// is first polled: a change made once the server is up is never missed.
+pub fn run(
+    live: Arc<Live>,
+    triggers: mpsc::UnboundedSender<Trigger>,
+    rx: mpsc::UnboundedReceiver<Trigger>,
+) -> impl std::future::Future<Output = ()> {
     let mut watcher = FileWatcher::new(triggers);
     watcher.watch(&live.load().config);
+    reloads(live, watcher, rx)
+}
+
+async fn reloads(live: Arc<Live>, mut watcher: FileWatcher, mut rx: mpsc::UnboundedReceiver<Trigger>) {
     while let Some(first) = rx.recv().await {
         if first == Trigger::FileBusy {
             continue;
