@@ -3,7 +3,9 @@
 //! no longer leads to sendgrid.net, and (2) the https version of a tracked
 //! URL loads with a valid certificate and reaches the provider with the
 //! branded Host. Also (3) the plain-http URL still answers, for emails sent
-//! before the switch. Hosts are probed concurrently, each probe bounded.
+//! before the switch. Hosts are probed concurrently, each probe bounded: up
+//! to the response head, and then the body on its own, so a stalled body is
+//! reported with the status that came before it.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -16,7 +18,7 @@ use hickory_resolver::config::{NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{RData, RecordType};
 use hickory_resolver::TokioResolver;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use rustls::{AlertDescription, CertificateError};
 use serde::Serialize;
@@ -246,7 +248,7 @@ async fn probe_host(
         .or_else(|| addresses.first().map(|ip| SocketAddr::new(*ip, 443)));
     let https = match https_target {
         None => Outcome::skipped("no address to connect to (give --connect to probe anyway)"),
-        Some(addr) => bounded(opts.timeout, https(host, addr, tls, &opts.url, preset)).await,
+        Some(addr) => answered(opts.timeout, "https", preset, https(host, addr, tls, &opts.url)).await,
     };
     let http = opts.has_http.then(|| {
         opts.connect_http
@@ -257,7 +259,7 @@ async fn probe_host(
         Some(None) => Some(Outcome::skipped(
             "no address to connect to (give --connect-http to probe anyway)",
         )),
-        Some(Some(addr)) => Some(bounded(opts.timeout, plain(host, addr, &opts.url, preset)).await),
+        Some(Some(addr)) => Some(answered(opts.timeout, "http", preset, plain(host, addr, &opts.url)).await),
     };
     HostReport {
         name: host.to_owned(),
@@ -270,13 +272,23 @@ async fn probe_host(
     }
 }
 
-async fn bounded(limit: Duration, probe: impl std::future::Future<Output = Outcome>) -> Outcome {
-    tokio::time::timeout(limit, probe).await.unwrap_or_else(|_| {
-        Outcome::fail(
+/// Runs `probe` up to the response head (connect, TLS, request) within
+/// `limit`, then reads the body within `limit` again, on its own: an answer
+/// whose body never ends is still reported with its status.
+async fn answered(
+    limit: Duration,
+    scheme: &str,
+    preset: Option<&'static Preset>,
+    probe: impl std::future::Future<Output = Result<Head, Outcome>>,
+) -> Outcome {
+    match tokio::time::timeout(limit, probe).await {
+        Ok(Ok(head)) => classify(read_body(head, limit).await, scheme, preset),
+        Ok(Err(failed)) => failed,
+        Err(_) => Outcome::fail(
             format!("no answer within {limit:?}"),
             "check that linkgate runs and that the address and port are reachable",
-        )
-    })
+        ),
+    }
 }
 
 fn normalise(name: &str) -> String {
@@ -372,42 +384,36 @@ fn join(ips: &[IpAddr]) -> String {
     ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
 }
 
-/// TLS with SNI = host, verified; then GET the tracked URL.
-async fn https(
-    host: &str,
-    addr: SocketAddr,
-    tls: &Arc<rustls::ClientConfig>,
-    url: &str,
-    preset: Option<&'static Preset>,
-) -> Outcome {
-    let tcp = match tokio::net::TcpStream::connect(addr).await {
-        Ok(s) => s,
-        Err(e) => {
-            return Outcome::fail(
-                format!("cannot connect to {addr}: {e}"),
-                "check that linkgate listens there and the firewall allows 443",
-            )
-        }
-    };
+/// TLS with SNI = host, verified; then GET the tracked URL, up to the response head.
+async fn https(host: &str, addr: SocketAddr, tls: &Arc<rustls::ClientConfig>, url: &str) -> Result<Head, Outcome> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
+        Outcome::fail(
+            format!("cannot connect to {addr}: {e}"),
+            "check that linkgate listens there and the firewall allows 443",
+        )
+    })?;
     let Ok(name) = rustls_pki_types::ServerName::try_from(host.to_owned()) else {
-        return Outcome::fail(format!("{host} is not a valid name"), "fix the host name in the config");
+        return Err(Outcome::fail(
+            format!("{host} is not a valid name"),
+            "fix the host name in the config",
+        ));
     };
-    let stream = match tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp).await {
-        Ok(s) => s,
-        Err(e) => return tls_failure(host, &e),
-    };
-    classify(fetch(stream, host, url).await, "https", preset)
+    let stream = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await
+        .map_err(|e| tls_failure(host, &e))?;
+    fetch(stream, host, url).await
 }
 
-/// Plain http: GET the tracked URL.
-async fn plain(host: &str, addr: SocketAddr, url: &str, preset: Option<&'static Preset>) -> Outcome {
-    match tokio::net::TcpStream::connect(addr).await {
-        Ok(s) => classify(fetch(s, host, url).await, "http", preset),
-        Err(e) => Outcome::fail(
+/// Plain http: GET the tracked URL, up to the response head.
+async fn plain(host: &str, addr: SocketAddr, url: &str) -> Result<Head, Outcome> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
+        Outcome::fail(
             format!("cannot connect to {addr}: {e}"),
             "links in emails sent before the switch are plain http: keep the http listener reachable on port 80",
-        ),
-    }
+        )
+    })?;
+    fetch(tcp, host, url).await
 }
 
 /// Turns a TLS error into "Your connection is not private" with its cause and fix.
@@ -440,16 +446,35 @@ fn tls_failure(host: &str, e: &std::io::Error) -> Outcome {
     Outcome::fail(format!("Your connection is not private: {cause}"), fix)
 }
 
-/// Status and the start of the body of one GET.
-type Fetched = Result<(u16, String), String>;
+/// The response head of one GET; its body is still to be read.
+type Head = http::Response<hyper::body::Incoming>;
 
-async fn fetch<IO>(io: IO, host: &str, url: &str) -> Fetched
+/// How much of a body is kept to look for a provider's error page.
+const BODY_KEPT: usize = 64 * 1024;
+
+/// What one GET got: its status and the start of its body.
+struct Answer {
+    status: u16,
+    /// The first [`BODY_KEPT`] bytes, decoded lossily. Searched for a
+    /// provider's error page, never printed.
+    body: String,
+    /// Why the body is incomplete, when it did not end.
+    unfinished: Option<String>,
+}
+
+async fn fetch<IO>(io: IO, host: &str, url: &str) -> Result<Head, Outcome>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let failed = |e: &dyn std::fmt::Display| {
+        Outcome::fail(
+            format!("the request failed: {e}"),
+            "check that linkgate answers on this address",
+        )
+    };
     let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(io))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| failed(&e))?;
     tokio::spawn(conn);
     let req = http::Request::get(url)
         .header(http::header::HOST, host)
@@ -458,28 +483,66 @@ where
             concat!("linkgate-doctor/", env!("CARGO_PKG_VERSION")),
         )
         .body(Empty::new())
-        .map_err(|e| e.to_string())?;
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let body = Limited::new(resp.into_body(), 64 * 1024)
-        .collect()
-        .await
-        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+        .map_err(|e| failed(&e))?;
+    sender.send_request(req).await.map_err(|e| failed(&e))
 }
 
-fn classify(fetched: Fetched, scheme: &str, preset: Option<&'static Preset>) -> Outcome {
-    let (status, body) = match fetched {
-        Ok(r) => r,
-        Err(e) => {
-            return Outcome::fail(
-                format!("the request failed: {e}"),
-                "check that linkgate answers on this address",
-            )
+/// Reads the body of `head` for at most `limit` (its own bound, after the
+/// head's) and keeps its start.
+async fn read_body(head: Head, limit: Duration) -> Answer {
+    let status = head.status().as_u16();
+    let mut body = head.into_body();
+    let mut kept = Vec::new();
+    let mut received = 0usize;
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let data = match frame.map(http_body::Frame::into_data) {
+                Ok(Ok(data)) => data,
+                Ok(Err(_trailers)) => continue,
+                Err(e) => return Some(format!("the body broke off after {received} bytes: {e}")),
+            };
+            received += data.len();
+            let room = BODY_KEPT - kept.len();
+            kept.extend_from_slice(&data[..data.len().min(room)]);
+            if kept.len() == BODY_KEPT {
+                // Enough to recognise a provider's page; the rest does not matter.
+                return None;
+            }
         }
+        None
     };
-    let lower = body.to_ascii_lowercase();
+    let unfinished = tokio::time::timeout(limit, read).await.unwrap_or_else(|_| {
+        Some(format!(
+            "the body did not end within {limit:?} ({received} bytes arrived)"
+        ))
+    });
+    Answer {
+        status,
+        body: String::from_utf8_lossy(&kept).into_owned(),
+        unfinished,
+    }
+}
+
+/// The verdict on an answer; one whose body did not end fails, with its status.
+fn classify(answer: Answer, scheme: &str, preset: Option<&'static Preset>) -> Outcome {
+    let mut outcome = verdict(&answer, scheme, preset);
+    if let Some(unfinished) = answer.unfinished {
+        if outcome.passed() {
+            outcome = Outcome::fail(
+                format!("{}, but {unfinished}", outcome.message),
+                "the answer started and then stalled: check linkgate's log and the provider's answer \
+                 (linkgate passes the provider's body on as it arrives)",
+            );
+        } else {
+            outcome.message = format!("{}; {unfinished}", outcome.message);
+        }
+    }
+    outcome
+}
+
+fn verdict(answer: &Answer, scheme: &str, preset: Option<&'static Preset>) -> Outcome {
+    let status = answer.status;
+    let lower = answer.body.to_ascii_lowercase();
     let marker = preset.map_or("", |p| p.wrong_host_marker);
     if (!marker.is_empty() && lower.contains(marker)) || status == 404 {
         Outcome::fail(
@@ -546,4 +609,50 @@ pub fn render_text(report: &Report) -> String {
     }
     let _ = writeln!(out, "{}", report.summary);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, body: &str, unfinished: Option<&str>) -> Answer {
+        Answer {
+            status,
+            body: body.to_owned(),
+            unfinished: unfinished.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn an_unfinished_body_keeps_the_status_and_fails() {
+        let sendgrid = provider::find(provider::DEFAULT).ok();
+        let done = classify(answer(200, "GIF89a", None), "https", sendgrid);
+        assert_eq!((done.status, done.message.as_str()), ("pass", "https answered 200"));
+
+        let stalled = classify(
+            answer(200, "GIF89a", Some("the body did not end within 3s")),
+            "https",
+            sendgrid,
+        );
+        assert_eq!(stalled.status, "fail");
+        assert_eq!(
+            stalled.message,
+            "https answered 200, but the body did not end within 3s"
+        );
+        assert!(stalled.fix.is_some_and(|f| f.contains("stalled")));
+
+        // A failure recognised from the start of the body stays that failure, and says the body did not end.
+        let wrong = classify(
+            answer(200, "<title>Wrong Link</title>", Some("the body did not end within 3s")),
+            "https",
+            sendgrid,
+        );
+        assert_eq!(wrong.status, "fail");
+        assert!(
+            wrong.message.ends_with("; the body did not end within 3s"),
+            "{}",
+            wrong.message
+        );
+        assert!(wrong.fix.is_some_and(|f| f.contains("Host header")));
+    }
 }

@@ -121,9 +121,15 @@ impl Live {
         .map_err(|e| self.failed(e.to_string()))?;
         record_expiry(&self.metrics, &active);
         let hosts = active.hosts.len();
+        let (added, removed) = host_changes(&old, &active);
         self.current.store(Arc::new(active));
         self.metrics.reload("success");
-        tracing::info!(generation, hosts, "configuration reloaded");
+        if removed.is_empty() {
+            tracing::info!(generation, hosts, ?added, ?removed, "configuration reloaded");
+        } else {
+            // Handshakes for a removed host now fail: make a surprising drop stand out.
+            tracing::warn!(generation, hosts, ?added, ?removed, "configuration reloaded");
+        }
         Ok(())
     }
 
@@ -132,6 +138,16 @@ impl Live {
         tracing::error!(error = %message, "reload failed; the running configuration stays in force");
         message
     }
+}
+
+/// The host names in `new` and not in `old`, and those in `old` and not in `new`, sorted.
+fn host_changes(old: &Active, new: &Active) -> (Vec<String>, Vec<String>) {
+    let names = |a: &Active| -> BTreeSet<String> { a.hosts.keys().map(|h| h.as_str().to_owned()).collect() };
+    let (before, after) = (names(old), names(new));
+    (
+        after.difference(&before).cloned().collect(),
+        before.difference(&after).cloned().collect(),
+    )
 }
 
 fn build(
@@ -199,30 +215,83 @@ fn record_expiry(metrics: &Metrics, active: &Active) {
     }
 }
 
-/// What can ask for a reload.
-#[derive(Debug, Clone, Copy)]
+/// How long the watched files must be quiet (no further event for any of
+/// them) after a change before linkgate reads them: a writer that pauses
+/// for less than this between its writes and closes is read once, whole.
+pub const SETTLE: Duration = Duration::from_millis(500);
+
+/// A pending reload waits at most this long for quiet, so that a file that
+/// is written all the time cannot postpone reloads for ever.
+const SETTLE_AT_MOST: Duration = Duration::from_secs(10);
+
+/// What can ask for a reload, or hold one back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
     /// SIGHUP.
     Signal,
-    /// A watched file or folder changed.
+    /// A watched file was written and closed, or renamed into place.
     FileChange,
+    /// A watched file is being changed (written to, truncated, created,
+    /// deleted or renamed away): not a reason to reload, but a pending
+    /// reload waits until this has been quiet for [`SETTLE`].
+    FileBusy,
 }
 
 /// Runs reloads for triggers from `triggers` (SIGHUP and file changes),
-/// coalescing bursts: certbot and Kubernetes change several files at once.
-/// Also watches the config file and every certificate and key it names;
-/// folders are watched rather than files, so renames and `..data` symlink
-/// swaps are seen (Linux, inotify; elsewhere reload with SIGHUP).
-pub async fn run(live: Arc<Live>, triggers: mpsc::UnboundedSender<Trigger>, mut rx: mpsc::UnboundedReceiver<Trigger>) {
+/// coalescing bursts: certbot and Kubernetes change several files at once,
+/// and editors write a file in several steps. A reload starts once nothing
+/// has happened to the watched files for [`SETTLE`]; it does not start when
+/// the config file is missing or empty then (the running configuration
+/// stays). Also watches the config file and every certificate and key it
+/// names; folders are watched rather than files, so renames and `..data`
+/// symlink swaps are seen (Linux, inotify; elsewhere reload with SIGHUP).
+///
+/// The files are watched from the moment `run` returns, before its future
+/// is first polled: a change made once the server is up is never missed.
+pub fn run(
+    live: Arc<Live>,
+    triggers: mpsc::UnboundedSender<Trigger>,
+    rx: mpsc::UnboundedReceiver<Trigger>,
+) -> impl std::future::Future<Output = ()> {
     let mut watcher = FileWatcher::new(triggers);
     watcher.watch(&live.load().config);
+    reloads(live, watcher, rx)
+}
+
+async fn reloads(live: Arc<Live>, mut watcher: FileWatcher, mut rx: mpsc::UnboundedReceiver<Trigger>) {
     while let Some(first) = rx.recv().await {
-        // Let a burst of changes settle, then reload once.
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        while rx.try_recv().is_ok() {}
+        if first == Trigger::FileBusy {
+            continue;
+        }
+        settle(&mut rx).await;
+        let path = live.load().config.path.clone();
+        match tokio::fs::metadata(&path).await {
+            Ok(meta) if meta.len() > 0 => {}
+            Ok(_) => {
+                tracing::warn!(file = %path.display(), trigger = ?first, "the config file is empty: not reloading; the running configuration stays");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(file = %path.display(), trigger = ?first, error = %e, "the config file cannot be read: not reloading; the running configuration stays");
+                continue;
+            }
+        }
         tracing::info!(trigger = ?first, "reloading configuration");
         if live.reload().await.is_ok() {
             watcher.watch(&live.load().config);
+        }
+    }
+}
+
+/// Waits until no trigger has arrived for [`SETTLE`] (at most
+/// [`SETTLE_AT_MOST`] in all), consuming those that do.
+async fn settle(rx: &mut mpsc::UnboundedReceiver<Trigger>) {
+    let give_up = tokio::time::Instant::now() + SETTLE_AT_MOST;
+    loop {
+        let quiet_until = (tokio::time::Instant::now() + SETTLE).min(give_up);
+        match tokio::time::timeout_at(quiet_until, rx.recv()).await {
+            Ok(Some(_)) if tokio::time::Instant::now() < give_up => {}
+            Ok(None) | Ok(Some(_)) | Err(_) => return,
         }
     }
 }
@@ -232,11 +301,18 @@ pub async fn run(live: Arc<Live>, triggers: mpsc::UnboundedSender<Trigger>, mut 
 /// volume swaps its `..data` link (names starting with `..`). Other files in
 /// the same folders (logs, editors' swap files) are ignored.
 ///
+/// Only a finished write asks for a reload: written and closed
+/// (`IN_CLOSE_WRITE`) or renamed into place (`IN_MOVED_TO`, also how editors
+/// and Kubernetes replace a file). A write, truncation, creation, deletion or
+/// rename away (`IN_MODIFY`, `IN_CREATE`, `IN_DELETE`, `IN_MOVED_FROM`) only
+/// holds back a pending reload ([`Trigger::FileBusy`]): a file deleted and
+/// then written slowly is read once it is closed, never half-written. A lost
+/// event (the queue overflowed) asks for a reload.
+///
 /// inotify is used directly, asking only for the events that can change a
-/// file's content (written and closed, created, moved, deleted): a generic
-/// watcher also subscribes to every open, and a folder whose files are opened
-/// often (an upstream's document root in the benchmark, say) then costs a
-/// wake-up per open.
+/// file's content: a generic watcher also subscribes to every open, and a
+/// folder whose files are opened often (an upstream's document root in the
+/// benchmark, say) then costs a wake-up per open.
 struct FileWatcher {
     watches: Option<inotify::Watches>,
     /// Watched folders, and which folder each watch descriptor stands for.
@@ -247,6 +323,7 @@ struct FileWatcher {
 
 const MASK: inotify::WatchMask = inotify::WatchMask::CLOSE_WRITE
     .union(inotify::WatchMask::MOVED_TO)
+    .union(inotify::WatchMask::MODIFY)
     .union(inotify::WatchMask::MOVED_FROM)
     .union(inotify::WatchMask::CREATE)
     .union(inotify::WatchMask::DELETE);
@@ -281,17 +358,32 @@ impl FileWatcher {
                             return;
                         }
                     };
-                    let hit = events.into_iter().any(|event| {
+                    let mut seen = None;
+                    for event in events {
                         let (Ok(folders), Ok(files)) = (folders.read(), relevant.read()) else {
-                            return true;
+                            seen = Some(Trigger::FileChange);
+                            break;
                         };
+                        if event.mask.contains(inotify::EventMask::Q_OVERFLOW) {
+                            seen = Some(Trigger::FileChange);
+                            continue;
+                        }
                         let Some(dir) = folders.get(&event.wd.get_watch_descriptor_id()) else {
-                            return false;
+                            continue;
                         };
-                        event.name.is_some_and(|name| is_relevant(&dir.join(name), &files))
-                    });
-                    if hit && triggers.send(Trigger::FileChange).is_err() {
-                        return;
+                        if !event.name.is_some_and(|name| is_relevant(&dir.join(name), &files)) {
+                            continue;
+                        }
+                        if finishes_a_write(event.mask) {
+                            seen = Some(Trigger::FileChange);
+                        } else if seen.is_none() {
+                            seen = Some(Trigger::FileBusy);
+                        }
+                    }
+                    if let Some(trigger) = seen {
+                        if triggers.send(trigger).is_err() {
+                            return;
+                        }
                     }
                 }
             });
@@ -352,6 +444,12 @@ impl FileWatcher {
             *f = files;
         }
     }
+}
+
+/// Whether an event ends a write (closed after writing, renamed into
+/// place), so that the file may be read once it has settled.
+fn finishes_a_write(mask: inotify::EventMask) -> bool {
+    mask.intersects(inotify::EventMask::CLOSE_WRITE | inotify::EventMask::MOVED_TO)
 }
 
 /// A change to `path` matters when it is one of `files` or a `..`-named entry

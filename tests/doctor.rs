@@ -36,7 +36,16 @@ async fn dns_server() -> SocketAddr {
         Record::from_rdata(name("lb.example.test."), 60, RData::A(A::new(127, 0, 0, 1))),
         1,
     );
-    for host in ["ok", "expired", "wrongname", "a.b", "nochain", "wronglink", "down"] {
+    for host in [
+        "ok",
+        "expired",
+        "wrongname",
+        "a.b",
+        "nochain",
+        "wronglink",
+        "down",
+        "stalled",
+    ] {
         zone.upsert_mut(
             Record::from_rdata(
                 name(&format!("{host}.example.test.")),
@@ -146,6 +155,7 @@ fn doctor_config(dir: &Path, http: bool) -> std::path::PathBuf {
         "nochain",
         "wronglink",
         "down",
+        "stalled",
     ] {
         toml.push_str(&format!(
             "[[host]]\nname = \"{h}.example.test\"\ncert = \"x.pem\"\nkey = \"x.key\"\n"
@@ -447,4 +457,82 @@ async fn wrong_link_and_unreachable_upstream_are_told_apart() {
         .expect("run");
     assert_eq!(unknown.status.code(), Some(2));
     lg.stop().await;
+}
+
+/// A raw TLS target for `name` that answers every request with a 200 head
+/// and the start of a body (with terminal escape sequences), then sends
+/// nothing more and holds the connection open.
+async fn stalling_target(pki: &Pki, name: &str) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let acceptor = pki.leaf(&[name]).acceptor();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                // (A control character in the head would not parse; the body carries them.)
+                let answer: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: image/gif\r\nContent-Length: 1000\r\n\r\n\
+                    GIF89a\x1b]0;owned\x07\x1b[2J\x1b[31m partial";
+                if tls.write_all(answer).await.is_err() || tls.flush().await.is_err() {
+                    return;
+                }
+                // Never the rest of the body; the connection stays open until the test ends.
+                tokio::time::sleep(HANG_GUARD).await;
+                drop(tls);
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_sends_its_head_and_stalls_is_reported_with_its_status() {
+    let dns = dns_server().await;
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    let ca = pki.write_ca(dir.path());
+    let config = doctor_config(dir.path(), false);
+    let target = stalling_target(&pki, "stalled.example.test").await;
+
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_linkgate"))
+            .args(["doctor", "--config"])
+            .arg(&config)
+            .args(["--resolver", &dns.to_string(), "--timeout", "2s"])
+            .args(["--host", "stalled.example.test", "--connect", &target.to_string()])
+            .arg("--ca-file")
+            .arg(&ca)
+            .output()
+            .expect("run doctor")
+    })
+    .await
+    .expect("join");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a body that never ends fails the check: {text}"
+    );
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("stalled.example.test https:"))
+        .unwrap_or_else(|| panic!("no https line in: {text}"));
+    assert!(line.contains("https answered 200"), "{line}");
+    assert!(line.contains("the body did not end within 2s"), "{line}");
+    assert!(!line.contains("no answer"), "{line}");
+    assert!(!text.contains("check that linkgate runs"), "{text}");
+    // Nothing the target sent reaches the terminal raw.
+    assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text:?}");
 }

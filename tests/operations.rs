@@ -638,3 +638,218 @@ async fn admin_endpoints_and_metrics_after_known_traffic() {
     assert!(!text.contains("evil.example"), "host labels take only configured names");
     lg.stop().await;
 }
+
+// ---------------------------------------------------------------- half-written configs (issue #24, item 7)
+
+const THREE: [&str; 3] = ["url1.example.test", "url2.example.test", "url3.example.test"];
+
+/// A config for `up` serving `hosts` (certificates `h0`, `h1`, … written by [`three_hosts`]).
+fn hosts_config(up: &StandIn, hosts: &[&str]) -> String {
+    let mut toml = format!("{}{}", listen_section(), plain_upstream(up));
+    for h in hosts {
+        toml.push_str(&host_section(h, &stem(h)));
+    }
+    toml
+}
+
+fn stem(host: &str) -> String {
+    host.split('.').next().expect("label").to_owned()
+}
+
+/// linkgate with the file watcher, serving the three hosts of [`THREE`].
+async fn three_hosts(dir: &std::path::Path, pki: &Pki, up: &StandIn) -> Linkgate {
+    for h in THREE {
+        pki.write_leaf(dir, &stem(h), &[h]);
+    }
+    Linkgate::start_watching(dir, &hosts_config(up, &THREE)).await
+}
+
+/// One TLS handshake with SNI `host`: `Err(true)` when linkgate refused the
+/// name (`unrecognized_name`), `Err(false)` on any other failure.
+async fn handshake(tls: &Arc<rustls::ClientConfig>, https: std::net::SocketAddr, host: &str) -> Result<(), bool> {
+    let name = rustls_pki_types::ServerName::try_from(host.to_owned()).expect("name");
+    let tcp = tokio::net::TcpStream::connect(https).await.map_err(|_| false)?;
+    match tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp).await {
+        Ok(_) => Ok(()),
+        Err(e) => Err(has_alert(&e, rustls::AlertDescription::UnrecognisedName)),
+    }
+}
+
+/// Handshakes with every host of [`THREE`], round after round, until the
+/// returned flag is set; the task returns every failure seen and the number
+/// of rounds.
+fn keep_handshaking(pki: &Pki, lg: &Linkgate) -> (Arc<AtomicBool>, tokio::task::JoinHandle<(Vec<String>, usize)>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (s, https) = (stop.clone(), lg.https);
+    let tls = Arc::new(client_tls(pki, &[b"http/1.1"]));
+    let task = tokio::spawn(async move {
+        let (mut failures, mut rounds) = (Vec::new(), 0);
+        while !s.load(Ordering::Relaxed) {
+            rounds += 1;
+            for h in THREE {
+                match handshake(&tls, https, h).await {
+                    Ok(()) => {}
+                    Err(true) => failures.push(format!("round {rounds}: {h} refused (unrecognized_name)")),
+                    Err(false) => failures.push(format!("round {rounds}: {h} failed")),
+                }
+            }
+        }
+        (failures, rounds)
+    });
+    (stop, task)
+}
+
+/// Stops [`keep_handshaking`] after one more round and asserts that no
+/// handshake failed.
+async fn no_handshake_failed(stop: Arc<AtomicBool>, task: tokio::task::JoinHandle<(Vec<String>, usize)>) {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (failures, rounds) = task.await.expect("handshake loop");
+    assert!(rounds > 5, "the handshake loop ran ({rounds} rounds)");
+    assert!(
+        failures.is_empty(),
+        "{} handshakes of hosts served before failed while the file was written, the first: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+}
+
+async fn all_three_handshake(pki: &Pki, lg: &Linkgate) {
+    let tls = Arc::new(client_tls(pki, &[b"http/1.1"]));
+    for h in THREE {
+        assert_eq!(handshake(&tls, lg.https, h).await, Ok(()), "{h} is served");
+    }
+}
+
+fn generation(lg: &Linkgate) -> u64 {
+    lg.live.load().generation
+}
+
+/// "Write part, close, append the rest": an editor or tool that truncates
+/// and writes the first host, closes, and 100 ms later appends the other two
+/// one after the other, 250 ms apart. Every pause is shorter than the settle
+/// period, so linkgate reads the file once, whole; the old watcher read it
+/// 250 ms after the first close and dropped the third host until the next
+/// reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_waits_for_a_config_written_in_parts() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    let up = StandIn::plain().await;
+    let lg = three_hosts(dir.path(), &pki, &up).await;
+    all_three_handshake(&pki, &lg).await;
+    let before = generation(&lg);
+    let (stop, task) = keep_handshaking(&pki, &lg);
+
+    let path = dir.path().join("linkgate.toml");
+    let (first, second, third) = (
+        hosts_config(&up, &THREE[..1]),
+        host_section(THREE[1], &stem(THREE[1])),
+        host_section(THREE[2], &stem(THREE[2])),
+    );
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        std::fs::write(&path, first).expect("write the first part");
+        std::thread::sleep(Duration::from_millis(100));
+        let mut file = std::fs::OpenOptions::new().append(true).open(&path).expect("reopen");
+        file.write_all(second.as_bytes()).expect("append");
+        std::thread::sleep(Duration::from_millis(250));
+        file.write_all(third.as_bytes()).expect("append");
+    })
+    .await
+    .expect("writer");
+
+    wait_for("the reload", async || generation(&lg) > before).await;
+    no_handshake_failed(stop, task).await;
+    all_three_handshake(&pki, &lg).await;
+    // Twice the settle period (src/reload.rs, `SETTLE`): any second reload would have happened.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(generation(&lg), before + 1, "one reload, of the whole file");
+    lg.stop().await;
+}
+
+/// "Delete the file, then write it slowly": no reload while the new file is
+/// open for writing, however long the pauses, and the running configuration
+/// serves every host meanwhile. An empty file (closed) is not read either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_waits_until_a_deleted_config_is_rewritten_and_closed() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    let up = StandIn::plain().await;
+    let lg = three_hosts(dir.path(), &pki, &up).await;
+    let before = generation(&lg);
+    let (stop, task) = keep_handshaking(&pki, &lg);
+    let path = dir.path().join("linkgate.toml");
+    // Longer than the settle period (src/reload.rs, `SETTLE`): quiet alone must not start a reload.
+    let pause = Duration::from_millis(800);
+
+    // Emptied and closed: nothing to read, the running configuration stays.
+    std::fs::write(&path, "").expect("empty the file");
+    tokio::time::sleep(pause).await;
+    assert_eq!(generation(&lg), before, "an empty file is not loaded");
+
+    let parts = [
+        hosts_config(&up, &THREE[..1]),
+        host_section(THREE[1], &stem(THREE[1])),
+        host_section(THREE[2], &stem(THREE[2])),
+    ];
+    let live = lg.live.clone();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        std::fs::remove_file(&path).expect("delete");
+        let mut file = std::fs::File::create(&path).expect("create");
+        for part in parts {
+            file.write_all(part.as_bytes()).expect("write");
+            std::thread::sleep(pause);
+            assert_eq!(
+                live.load().generation,
+                before,
+                "no reload while the file is open for writing"
+            );
+        }
+    })
+    .await
+    .expect("writer");
+
+    wait_for("the reload after the close", async || generation(&lg) > before).await;
+    no_handshake_failed(stop, task).await;
+    all_three_handshake(&pki, &lg).await;
+    lg.stop().await;
+}
+
+/// The real binary, reloading on a config file renamed into place: the log
+/// line names the hosts added and removed, at warn level when a host went.
+#[tokio::test]
+async fn reload_logs_the_hosts_added_and_removed() {
+    use common::process::{wait_line, Process};
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    let up = StandIn::plain().await;
+    for h in THREE {
+        pki.write_leaf(dir.path(), &stem(h), &[h]);
+    }
+    let path = dir.path().join("linkgate.toml");
+    let json = "[log]\nformat = \"json\"\naccess = false\n";
+    let write = |hosts: &[&str]| {
+        let tmp = dir.path().join("linkgate.toml.tmp");
+        std::fs::write(&tmp, format!("{json}{}", hosts_config(&up, hosts))).expect("write");
+        std::fs::rename(&tmp, &path).expect("rename into place");
+    };
+    write(&THREE[..2]);
+    let lg = Process::start(&path);
+    let reloaded = |v: &serde_json::Value| v["message"] == "configuration reloaded";
+
+    write(&THREE[1..]);
+    let line = wait_line(&lg.lines, reloaded);
+    assert_eq!(line["level"], "WARN", "{line}");
+    assert_eq!(line["added"], "[\"url3.example.test\"]", "{line}");
+    assert_eq!(line["removed"], "[\"url1.example.test\"]", "{line}");
+    assert_eq!(line["hosts"], 2, "{line}");
+
+    write(&THREE);
+    let line = wait_line(&lg.lines, reloaded);
+    assert_eq!(line["level"], "INFO", "{line}");
+    assert_eq!(line["added"], "[\"url1.example.test\"]", "{line}");
+    assert_eq!(line["removed"], "[]", "{line}");
+    assert_eq!(line["hosts"], 3, "{line}");
+}
