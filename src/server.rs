@@ -27,6 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::{timeout_at, Instant};
 
+use crate::admission::{Handshake, Handshakes, Refusal};
 use crate::config::{Config, Limits};
 use crate::connection::{ConnInfo, Quiet, Resumable, StreamExecutor, WriteDeadline};
 use crate::host::HostName;
@@ -91,6 +92,8 @@ struct Shared {
     upstream: upstream::Shared,
     /// `limits.max_connections`, across all workers; a permit per open connection.
     connections: Arc<Semaphore>,
+    /// Connections not yet through their handshake, in total and per address.
+    handshakes: Arc<Handshakes>,
     /// Becomes true when the workers must stop accepting and drain.
     stopping: watch::Receiver<bool>,
 }
@@ -135,6 +138,7 @@ pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Ou
         live: live.clone(),
         upstream: upstream_shared,
         connections: Arc::new(Semaphore::new(config.limits.max_connections as usize)),
+        handshakes: Handshakes::new(),
         stopping,
     });
     // Certificates for `acme = true` hosts; stops with this function.
@@ -238,11 +242,20 @@ async fn worker(shared: Arc<Shared>, https: std::net::TcpListener, http: Option<
         let Some(current) = proxies.current() else {
             continue;
         };
+        // Closed at once (no TLS alert) when the handshake budget is spent.
+        let handshake = match admit(&shared.handshakes, &current.active.config, peer) {
+            Ok(h) => h,
+            Err(refusal) => {
+                shared.live.metrics.refused(refusal.reason());
+                tracing::debug!(peer = %peer, reason = refusal.reason(), "connection refused before its handshake");
+                continue;
+            }
+        };
         let (open, shared, proxies) = (open.clone(), shared.clone(), proxies.clone());
         tokio::spawn(async move {
             let metrics = &shared.live.metrics;
             metrics.open_connections.inc();
-            connection(&shared, current, proxies, stream, peer, is_tls).await;
+            connection(&shared, current, proxies, stream, peer, is_tls, handshake).await;
             metrics.open_connections.dec();
             drop(permit);
             drop(open);
@@ -320,7 +333,22 @@ async fn accept_optional(listener: Option<&TcpListener>) -> io::Result<(TcpStrea
     }
 }
 
-/// One client connection, from accept to close.
+/// A slot in the handshake budget for a connection just accepted from
+/// `peer`, counted against its address too when that is the client's (no
+/// PROXY protocol; not a trusted proxy relaying many clients). Taken in the
+/// accept loop, without a pause between the two, so that connections about
+/// to be refused for their address never hold the budget meanwhile.
+fn admit(handshakes: &Arc<Handshakes>, config: &Config, peer: SocketAddr) -> Result<Handshake, Refusal> {
+    let handshake = handshakes.begin(config.limits.max_handshakes)?;
+    if !config.listen.proxy_protocol && !config.listen.is_trusted(peer.ip()) {
+        handshake.claim_address(peer.ip(), config.limits.handshakes_per_address)?;
+    }
+    Ok(handshake)
+}
+
+/// One client connection, from accept to close. `handshake` is its slot in
+/// the handshake budget, given back once the TLS handshake is over (on plain
+/// http, once its first request head has been read).
 async fn connection(
     shared: &Shared,
     proxy: Arc<Proxy>,
@@ -328,6 +356,7 @@ async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
     is_tls: bool,
+    handshake: Handshake,
 ) {
     let _ = stream.set_nodelay(true);
     let listen = &proxy.active.config.listen;
@@ -341,7 +370,17 @@ async fn connection(
             return;
         }
         match timeout_at(deadline, proxy_protocol::read_header(&mut stream)).await {
-            Ok(Ok(Some(addr))) => client = addr,
+            Ok(Ok(Some(addr))) => {
+                client = addr;
+                // Now the client's address is known: its handshakes are
+                // counted together (never the balancer's own, which a
+                // v2 LOCAL health check keeps).
+                if let Err(refusal) = handshake.claim_address(addr.ip(), limits.handshakes_per_address) {
+                    shared.live.metrics.refused(refusal.reason());
+                    tracing::debug!(client = %client, reason = refusal.reason(), "connection refused before its handshake");
+                    return;
+                }
+            }
             Ok(Ok(None)) => {}
             Ok(Err(e)) => {
                 tracing::debug!(peer = %peer, error = %e, "connection dropped: bad PROXY header");
@@ -357,10 +396,13 @@ async fn connection(
     let stopping = shared.stopping.clone();
     if !is_tls {
         let info = ConnInfo::new(client, None, keep_forwarded, None);
-        serve(proxy, proxies, stream, info, Protocol::Http1, stopping).await;
+        let pending = Some(Arc::new(handshake));
+        serve(proxy, proxies, stream, info, Protocol::Http1, stopping, pending).await;
         return;
     }
-    let Some((tls, host)) = Box::pin(handshake(&proxy.active, &shared.live, stream, client, deadline)).await else {
+    let established = Box::pin(tls_handshake(&proxy.active, &shared.live, stream, client, deadline)).await;
+    handshake.finish();
+    let Some((tls, host)) = established else {
         return;
     };
     let protocol = if tls.alpn_protocol() == Some(b"h2") {
@@ -374,12 +416,12 @@ async fn connection(
         _ => None,
     };
     let info = ConnInfo::new(client, Some(host), keep_forwarded, version);
-    serve(proxy, proxies, tls, info, protocol, stopping).await;
+    serve(proxy, proxies, tls, info, protocol, stopping, None).await;
 }
 
 /// Runs the TLS handshake. A ClientHello without SNI or naming a host we do
 /// not serve gets an `unrecognized_name` alert and the connection is closed.
-async fn handshake(
+async fn tls_handshake(
     active: &Active,
     live: &Live,
     stream: TcpStream,
@@ -506,7 +548,9 @@ enum Protocol {
 }
 
 /// Serves HTTP on one established connection until it closes, is idle for
-/// `limits.idle_timeout`, or the server drains.
+/// `limits.idle_timeout`, or the server drains. `pending`: a plain-http
+/// connection's handshake slot, given back when its first request head has
+/// been read.
 async fn serve<IO>(
     proxy: Arc<Proxy>,
     proxies: Arc<ProxyCache>,
@@ -514,6 +558,7 @@ async fn serve<IO>(
     info: ConnInfo,
     protocol: Protocol,
     stopping: watch::Receiver<bool>,
+    pending: Option<Arc<Handshake>>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -525,6 +570,9 @@ async fn serve<IO>(
     let service = {
         let (fallback, info) = (proxy.clone(), info.clone());
         service_fn(move |req| {
+            if let Some(handshake) = &pending {
+                handshake.finish();
+            }
             let proxy = proxies.current().unwrap_or_else(|| fallback.clone());
             proxy.handle(info.clone(), req)
         })

@@ -385,7 +385,10 @@ async fn connections_above_the_cap_wait_and_existing_ones_are_unharmed() {
     let pki = Pki::new();
     pki.write_leaf(dir.path(), "click", &[CLICK]);
     let up = StandIn::plain().await;
-    let lg = Linkgate::start(dir.path(), &limits_config(&up, "max_connections = 2\n")).await;
+    // a and b are both connected before either sends its request, so both
+    // are in their pre-request phase at once: the handshake budgets allow it.
+    let limits = "max_connections = 2\nmax_handshakes = 2\nhandshakes_per_address = 2\n";
+    let lg = Linkgate::start(dir.path(), &limits_config(&up, limits)).await;
     let http = lg.http.expect("http");
     let request = format!("GET /ok HTTP/1.1\r\nHost: {CLICK}\r\n\r\n");
     let mut a = tokio::net::TcpStream::connect(http).await.expect("a");
