@@ -11,11 +11,53 @@
 //! header's, when there is one). It gives both back when the handshake is
 //! over, whatever the outcome, or when it is dropped. The table of
 //! addresses holds only addresses with a handshake in progress.
+//!
+//! Also here: what a listener does when `accept` itself fails (out of
+//! descriptors): pause, and log about it at a bounded rate.
 
 use std::collections::HashMap;
+use std::io;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Pause after a failed accept (e.g. EMFILE) before trying again: the
+/// connection that could not be taken is still queued, so trying at once
+/// would fail at once, again and again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// At most one log line per listener loop this often about failed accepts.
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// One listener loop's failed accepts: each is followed by a pause of
+/// [`ACCEPT_BACKOFF`], and logged only if none was logged in the last
+/// [`ACCEPT_LOG_EVERY`] (the line says how many went unlogged since).
+#[derive(Debug, Default)]
+pub struct AcceptFailures {
+    logged_at: Option<Instant>,
+    unlogged: u64,
+}
+
+impl AcceptFailures {
+    /// Records a failed accept, logs `message` if it is time to, and pauses.
+    pub async fn failed(&mut self, error: &io::Error, message: &'static str) {
+        let now = Instant::now();
+        if self
+            .logged_at
+            .is_none_or(|at| now.duration_since(at) >= ACCEPT_LOG_EVERY)
+        {
+            tracing::warn!(error = %error, unlogged_since_last = self.unlogged, "{message}");
+            self.logged_at = Some(now);
+            self.unlogged = 0;
+        } else {
+            self.unlogged += 1;
+        }
+        tokio::time::sleep(ACCEPT_BACKOFF).await;
+    }
+}
 
 /// The handshakes in progress across the process, in total and per address.
 #[derive(Debug, Default)]

@@ -14,7 +14,7 @@
 //! - [`doctor`]: `linkgate doctor`, DNS and HTTPS probes from the outside.
 //! - [`reload`]: the live configuration, SIGHUP and file-watch reloads.
 //! - [`server`]: listeners, PROXY headers, handshakes, connections, limits, drain.
-//! - [`admission`]: the handshake budget and the per-address cap on unfinished handshakes.
+//! - [`admission`]: the handshake budget and per-address cap; paced retries of failed accepts.
 //! - [`proxy_protocol`]: reading PROXY v1/v2 headers.
 //! - [`connection`]: what is known about a client connection, requests in flight.
 //! - [`proxy`]: authority check, header rewrite, streaming forward, error → status.

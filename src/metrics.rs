@@ -147,7 +147,7 @@ impl Metrics {
         let connections_refused = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "connections_refused",
-            "Connections closed at once on accept, by reason (max_handshakes, handshakes_per_address)",
+            "Connections closed at once on accept, by reason (max_handshakes, handshakes_per_address, admin_connections)",
             connections_refused.clone(),
         );
         let reloads = Family::<ResultLabels, Counter>::default();

@@ -27,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::{timeout_at, Instant};
 
-use crate::admission::{Handshake, Handshakes, Refusal};
+use crate::admission::{AcceptFailures, Handshake, Handshakes, Refusal};
 use crate::config::{Config, Limits};
 use crate::connection::{ConnInfo, Quiet, Resumable, StreamExecutor, WriteDeadline};
 use crate::host::HostName;
@@ -37,9 +37,6 @@ use crate::reload::{Active, Live};
 use crate::tls_stream::{Hello, TlsStream};
 use crate::upstream::{self, Upstream};
 use crate::{acme, admin, proxy_protocol, tls};
-
-/// Pause after a failed accept (e.g. EMFILE) before trying again.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The bound listening sockets.
 pub struct Listeners {
@@ -110,6 +107,7 @@ pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Ou
     for upstream in &config.upstreams {
         Upstream::new(upstream, &upstream_shared)?;
     }
+    warn_if_descriptors_fall_short(&config.limits);
     let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     // Everything that needs a file descriptor is set up before any worker
     // accepts: once one does, a flood of connections can use them all up.
@@ -192,6 +190,26 @@ pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Ou
     Ok(())
 }
 
+/// Warns when `max_connections`, the upstream cap and the reserve together
+/// need more descriptors than the process may open: a flood would then run
+/// it out of descriptors (EMFILE) before any cap is reached. Only a warning:
+/// the defaults assume a raised limit, and a small test machine still runs.
+fn warn_if_descriptors_fall_short(limits: &Limits) {
+    let Some(available) = crate::config::descriptor_limit() else {
+        return;
+    };
+    let needed = limits.descriptors_needed();
+    if needed > available {
+        tracing::warn!(
+            descriptor_limit = available,
+            needed,
+            max_connections = limits.max_connections,
+            upstream_connections = limits.upstream_connections(),
+            "limits.max_connections plus the upstream connections and the descriptors kept in reserve exceed the open-file limit: raise it (ulimit -n, systemd LimitNOFILE) or lower limits.max_connections"
+        );
+    }
+}
+
 /// Aborts a background task when dropped (also when `run` is cancelled).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -218,6 +236,7 @@ async fn worker(shared: Arc<Shared>, https: std::net::TcpListener, http: Option<
     let (open, mut drained) = mpsc::channel::<()>(1);
     let proxies = Arc::new(ProxyCache::new(shared.live.clone(), shared.upstream.clone()));
     let mut stopping = shared.stopping.clone();
+    let mut failures = AcceptFailures::default();
     loop {
         let permit = tokio::select! {
             _ = stopping.wait_for(|s| *s) => break,
@@ -234,8 +253,7 @@ async fn worker(shared: Arc<Shared>, https: std::net::TcpListener, http: Option<
         let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed; retrying shortly");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                failures.failed(&e, "accept failed; retrying shortly").await;
                 continue;
             }
         };

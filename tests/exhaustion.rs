@@ -1,7 +1,7 @@
 //! Resource exhaustion, against the real binary: thousands of idle and
 //! half-open connections, one address stalling handshakes, running out of
-//! file descriptors. Memory stays bounded, legitimate requests keep being
-//! served, nothing aborts.
+//! file descriptors, a flood of admin connections. Memory stays bounded,
+//! legitimate requests keep being served, nothing aborts.
 
 mod common;
 
@@ -295,4 +295,77 @@ async fn one_address_stalling_handshakes_does_not_lock_out_other_clients() {
         refused >= ATTACKER_SOCKETS as f64,
         "stalled connections over the per-address cap were refused and counted: {refused}"
     );
+}
+
+/// Admin connections held at once (`linkgate::admin::ADMIN_CONNECTIONS`).
+const ADMIN_CAP: usize = 16;
+
+/// With 128 descriptors, 200 idle connections to the admin port: at most 16
+/// are kept, the others closed as they are accepted (within 2 s) and
+/// counted, so an https request through the proxy is served while the flood
+/// stands (within 3 s, before the flood's 5 s admin head timeout could free
+/// anything), and once
+/// the flood is closed /readyz answers on a new admin connection. (The
+/// flood's 16 are not told apart from a health checker's: while it stands a
+/// new admin connection is refused too.) Before, the admin listener took
+/// every descriptor and the https listener could accept nothing.
+#[tokio::test]
+async fn a_flood_of_admin_connections_leaves_the_proxy_its_descriptors() {
+    const FLOOD: usize = 200;
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let up = StandIn::plain().await;
+    // Four upstream connections are plenty here; derived from 128
+    // descriptors the cap would be 1, which two workers' pools share badly.
+    let limits = "max_upstream_connections = 4\n";
+    let lg = Process::start_with_fd_limit(&config(dir.path(), &up, limits), 128);
+    assert_eq!(legit_request(&pki, lg.https).await, 200);
+
+    let mut flood = Vec::with_capacity(FLOOD);
+    for _ in 0..FLOOD {
+        flood.push(
+            TcpStream::connect(lg.admin)
+                .await
+                .expect("connect (the kernel queues it)"),
+        );
+    }
+    // Within 2 s, before the admin head timeout (5 s) closes anything.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut closed = 0;
+    for s in &mut flood {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if closed_by_server(s, left.max(Duration::from_millis(1))).await {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= FLOOD - ADMIN_CAP,
+        "admin connections over the cap are closed at once: {closed} of {FLOOD}"
+    );
+    let served = tokio::time::timeout(Duration::from_secs(3), try_request(&pki, lg.https)).await;
+    assert!(
+        matches!(served, Ok(Ok(200))),
+        "an https request while the admin flood stands: {served:?}"
+    );
+
+    drop(flood);
+    let readyz = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("client");
+    let url = format!("http://{}/readyz", lg.admin);
+    wait_for("/readyz on a new admin connection", async || {
+        readyz.get(&url).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let refused = metric(
+        lg.admin,
+        "linkgate_connections_refused_total{reason=\"admin_connections\"}",
+    )
+    .await
+    .unwrap_or(0.0);
+    assert!(refused >= (FLOOD - ADMIN_CAP) as f64, "counted: {refused}");
+    assert_eq!(legit_request(&pki, lg.https).await, 200);
 }

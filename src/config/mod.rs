@@ -152,7 +152,8 @@ pub struct Limits {
 }
 
 /// Descriptors kept back from the upstream cap for accepting, the admin
-/// listener, log and config files, file watches and ACME storage.
+/// listener (at most [`crate::admin::ADMIN_CONNECTIONS`] connections), log
+/// and config files, file watches and ACME storage.
 const DESCRIPTOR_RESERVE: u64 = 256;
 
 impl Limits {
@@ -164,6 +165,12 @@ impl Limits {
         let derived = descriptor_limit().map_or(4096, |n| n.saturating_sub(DESCRIPTOR_RESERVE) / 2);
         let n = self.max_upstream_connections.map_or(derived, u64::from);
         usize::try_from(n.max(1)).unwrap_or(usize::MAX)
+    }
+
+    /// Descriptors the process may need at once: a connection per
+    /// `max_connections`, the upstream connections, and the reserve.
+    pub fn descriptors_needed(&self) -> u64 {
+        u64::from(self.max_connections) + self.upstream_connections() as u64 + DESCRIPTOR_RESERVE
     }
 }
 
