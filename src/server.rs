@@ -419,7 +419,9 @@ async fn connection(
         return;
     }
     let established = Box::pin(tls_handshake(&proxy.active, &shared.live, stream, client, deadline)).await;
-    handshake.finish();
+    // Over, whatever the outcome: its slots are free for others (and it is
+    // not kept in the state of a connection that may stay open for long).
+    drop(handshake);
     let Some((tls, host)) = established else {
         return;
     };
