@@ -1,6 +1,10 @@
 //! The admin listener: `/healthz` (the process runs), `/readyz` (listeners
 //! up and configuration loaded; 503 while draining) and `/metrics`
 //! (Prometheus text format). Keep it on a private address.
+//!
+//! At most [`ADMIN_CONNECTIONS`] admin connections are open at once; more are
+//! closed as soon as they are accepted, so a flood of admin connections
+//! cannot take the descriptors the proxy's own listeners need.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -15,22 +19,36 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
+use crate::admission::AcceptFailures;
 use crate::reload::Live;
+
+/// Admin connections open at once, at most: a prober, a scraper and an
+/// operator need a few; the descriptor reserve of the data path is counted
+/// with this many.
+pub const ADMIN_CONNECTIONS: usize = 16;
 
 /// Serves the admin endpoints until the task is dropped.
 pub async fn serve(listener: TcpListener, live: Arc<Live>) {
+    let slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
+    let mut failures = AcceptFailures::default();
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                failures.failed(&e, "admin accept failed").await;
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            live.metrics.refused("admin_connections");
+            tracing::debug!(peer = %peer, "admin connection refused: {ADMIN_CONNECTIONS} already open");
+            continue;
+        };
         let live = live.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| {
                 let live = live.clone();
                 async move { Ok::<_, Infallible>(answer(&live, &req)) }

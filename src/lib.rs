@@ -14,6 +14,7 @@
 //! - [`doctor`]: `linkgate doctor`, DNS and HTTPS probes from the outside.
 //! - [`reload`]: the live configuration, SIGHUP and file-watch reloads.
 //! - [`server`]: listeners, PROXY headers, handshakes, connections, limits, drain.
+//! - [`admission`]: the handshake budget and per-address cap; paced retries of failed accepts.
 //! - [`proxy_protocol`]: reading PROXY v1/v2 headers.
 //! - [`connection`]: what is known about a client connection, requests in flight.
 //! - [`proxy`]: authority check, header rewrite, streaming forward, error → status.
@@ -34,6 +35,7 @@
 pub mod access;
 pub mod acme;
 pub mod admin;
+pub mod admission;
 pub mod check;
 pub mod config;
 pub mod connection;

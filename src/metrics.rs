@@ -28,6 +28,11 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HostLabels {
     pub host: String,
 }
@@ -74,6 +79,7 @@ pub struct Metrics {
     pub upstream_address_failures: Counter,
     pub handshakes: Family<ResultLabels, Counter>,
     pub open_connections: Gauge,
+    pub connections_refused: Family<ReasonLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
     pub cert_expiry: Family<HostLabels, Gauge>,
     pub acme_certificates: Family<AcmeLabels, Counter>,
@@ -139,6 +145,12 @@ impl Metrics {
             "Client connections open now",
             open_connections.clone(),
         );
+        let connections_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at once on accept, by reason (max_handshakes, handshakes_per_address, admin_connections)",
+            connections_refused.clone(),
+        );
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register("config_reloads", "Configuration reloads by result", reloads.clone());
         let cert_expiry = Family::<HostLabels, Gauge>::default();
@@ -188,6 +200,7 @@ impl Metrics {
             upstream_address_failures,
             handshakes,
             open_connections,
+            connections_refused,
             reloads,
             cert_expiry,
             acme_certificates,
@@ -200,6 +213,11 @@ impl Metrics {
     /// Counts a TLS handshake outcome.
     pub fn handshake(&self, result: &'static str) {
         self.handshakes.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Counts a connection closed on accept, and why.
+    pub fn refused(&self, reason: &'static str) {
+        self.connections_refused.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     /// Counts a reload outcome.

@@ -27,6 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::{timeout_at, Instant};
 
+use crate::admission::{AcceptFailures, Handshake, Handshakes, Refusal};
 use crate::config::{Config, Limits};
 use crate::connection::{ConnInfo, Quiet, Resumable, StreamExecutor, WriteDeadline};
 use crate::host::HostName;
@@ -36,9 +37,6 @@ use crate::reload::{Active, Live};
 use crate::tls_stream::{Hello, TlsStream};
 use crate::upstream::{self, Upstream};
 use crate::{acme, admin, proxy_protocol, tls};
-
-/// Pause after a failed accept (e.g. EMFILE) before trying again.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The bound listening sockets.
 pub struct Listeners {
@@ -91,6 +89,8 @@ struct Shared {
     upstream: upstream::Shared,
     /// `limits.max_connections`, across all workers; a permit per open connection.
     connections: Arc<Semaphore>,
+    /// Connections not yet through their handshake, in total and per address.
+    handshakes: Arc<Handshakes>,
     /// Becomes true when the workers must stop accepting and drain.
     stopping: watch::Receiver<bool>,
 }
@@ -107,6 +107,7 @@ pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Ou
     for upstream in &config.upstreams {
         Upstream::new(upstream, &upstream_shared)?;
     }
+    warn_if_descriptors_fall_short(&config.limits);
     let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     // Everything that needs a file descriptor is set up before any worker
     // accepts: once one does, a flood of connections can use them all up.
@@ -135,6 +136,7 @@ pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Ou
         live: live.clone(),
         upstream: upstream_shared,
         connections: Arc::new(Semaphore::new(config.limits.max_connections as usize)),
+        handshakes: Handshakes::new(),
         stopping,
     });
     // Certificates for `acme = true` hosts; stops with this function.
@@ -188,6 +190,26 @@ pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Ou
     Ok(())
 }
 
+/// Warns when `max_connections`, the upstream cap and the reserve together
+/// need more descriptors than the process may open: a flood would then run
+/// it out of descriptors (EMFILE) before any cap is reached. Only a warning:
+/// the defaults assume a raised limit, and a small test machine still runs.
+fn warn_if_descriptors_fall_short(limits: &Limits) {
+    let Some(available) = crate::config::descriptor_limit() else {
+        return;
+    };
+    let needed = limits.descriptors_needed();
+    if needed > available {
+        tracing::warn!(
+            descriptor_limit = available,
+            needed,
+            max_connections = limits.max_connections,
+            upstream_connections = limits.upstream_connections(),
+            "limits.max_connections plus the upstream connections and the descriptors kept in reserve exceed the open-file limit: raise it (ulimit -n, systemd LimitNOFILE) or lower limits.max_connections"
+        );
+    }
+}
+
 /// Aborts a background task when dropped (also when `run` is cancelled).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -214,6 +236,7 @@ async fn worker(shared: Arc<Shared>, https: std::net::TcpListener, http: Option<
     let (open, mut drained) = mpsc::channel::<()>(1);
     let proxies = Arc::new(ProxyCache::new(shared.live.clone(), shared.upstream.clone()));
     let mut stopping = shared.stopping.clone();
+    let mut failures = AcceptFailures::default();
     loop {
         let permit = tokio::select! {
             _ = stopping.wait_for(|s| *s) => break,
@@ -230,19 +253,27 @@ async fn worker(shared: Arc<Shared>, https: std::net::TcpListener, http: Option<
         let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed; retrying shortly");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                failures.failed(&e, "accept failed; retrying shortly").await;
                 continue;
             }
         };
         let Some(current) = proxies.current() else {
             continue;
         };
+        // Closed at once (no TLS alert) when the handshake budget is spent.
+        let handshake = match admit(&shared.handshakes, &current.active.config, peer) {
+            Ok(h) => h,
+            Err(refusal) => {
+                shared.live.metrics.refused(refusal.reason());
+                tracing::debug!(peer = %peer, reason = refusal.reason(), "connection refused before its handshake");
+                continue;
+            }
+        };
         let (open, shared, proxies) = (open.clone(), shared.clone(), proxies.clone());
         tokio::spawn(async move {
             let metrics = &shared.live.metrics;
             metrics.open_connections.inc();
-            connection(&shared, current, proxies, stream, peer, is_tls).await;
+            connection(&shared, current, proxies, stream, peer, is_tls, handshake).await;
             metrics.open_connections.dec();
             drop(permit);
             drop(open);
@@ -320,7 +351,22 @@ async fn accept_optional(listener: Option<&TcpListener>) -> io::Result<(TcpStrea
     }
 }
 
-/// One client connection, from accept to close.
+/// A slot in the handshake budget for a connection just accepted from
+/// `peer`, counted against its address too when that is the client's (no
+/// PROXY protocol; not a trusted proxy relaying many clients). Taken in the
+/// accept loop, without a pause between the two, so that connections about
+/// to be refused for their address never hold the budget meanwhile.
+fn admit(handshakes: &Arc<Handshakes>, config: &Config, peer: SocketAddr) -> Result<Handshake, Refusal> {
+    let handshake = handshakes.begin(config.limits.max_handshakes)?;
+    if !config.listen.proxy_protocol && !config.listen.is_trusted(peer.ip()) {
+        handshake.claim_address(peer.ip(), config.limits.handshakes_per_address)?;
+    }
+    Ok(handshake)
+}
+
+/// One client connection, from accept to close. `handshake` is its slot in
+/// the handshake budget, given back once the TLS handshake is over (on plain
+/// http, once its first request head has been read).
 async fn connection(
     shared: &Shared,
     proxy: Arc<Proxy>,
@@ -328,6 +374,7 @@ async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
     is_tls: bool,
+    handshake: Handshake,
 ) {
     let _ = stream.set_nodelay(true);
     let listen = &proxy.active.config.listen;
@@ -341,7 +388,17 @@ async fn connection(
             return;
         }
         match timeout_at(deadline, proxy_protocol::read_header(&mut stream)).await {
-            Ok(Ok(Some(addr))) => client = addr,
+            Ok(Ok(Some(addr))) => {
+                client = addr;
+                // Now the client's address is known: its handshakes are
+                // counted together (never the balancer's own, which a
+                // v2 LOCAL health check keeps).
+                if let Err(refusal) = handshake.claim_address(addr.ip(), limits.handshakes_per_address) {
+                    shared.live.metrics.refused(refusal.reason());
+                    tracing::debug!(client = %client, reason = refusal.reason(), "connection refused before its handshake");
+                    return;
+                }
+            }
             Ok(Ok(None)) => {}
             Ok(Err(e)) => {
                 tracing::debug!(peer = %peer, error = %e, "connection dropped: bad PROXY header");
@@ -357,10 +414,15 @@ async fn connection(
     let stopping = shared.stopping.clone();
     if !is_tls {
         let info = ConnInfo::new(client, None, keep_forwarded, None);
-        serve(proxy, proxies, stream, info, Protocol::Http1, stopping).await;
+        let pending = Some(Arc::new(handshake));
+        serve(proxy, proxies, stream, info, Protocol::Http1, stopping, pending).await;
         return;
     }
-    let Some((tls, host)) = Box::pin(handshake(&proxy.active, &shared.live, stream, client, deadline)).await else {
+    let established = Box::pin(tls_handshake(&proxy.active, &shared.live, stream, client, deadline)).await;
+    // Over, whatever the outcome: its slots are free for others (and it is
+    // not kept in the state of a connection that may stay open for long).
+    drop(handshake);
+    let Some((tls, host)) = established else {
         return;
     };
     let protocol = if tls.alpn_protocol() == Some(b"h2") {
@@ -374,12 +436,12 @@ async fn connection(
         _ => None,
     };
     let info = ConnInfo::new(client, Some(host), keep_forwarded, version);
-    serve(proxy, proxies, tls, info, protocol, stopping).await;
+    serve(proxy, proxies, tls, info, protocol, stopping, None).await;
 }
 
 /// Runs the TLS handshake. A ClientHello without SNI or naming a host we do
 /// not serve gets an `unrecognized_name` alert and the connection is closed.
-async fn handshake(
+async fn tls_handshake(
     active: &Active,
     live: &Live,
     stream: TcpStream,
@@ -506,7 +568,9 @@ enum Protocol {
 }
 
 /// Serves HTTP on one established connection until it closes, is idle for
-/// `limits.idle_timeout`, or the server drains.
+/// `limits.idle_timeout`, or the server drains. `pending`: a plain-http
+/// connection's handshake slot, given back when its first request head has
+/// been read.
 async fn serve<IO>(
     proxy: Arc<Proxy>,
     proxies: Arc<ProxyCache>,
@@ -514,6 +578,7 @@ async fn serve<IO>(
     info: ConnInfo,
     protocol: Protocol,
     stopping: watch::Receiver<bool>,
+    pending: Option<Arc<Handshake>>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -525,6 +590,9 @@ async fn serve<IO>(
     let service = {
         let (fallback, info) = (proxy.clone(), info.clone());
         service_fn(move |req| {
+            if let Some(handshake) = &pending {
+                handshake.finish();
+            }
             let proxy = proxies.current().unwrap_or_else(|| fallback.clone());
             proxy.handle(info.clone(), req)
         })
@@ -861,7 +929,7 @@ mod tests {
                 let proxy = proxies.current().expect("proxy");
                 let (mut client, server) = tokio::io::duplex(4096);
                 let info = ConnInfo::new("127.0.0.1:40000".parse().expect("addr"), None, false, None);
-                let served = tokio::spawn(serve(proxy, proxies, server, info, Protocol::Http1, stopping));
+                let served = tokio::spawn(serve(proxy, proxies, server, info, Protocol::Http1, stopping, None));
                 let requests = format!(
                     "GET /big?n={n} HTTP/1.1\r\nHost: a.example.test\r\n\r\n\
                      GET /refused HTTP/1.1\r\nHost: not-served.example.test\r\n\r\n\

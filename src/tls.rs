@@ -243,8 +243,9 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// Builds the listener's TLS configuration: TLS 1.3 and 1.2 only, ALPN h2
-/// and http/1.1, certificates chosen by `resolver`, stateless session tickets
+/// Builds the listener's TLS configuration: TLS 1.3 and 1.2 only, ALPN h2,
+/// http/1.1 and http/1.0 (served by the HTTP/1 path, which answers 1.0
+/// requests as 1.1 servers do), certificates chosen by `resolver`, stateless session tickets
 /// plus an in-memory session cache for resumption.
 ///
 /// The ticketer and session cache are passed in so that one pair serves the
@@ -258,7 +259,8 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // In our order of preference; only `h2` selects HTTP/2 (server::connection).
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
     // Our suite order (all AEAD with forward secrecy, see `server_provider`), not the client's.
     config.ignore_client_order = true;
     config.ticketer = ticketer;

@@ -1,10 +1,12 @@
 //! Resource exhaustion, against the real binary: thousands of idle and
-//! half-open connections, and running out of file descriptors. Memory stays
-//! bounded, legitimate requests keep being served, nothing aborts.
+//! half-open connections, one address stalling handshakes, running out of
+//! file descriptors, a flood of admin connections. Memory stays bounded,
+//! legitimate requests keep being served, nothing aborts.
 
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +23,7 @@ fn config(dir: &std::path::Path, up: &StandIn, limits: &str) -> std::path::PathB
     std::fs::write(
         &path,
         format!(
-            "{}{}[log]\nformat = \"json\"\naccess = false\n[limits]\n{limits}{}",
+            "{}{}[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\naccess = false\n[limits]\n{limits}{}",
             listen_section(),
             plain_upstream(up),
             host_section(CLICK, "click")
@@ -61,7 +63,9 @@ async fn thousands_of_idle_and_half_open_connections_stay_bounded() {
     let lg = Process::start(&config(
         dir.path(),
         &up,
-        "handshake_timeout = \"3s\"\nidle_timeout = \"120s\"\n",
+        // All from one address: what a half-open connection costs is
+        // measured here, not the per-address cap.
+        "handshake_timeout = \"3s\"\nidle_timeout = \"120s\"\nhandshakes_per_address = 5000\n",
     ));
     assert_eq!(legit_request(&pki, lg.https).await, 200);
     let baseline = lg.rss_bytes();
@@ -170,4 +174,198 @@ async fn running_out_of_file_descriptors_backs_off_and_recovers() {
     }
     assert_eq!(status, 200, "served again after the descriptors were freed");
     assert!(lg.child.try_wait().expect("try_wait").is_none(), "still running");
+}
+
+/// The value of the metric line starting with `line_start`, from the admin listener.
+async fn metric(admin: SocketAddr, line_start: &str) -> Option<f64> {
+    let text = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(HANG_GUARD)
+        .build()
+        .ok()?
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// One address (127.0.0.2) keeps far more silent TCP connections open than
+/// `max_connections`, each a new one as soon as linkgate closes the last
+/// (at `handshake_timeout`, or at once when refused): with the handshake
+/// budget and the per-address cap at their defaults for 50 connections
+/// (12 and 3), a client that was already connected and new clients from
+/// 127.0.0.1 all get their answers while it does. Before, the stalled
+/// sockets took every slot, and new clients waited in the backlog behind
+/// them for several handshake timeouts.
+#[tokio::test]
+async fn one_address_stalling_handshakes_does_not_lock_out_other_clients() {
+    const ATTACKER_SOCKETS: usize = 300;
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let up = StandIn::plain().await;
+    let lg = Process::start(&config(
+        dir.path(),
+        &up,
+        "max_connections = 50\nhandshake_timeout = \"2s\"\n",
+    ));
+    // Connected before the attack, kept alive throughout.
+    let established = reqwest::Client::builder()
+        .tls_backend_preconfigured(client_tls(&pki, &[b"http/1.1"]))
+        .no_proxy()
+        .resolve(CLICK, lg.https)
+        .timeout(HANG_GUARD)
+        .build()
+        .expect("client");
+    let url = format!("https://{CLICK}:{}/kept", lg.https.port());
+    assert_eq!(established.get(&url).send().await.expect("before").status(), 200);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let connects = Arc::new(AtomicUsize::new(0));
+    let mut attackers = Vec::new();
+    for _ in 0..ATTACKER_SOCKETS {
+        let (stop, connects, https) = (stop.clone(), connects.clone(), lg.https);
+        attackers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+                socket
+                    .bind("127.0.0.2:0".parse().expect("addr"))
+                    .expect("bind 127.0.0.2");
+                if let Ok(mut s) = socket.connect(https).await {
+                    connects.fetch_add(1, Ordering::Relaxed);
+                    // Silent until linkgate closes it (giving up after
+                    // 3 s, longer than handshake_timeout, to start over).
+                    let _ = closed_by_server(&mut s, Duration::from_secs(3)).await;
+                }
+                // Then a new one, a moment later (so that the flood does not
+                // take the CPU the test itself needs).
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }));
+    }
+    wait_for("every attacker socket to be connected once", async || {
+        connects.load(Ordering::Relaxed) >= ATTACKER_SOCKETS
+    })
+    .await;
+
+    // Over several handshake timeouts, new clients and the established one.
+    let mut served = Vec::new();
+    for _ in 0..8 {
+        // Generous for one request on loopback; before, it waited for several
+        // batches of 50 stalled sockets to be cut at handshake_timeout.
+        served.push(
+            tokio::time::timeout(Duration::from_secs(5), try_request(&pki, lg.https))
+                .await
+                .map_err(|_| "timed out".to_string())
+                .and_then(|r| r.map_err(|e| e.to_string())),
+        );
+        served.push(
+            established
+                .get(&url)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .map_err(|e| e.to_string()),
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let made = connects.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    for a in attackers {
+        a.await.expect("attacker task");
+    }
+    eprintln!("attacker connections made: {made}; answers: {served:?}");
+    assert!(served.iter().all(|r| *r == Ok(200)), "{served:?}");
+    assert!(made > ATTACKER_SOCKETS * 2, "the attacker kept reconnecting: {made}");
+    let refused = metric(
+        lg.admin,
+        "linkgate_connections_refused_total{reason=\"handshakes_per_address\"}",
+    )
+    .await
+    .unwrap_or(0.0);
+    eprintln!("refused for their address: {refused}");
+    assert!(
+        refused >= ATTACKER_SOCKETS as f64,
+        "stalled connections over the per-address cap were refused and counted: {refused}"
+    );
+}
+
+/// Admin connections held at once (`linkgate::admin::ADMIN_CONNECTIONS`).
+const ADMIN_CAP: usize = 16;
+
+/// With 128 descriptors, 200 idle connections to the admin port: at most 16
+/// are kept, the others closed as they are accepted (within 2 s) and
+/// counted, so an https request through the proxy is served while the flood
+/// stands (within 3 s, before the flood's 5 s admin head timeout could free
+/// anything), and once
+/// the flood is closed /readyz answers on a new admin connection. (The
+/// flood's 16 are not told apart from a health checker's: while it stands a
+/// new admin connection is refused too.) Before, the admin listener took
+/// every descriptor and the https listener could accept nothing.
+#[tokio::test]
+async fn a_flood_of_admin_connections_leaves_the_proxy_its_descriptors() {
+    const FLOOD: usize = 200;
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let up = StandIn::plain().await;
+    // Four upstream connections are plenty here; derived from 128
+    // descriptors the cap would be 1, which two workers' pools share badly.
+    let limits = "max_upstream_connections = 4\n";
+    let lg = Process::start_with_fd_limit(&config(dir.path(), &up, limits), 128);
+    assert_eq!(legit_request(&pki, lg.https).await, 200);
+
+    let mut flood = Vec::with_capacity(FLOOD);
+    for _ in 0..FLOOD {
+        flood.push(
+            TcpStream::connect(lg.admin)
+                .await
+                .expect("connect (the kernel queues it)"),
+        );
+    }
+    // Within 2 s, before the admin head timeout (5 s) closes anything.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut closed = 0;
+    for s in &mut flood {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if closed_by_server(s, left.max(Duration::from_millis(1))).await {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= FLOOD - ADMIN_CAP,
+        "admin connections over the cap are closed at once: {closed} of {FLOOD}"
+    );
+    let served = tokio::time::timeout(Duration::from_secs(3), try_request(&pki, lg.https)).await;
+    assert!(
+        matches!(served, Ok(Ok(200))),
+        "an https request while the admin flood stands: {served:?}"
+    );
+
+    drop(flood);
+    let readyz = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("client");
+    let url = format!("http://{}/readyz", lg.admin);
+    wait_for("/readyz on a new admin connection", async || {
+        readyz.get(&url).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let refused = metric(
+        lg.admin,
+        "linkgate_connections_refused_total{reason=\"admin_connections\"}",
+    )
+    .await
+    .unwrap_or(0.0);
+    assert!(refused >= (FLOOD - ADMIN_CAP) as f64, "counted: {refused}");
+    assert_eq!(legit_request(&pki, lg.https).await, 200);
 }

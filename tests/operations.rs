@@ -385,7 +385,10 @@ async fn connections_above_the_cap_wait_and_existing_ones_are_unharmed() {
     let pki = Pki::new();
     pki.write_leaf(dir.path(), "click", &[CLICK]);
     let up = StandIn::plain().await;
-    let lg = Linkgate::start(dir.path(), &limits_config(&up, "max_connections = 2\n")).await;
+    // a and b are both connected before either sends its request, so both
+    // are in their pre-request phase at once: the handshake budgets allow it.
+    let limits = "max_connections = 2\nmax_handshakes = 2\nhandshakes_per_address = 2\n";
+    let lg = Linkgate::start(dir.path(), &limits_config(&up, limits)).await;
     let http = lg.http.expect("http");
     let request = format!("GET /ok HTTP/1.1\r\nHost: {CLICK}\r\n\r\n");
     let mut a = tokio::net::TcpStream::connect(http).await.expect("a");
@@ -852,4 +855,155 @@ async fn reload_logs_the_hosts_added_and_removed() {
     assert_eq!(line["added"], "[\"url1.example.test\"]", "{line}");
     assert_eq!(line["removed"], "[]", "{line}");
     assert_eq!(line["hosts"], 3, "{line}");
+}
+
+/// How many of `conns` the server closes within `within` (all together).
+async fn closed_within(conns: &mut [tokio::net::TcpStream], within: Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut closed = 0;
+    for s in conns {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if closed_by_server(s, left.max(Duration::from_millis(1))).await {
+            closed += 1;
+        }
+    }
+    closed
+}
+
+/// Behind PROXY protocol the cap on unfinished handshakes per address
+/// (here 3: the default for `max_connections = 50`) applies to the address
+/// each header carries, never to the balancer's own: a fourth silent
+/// connection for 203.0.113.7 is closed at once, while one for another
+/// client, through the same balancer address, is served, and so is a v2
+/// `LOCAL` health check (the balancer's own connection).
+#[tokio::test]
+async fn behind_proxy_protocol_unfinished_handshakes_are_capped_per_client_not_per_balancer() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let up = StandIn::plain().await;
+    let toml = format!(
+        "[listen]\nhttps = \"127.0.0.1:0\"\nproxy_protocol = true\ntrusted_proxies = [\"127.0.0.0/8\"]\n{}{}[admin]\nlisten = \"127.0.0.1:0\"\n[limits]\nmax_connections = 50\n",
+        plain_upstream(&up),
+        host_section(CLICK, "click")
+    );
+    let lg = Linkgate::start(dir.path(), &toml).await;
+    let stalled = b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 443\r\n";
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut tcp = tokio::net::TcpStream::connect(lg.https).await.expect("connect");
+        tcp.write_all(stalled).await.expect("header");
+        held.push(tcp);
+    }
+    // handshake_timeout is 10 s: within 2 s only a refusal closes one.
+    assert_eq!(
+        closed_within(&mut held, Duration::from_secs(2)).await,
+        1,
+        "one over the cap of 3"
+    );
+
+    let other = b"PROXY TCP4 198.51.100.20 10.0.0.1 40001 443\r\n";
+    let resp = via_proxy_header(&pki, lg.https, other, "")
+        .await
+        .expect("another client");
+    assert_eq!(status_of(&resp), 200, "{resp}");
+    let local = ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Local,
+        ppp::v2::Protocol::Unspecified,
+        ppp::v2::Addresses::Unspecified,
+    )
+    .build()
+    .expect("v2 LOCAL header");
+    let resp = via_proxy_header(&pki, lg.https, &local, "")
+        .await
+        .expect("health check");
+    assert_eq!(status_of(&resp), 200, "{resp}");
+    assert!(
+        via_proxy_header(&pki, lg.https, stalled, "").await.is_err(),
+        "203.0.113.7 still has 3 stalled: refused"
+    );
+    assert_eq!(
+        metric(
+            &lg,
+            "linkgate_connections_refused_total{reason=\"handshakes_per_address\"}"
+        )
+        .await,
+        Some(2.0)
+    );
+    // Once its stalled connections are gone, 203.0.113.7 is served again.
+    drop(held);
+    wait_for("203.0.113.7 served again", async || {
+        via_proxy_header(&pki, lg.https, stalled, "")
+            .await
+            .is_ok_and(|r| status_of(&r) == 200)
+    })
+    .await;
+    lg.stop().await;
+}
+
+/// On the plain-http listener a connection counts as unfinished until its
+/// first request head has been read: a fourth silent connection from one
+/// address (cap 3 for `max_connections = 50`) is closed at once, others'
+/// requests are served, and a connection that has sent its request stops
+/// counting.
+#[tokio::test]
+async fn plain_http_connections_count_as_unfinished_until_their_first_request_head() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let up = StandIn::plain().await;
+    let lg = Linkgate::start(dir.path(), &limits_config(&up, "max_connections = 50\n")).await;
+    let http = lg.http.expect("http");
+    let from_2 = || async {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.2:0".parse().expect("addr"))
+            .expect("bind 127.0.0.2");
+        socket.connect(http).await.expect("connect")
+    };
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(from_2().await);
+    }
+    assert_eq!(
+        closed_within(&mut silent, Duration::from_secs(2)).await,
+        1,
+        "one over the cap of 3"
+    );
+    let request = format!("GET /ok HTTP/1.1\r\nHost: {CLICK}\r\n\r\n");
+    let resp = raw_plain(
+        http,
+        format!("GET /other HTTP/1.1\r\nHost: {CLICK}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("from 127.0.0.1");
+    assert_eq!(status_of(&resp), 200, "{resp}");
+    // One of the silent ones sends its request: it no longer counts, so a
+    // new connection from 127.0.0.2 is admitted (and stays open).
+    let mut buf = vec![0u8; 1024];
+    let mut sent = None;
+    for (i, s) in silent.iter_mut().enumerate() {
+        if s.write_all(request.as_bytes()).await.is_ok() {
+            if let Ok(Ok(n)) = tokio::time::timeout(HANG_GUARD, s.read(&mut buf)).await {
+                if n > 0 {
+                    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+                    sent = Some(i);
+                    break;
+                }
+            }
+        }
+    }
+    assert!(sent.is_some(), "an admitted connection is served");
+    let mut another = vec![from_2().await];
+    assert_eq!(closed_within(&mut another, Duration::from_secs(1)).await, 0, "admitted");
+    assert_eq!(
+        metric(
+            &lg,
+            "linkgate_connections_refused_total{reason=\"handshakes_per_address\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+    drop((silent, another));
+    lg.stop().await;
 }

@@ -267,3 +267,34 @@ async fn server_prefers_aes_128_gcm_whatever_the_client_asks_first() {
     );
     lg.stop().await;
 }
+
+/// A client offering only ALPN `http/1.0` (old HTTP libraries, some mail
+/// scanners) is not refused with `no_application_protocol`: it gets
+/// `http/1.0`, and its HTTP/1.0 request is answered by the upstream.
+#[tokio::test]
+async fn a_client_offering_only_alpn_http_1_0_is_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_dir, pki, up, lg) = serve_click("").await;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_tls(&pki, &[b"http/1.0"])));
+    let tcp = tokio::net::TcpStream::connect(lg.https).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from(CLICK).expect("name");
+    let mut tls = connector.connect(name, tcp).await.expect("the handshake succeeds");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.0"[..]));
+    tls.write_all(format!("GET /wf/open?upn=old HTTP/1.0\r\nHost: {CLICK}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    // The answer ends the connection (HTTP/1.0 without keep-alive).
+    let _ = tokio::time::timeout(HANG_GUARD, tls.read_to_end(&mut out)).await;
+    drop(tls);
+    let answer = String::from_utf8_lossy(&out);
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    assert!(
+        answer.contains("x-upstream: stand-in") && answer.ends_with("ok"),
+        "{answer}"
+    );
+    let got = up.received();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].target, "/wf/open?upn=old");
+    lg.stop().await;
+}

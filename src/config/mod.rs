@@ -131,6 +131,13 @@ pub struct Limits {
     /// A connection with no request in flight for this long is closed.
     pub idle_timeout: Duration,
     pub max_connections: u32,
+    /// Connections accepted and not yet through their handshake (PROXY
+    /// header and TLS; on plain http, until their first request head), at
+    /// most this many at once; more are closed at once.
+    pub max_handshakes: u32,
+    /// Unfinished handshakes from one client address (the PROXY header's,
+    /// when there is one; an IPv6 /64), at most this many at once.
+    pub handshakes_per_address: u32,
     /// Request heads above this answer 431.
     pub max_header_bytes: usize,
     /// Request bodies above this answer 413.
@@ -145,7 +152,8 @@ pub struct Limits {
 }
 
 /// Descriptors kept back from the upstream cap for accepting, the admin
-/// listener, log and config files, file watches and ACME storage.
+/// listener (at most [`crate::admin::ADMIN_CONNECTIONS`] connections), log
+/// and config files, file watches and ACME storage.
 const DESCRIPTOR_RESERVE: u64 = 256;
 
 impl Limits {
@@ -157,6 +165,12 @@ impl Limits {
         let derived = descriptor_limit().map_or(4096, |n| n.saturating_sub(DESCRIPTOR_RESERVE) / 2);
         let n = self.max_upstream_connections.map_or(derived, u64::from);
         usize::try_from(n.max(1)).unwrap_or(usize::MAX)
+    }
+
+    /// Descriptors the process may need at once: a connection per
+    /// `max_connections`, the upstream connections, and the reserve.
+    pub fn descriptors_needed(&self) -> u64 {
+        u64::from(self.max_connections) + self.upstream_connections() as u64 + DESCRIPTOR_RESERVE
     }
 }
 
@@ -178,6 +192,8 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_connections: 20_000,
+            max_handshakes: 5_000,
+            handshakes_per_address: 256,
             max_header_bytes: 16_384,
             max_request_body: 1 << 20,
             upstream_per_connection: 32,
@@ -924,6 +940,26 @@ fn build_limits(raw: RawLimits) -> Result<Limits, KeyError> {
     if max_connections == 0 {
         return Err(("limits.max_connections", "must be at least 1".into()));
     }
+    // By default a quarter of the connections may be handshaking, and one
+    // address may hold a quarter of those, 256 at most (a handshake lasts
+    // about a round trip: 256 at once is over a thousand new connections a
+    // second from one address, for CGNAT and link scanners).
+    let max_handshakes = raw.max_handshakes.unwrap_or((max_connections / 4).max(1));
+    if !(1..=max_connections).contains(&max_handshakes) {
+        return Err((
+            "limits.max_handshakes",
+            format!("must be between 1 and limits.max_connections ({max_connections})"),
+        ));
+    }
+    let handshakes_per_address = raw
+        .handshakes_per_address
+        .unwrap_or((max_handshakes / 4).clamp(1, d.handshakes_per_address));
+    if !(1..=max_handshakes).contains(&handshakes_per_address) {
+        return Err((
+            "limits.handshakes_per_address",
+            format!("must be between 1 and limits.max_handshakes ({max_handshakes})"),
+        ));
+    }
     let upstream_per_connection = raw.upstream_per_connection.unwrap_or(d.upstream_per_connection);
     if !(1..=1024).contains(&upstream_per_connection) {
         return Err(("limits.upstream_per_connection", "must be between 1 and 1024".into()));
@@ -941,6 +977,8 @@ fn build_limits(raw: RawLimits) -> Result<Limits, KeyError> {
         )?,
         idle_timeout: duration("limits.idle_timeout", raw.idle_timeout, d.idle_timeout)?,
         max_connections,
+        max_handshakes,
+        handshakes_per_address,
         max_header_bytes: max_header_bytes as usize,
         max_request_body: size("limits.max_request_body", raw.max_request_body, d.max_request_body)?,
         upstream_per_connection,
@@ -1139,6 +1177,19 @@ mod operations_tests {
             ("[limits]\nmax_header_bytes = \"1KB\"\n", "limits.max_header_bytes"),
             ("[limits]\nmax_request_body = \"lots\"\n", "limits.max_request_body"),
             ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
+            ("[limits]\nmax_handshakes = 0\n", "limits.max_handshakes"),
+            (
+                "[limits]\nmax_connections = 50\nmax_handshakes = 51\n",
+                "limits.max_handshakes",
+            ),
+            (
+                "[limits]\nhandshakes_per_address = 0\n",
+                "limits.handshakes_per_address",
+            ),
+            (
+                "[limits]\nmax_handshakes = 8\nhandshakes_per_address = 9\n",
+                "limits.handshakes_per_address",
+            ),
             ("[shutdown]\ngrace_period = \"0s\"\n", "shutdown.grace_period"),
             ("[log]\nformat = \"xml\"\n", "log.format"),
             ("[admin]\nlisten = \"localhost\"\n", "admin.listen"),
@@ -1155,5 +1206,23 @@ mod operations_tests {
         }
         let e = load("[listen]\nhttps = \"127.0.0.1:1\"\ntrusted_proxies = [\"10.0.0.0/99\"]\n").expect_err("bad cidr");
         assert!(e.contains("listen.trusted_proxies"), "{e}");
+    }
+
+    #[test]
+    fn handshake_budgets_default_to_fractions_of_max_connections() {
+        let budgets = |limits: &str| {
+            let raw: RawLimits = toml::from_str(limits).expect("toml");
+            let l = build_limits(raw).expect("valid");
+            (l.max_handshakes, l.handshakes_per_address)
+        };
+        assert_eq!(budgets(""), (5_000, 256), "the defaults");
+        assert_eq!(budgets("max_connections = 50\n"), (12, 3));
+        assert_eq!(budgets("max_connections = 2\n"), (1, 1));
+        assert_eq!(budgets("max_handshakes = 100\n"), (100, 25));
+        assert_eq!(
+            budgets("max_connections = 10\nmax_handshakes = 10\nhandshakes_per_address = 10\n"),
+            (10, 10)
+        );
+        assert_eq!(Limits::default(), build_limits(RawLimits::default()).expect("valid"));
     }
 }
