@@ -29,6 +29,9 @@ TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 CONTENDERS = ["linkgate", "nginx", "haproxy", "caddy"]
+# A/B mode (bench/run with BENCH_BASELINE=REV): linkgate against the binary
+# built from REV, nothing else; BENCHMARKS.md is left alone.
+BASELINE_BIN = os.environ.get("BENCH_BASELINE_BIN")
 SCENARIOS = {
     "a": "HTTP/1.1 keep-alive, 64 connections, open pixel",
     "b": "HTTP/2, 64 connections x 10 streams, open pixel",
@@ -108,10 +111,11 @@ def memory(pid, key):
 def start_contender(name, port, upstream_port):
     env = dict(os.environ)
     out = open(RUN / f"{name}.log", "ab")
-    if name == "linkgate":
+    if name in ("linkgate", "baseline"):
         conf = render("linkgate.toml", port, upstream_port, RUN / "linkgate.toml")
         env["RUST_LOG"] = "warn"
-        cmd = [str(ROOT / "target" / "release" / "linkgate"), "serve", "--config", str(conf)]
+        binary = BASELINE_BIN if name == "baseline" else ROOT / "target" / "release" / "linkgate"
+        cmd = [str(binary), "serve", "--config", str(conf)]
     elif name == "nginx":
         conf = render("nginx.conf", port, upstream_port, RUN / "nginx.conf")
         cmd = ["nginx", "-c", str(conf), "-e", str(RUN / "nginx.err")]
@@ -373,6 +377,8 @@ def main():
         wait_port(upstream_port, upstream)
         scenarios = [s for s in os.environ.get("BENCH_SCENARIOS", "abcde")]
         contenders = [c for c in os.environ.get("BENCH_CONTENDERS", ",".join(CONTENDERS)).split(",")]
+        if BASELINE_BIN:
+            contenders = ["linkgate", "baseline"]
         for rnd in range(1, ROUNDS + 1):
             for scenario in scenarios:
                 for name in contenders:
@@ -404,7 +410,7 @@ def main():
                                  f"{r['still_open']} held, {r['rss_per_conn'] / 1024:.1f} KiB/conn"), flush=True)
                     finally:
                         stop(proc)
-        if "linkgate" in contenders and os.environ.get("BENCH_PROFILE", "1") != "0":
+        if "linkgate" in contenders and not BASELINE_BIN and os.environ.get("BENCH_PROFILE", "1") != "0":
             for scenario in [s for s in PROFILED if s in scenarios]:
                 profiles[scenario] = prof = profile(scenario, upstream_port)
                 print(f"profile of linkgate in ({scenario}): "
@@ -412,6 +418,12 @@ def main():
                           prof["groups"].items(), key=lambda kv: -kv[1])[:4])), flush=True)
     finally:
         stop(upstream)
+    if BASELINE_BIN:
+        import report as rep  # noqa: E402 - sibling module
+        text = rep.ab(results, os.environ.get("BENCH_BASELINE", "baseline"), ROUNDS)
+        (BENCH / "ab.md").write_text(text)
+        print(text)
+        return
     report = {"machine": machine(), "versions": versions(), "crypto": crypto_floor(),
               "duration_s": DURATION, "rounds": ROUNDS, "idle_conns": IDLE_CONNS, "results": results,
               "profiles": profiles}

@@ -39,6 +39,28 @@ def per_round(results, scenario, key, peer):
     return med(ratios)
 
 
+def ab(results, baseline, rounds):
+    """The A/B table: this tree's linkgate ÷ the baseline's, per figure, as
+    the median of per-round ratios, with the per-round ratios beside it."""
+    lines = [f"# A/B: this tree's linkgate ÷ linkgate at {baseline}", "",
+             f"{rounds} rounds, the two alternating within each round; median of per-round ratios "
+             "(requests/s: higher is better; CPU, p99, memory: lower is better).", "",
+             "| scenario | figure | ratio | per round |", "|---|---|---:|---|"]
+    for s in sorted({r["scenario"] for r in results}):
+        figures = [("rss_per_conn", "memory per idle connection")] if s == "d" else [
+            ("rps", "requests/s"), ("cpu_per_10k", "CPU per request"), ("p50_ms", "p50 latency"),
+            ("p99_ms", "p99 latency")]
+        for key, label in figures:
+            each = []
+            for rnd in sorted({r["round"] for r in results if r["scenario"] == s}):
+                row = {r["contender"]: r.get(key) for r in results if r["scenario"] == s and r["round"] == rnd}
+                if row.get("linkgate") is not None and row.get("baseline"):
+                    each.append(row["linkgate"] / row["baseline"])
+            lines.append(f"| ({s}) | {label} | {fmt(med(each), '.3f')} | "
+                         + " ".join(fmt(v, '.2f') for v in each) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def fmt(v, spec):
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
