@@ -41,7 +41,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::{header, Method, Response, StatusCode};
 use hyper_util::client::legacy::Client as HyperClient;
@@ -55,11 +54,11 @@ use rustls::ServerConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Acme, Challenge, Config};
+use crate::error::chain;
+use crate::hash::fnv1a;
 use crate::host::HostName;
 use crate::metrics::{AcmeLabels, ChallengeLabels, HostLabels, Metrics};
-use crate::reload::Live;
-use crate::tls;
-use crate::upstream::chain;
+use crate::tls::{self, Slot};
 
 /// The ALPN protocol a TLS-ALPN-01 validation offers (RFC 8737).
 pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
@@ -93,9 +92,6 @@ const CLOCK_SKEW: i64 = 300;
 /// a test CA's 30-second certificates with `renew_before = "25s"` are
 /// renewed 5 s on, as asked.)
 const MIN_TIME_TO_RENEWAL: i64 = 1;
-
-/// The certificate slot of one ACME host: empty until a certificate exists.
-pub type Slot = Arc<ArcSwapOption<CertifiedKey>>;
 
 /// The certificates obtained over ACME, one slot per host. Lives as long as
 /// the process, so a reload keeps serving what was issued.
@@ -564,12 +560,6 @@ fn unix_now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 /// A name for this process in lock files: host name, pid and start time.
 fn owner_id() -> String {
     let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -717,6 +707,15 @@ impl HostState {
     }
 }
 
+/// What storage says about each of `hosts` (name → one line), for `doctor`.
+pub fn describe(storage: &Path, hosts: &[HostName]) -> HashMap<String, String> {
+    let storage = Storage::new(storage);
+    hosts
+        .iter()
+        .map(|host| (host.to_string(), HostState::read(&storage, host).describe()))
+        .collect()
+}
+
 fn fmt_unix(t: i64) -> String {
     httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(t.max(0) as u64))
 }
@@ -725,33 +724,41 @@ fn fmt_unix(t: i64) -> String {
 /// per configured ACME host, added and removed as reloads change the hosts,
 /// and restarted with back-off if one ends while its host is configured (a
 /// host whose task is gone would silently stop renewing).
-pub fn spawn(live: Arc<Live>) -> tokio::task::JoinHandle<()> {
+pub fn spawn(
+    source: Arc<dyn Source>,
+    certificates: Arc<Certificates>,
+    metrics: Arc<Metrics>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let owner: Arc<str> = owner_id().into();
         let mut tasks = Tasks::default();
         let mut generation = None;
         let mut wanted: Vec<HostName> = Vec::new();
         loop {
-            let active = live.load();
-            if generation != Some(active.generation) {
-                generation = Some(active.generation);
-                wanted = match &active.config.acme {
-                    Some(_) => active
-                        .config
-                        .hosts
-                        .iter()
-                        .filter(|h| h.is_acme())
-                        .map(|h| h.name.clone())
-                        .collect(),
-                    None => Vec::new(),
+            let now = source.generation();
+            if generation != Some(now) {
+                generation = Some(now);
+                wanted = if source.settings().is_some() {
+                    source.hosts()
+                } else {
+                    Vec::new()
                 };
                 tasks.0.retain(|host, _| wanted.contains(host));
             }
             for host in &wanted {
                 let supervised = tasks.0.entry(host.clone()).or_default();
-                let ended = supervised.tend(|| tokio::spawn(host_task(live.clone(), host.clone(), owner.clone())));
+                let ended = supervised.tend(|| {
+                    let slot = certificates.slot(host);
+                    tokio::spawn(host_task(
+                        source.clone(),
+                        slot,
+                        metrics.clone(),
+                        host.clone(),
+                        owner.clone(),
+                    ))
+                });
                 if let Some(ended) = ended {
-                    live.metrics
+                    metrics
                         .acme_task_restarts
                         .get_or_create(&HostLabels { host: host.to_string() })
                         .inc();
@@ -839,16 +846,25 @@ fn end_reason(mut task: tokio::task::JoinHandle<()>) -> String {
     }
 }
 
-/// Keeps one host's certificate present and fresh.
-async fn host_task(live: Arc<Live>, host: HostName, owner: Arc<str>) {
-    let slot = live.acme.slot(&host);
-    let metrics = live.metrics.clone();
+/// Where the ACME tasks read the configuration in force (the live
+/// configuration, which reloads replace); looked at every second.
+pub trait Source: Send + Sync + 'static {
+    /// Increases whenever the configuration is replaced.
+    fn generation(&self) -> u64;
+    /// The `[acme]` section in force, if any.
+    fn settings(&self) -> Option<Acme>;
+    /// The `acme = true` hosts in force.
+    fn hosts(&self) -> Vec<HostName>;
+}
+
+/// Keeps one host's certificate present and fresh in `slot`.
+async fn host_task(source: Arc<dyn Source>, slot: Slot, metrics: Arc<Metrics>, host: HostName, owner: Arc<str>) {
     let labels = HostLabels { host: host.to_string() };
     let mut seen_stamp = None;
     let mut stored: Option<Arc<Stored>> = None;
     let mut told_missing = false;
     loop {
-        let Some(settings) = live.load().config.acme.clone() else {
+        let Some(settings) = source.settings() else {
             return;
         };
         let storage = Storage::new(&settings.storage);

@@ -30,7 +30,7 @@ impl StaticFile {
             .and_then(|m| m.modified())
             .unwrap_or(SystemTime::UNIX_EPOCH);
         // Content-derived, so replicas serving the same file agree on it.
-        let etag = format!("\"{:016x}\"", fnv1a(&body));
+        let etag = format!("\"{:016x}\"", crate::hash::fnv1a(&body));
         Ok(Self {
             path: path.to_path_buf(),
             etag: HeaderValue::from_str(&etag).map_err(|e| e.to_string())?,
@@ -90,13 +90,6 @@ impl StaticFile {
                 since.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()) >= modified
             })
     }
-}
-
-/// 64-bit FNV-1a: a stable content hash for the ETag (not a security boundary).
-fn fnv1a(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 /// Checks a configured URL path: absolute, no query or fragment.

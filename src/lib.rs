@@ -26,6 +26,7 @@
 //! - [`admin`]: /healthz, /readyz, /metrics.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`text`]: outside text made safe to print and log.
+//! - `error`: errors as one line with every cause; `hash`: the stable hash for storage names and ETags.
 //! - `fuzzing`: entry points for the fuzz targets in `fuzz/` (hidden).
 //!
 //! Tests start the real server in-process: load a [`config::Config`], bind
@@ -40,9 +41,11 @@ pub mod check;
 pub mod config;
 pub mod connection;
 pub mod doctor;
+pub(crate) mod error;
 pub mod files;
 #[doc(hidden)]
 pub mod fuzzing;
+pub(crate) mod hash;
 pub mod host;
 pub mod metrics;
 pub mod provider;

@@ -1,6 +1,7 @@
 //! The `linkgate` command: parses arguments, sets up logging, and hands over
 //! to the library.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -176,7 +177,10 @@ fn doctor(args: DoctorArgs) -> ExitCode {
         .and_then(|text| {
             let (all, has_http) = Config::probe_targets(&text, &args.config).map_err(|e| e.to_string())?;
             let providers = Config::host_providers(&text, &args.config).map_err(|e| e.to_string())?;
-            let acme = Config::acme_states(&text, &args.config).map_err(|e| e.to_string())?;
+            let acme = Config::acme_storage(&text, &args.config).map_err(|e| e.to_string())?;
+            let acme = acme.map_or_else(HashMap::new, |(storage, hosts)| {
+                linkgate::acme::describe(&storage, &hosts)
+            });
             Ok((all, has_http, providers, acme))
         });
     let (all, has_http, providers, acme) = match targets {

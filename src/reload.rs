@@ -140,6 +140,27 @@ impl Live {
     }
 }
 
+impl crate::acme::Source for Live {
+    fn generation(&self) -> u64 {
+        self.load().generation
+    }
+
+    fn settings(&self) -> Option<crate::config::Acme> {
+        self.load().config.acme.clone()
+    }
+
+    fn hosts(&self) -> Vec<HostName> {
+        let active = self.load();
+        active
+            .config
+            .hosts
+            .iter()
+            .filter(|h| h.is_acme())
+            .map(|h| h.name.clone())
+            .collect()
+    }
+}
+
 /// The host names in `new` and not in `old`, and those in `old` and not in `new`, sorted.
 fn host_changes(old: &Active, new: &Active) -> (Vec<String>, Vec<String>) {
     let names = |a: &Active| -> BTreeSet<String> { a.hosts.keys().map(|h| h.as_str().to_owned()).collect() };

@@ -140,7 +140,7 @@ pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Ou
         stopping,
     });
     // Certificates for `acme = true` hosts; stops with this function.
-    let acme = AbortOnDrop(acme::spawn(live.clone()));
+    let acme = AbortOnDrop(acme::spawn(live.clone(), live.acme.clone(), live.metrics.clone()));
     let admin = admin_listener.map(|l| tokio::spawn(admin::serve(l, live.clone())));
 
     let mut done = Vec::with_capacity(workers);

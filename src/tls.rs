@@ -190,18 +190,23 @@ fn nested_under_wildcard(wildcard: &str, host: &str) -> bool {
         .is_some_and(|labels| labels.contains('.'))
 }
 
+/// The certificate slot of one ACME host: empty until its first certificate
+/// is issued, then swapped at each renewal by its ACME task; read on every
+/// handshake for the host.
+pub type Slot = Arc<arc_swap::ArcSwapOption<CertifiedKey>>;
+
 /// Picks the certificate for a handshake by its SNI (exact, normalised name):
 /// a host's `cert`/`key` files, or the slot its ACME task keeps filled.
 #[derive(Debug)]
 pub struct SniResolver {
     by_name: HashMap<HostName, Arc<CertifiedKey>>,
-    acme: HashMap<HostName, crate::acme::Slot>,
+    acme: HashMap<HostName, Slot>,
 }
 
 impl SniResolver {
     pub fn new(
         hosts: impl IntoIterator<Item = (HostName, Arc<CertifiedKey>)>,
-        acme: impl IntoIterator<Item = (HostName, crate::acme::Slot)>,
+        acme: impl IntoIterator<Item = (HostName, Slot)>,
     ) -> Self {
         Self {
             by_name: hosts.into_iter().collect(),

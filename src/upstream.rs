@@ -60,6 +60,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::config;
 use crate::connection::ClientBody;
+use crate::error::chain;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -360,21 +361,6 @@ impl UpstreamError {
         }
         false
     }
-}
-
-/// Formats an error with all its sources on one line.
-pub(crate) fn chain(e: &(dyn StdError + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 impl Upstream {

@@ -152,7 +152,7 @@ pub struct Limits {
 }
 
 /// Descriptors kept back from the upstream cap for accepting, the admin
-/// listener (at most [`crate::admin::ADMIN_CONNECTIONS`] connections), log
+/// listener (at most `admin::ADMIN_CONNECTIONS` connections), log
 /// and config files, file watches and ACME storage.
 const DESCRIPTOR_RESERVE: u64 = 256;
 
@@ -606,28 +606,22 @@ impl Config {
         Ok(out)
     }
 
-    /// What `[acme] storage` says about each `acme = true` host (lower-case
-    /// name → one line), without loading any certificate file (for `linkgate
-    /// doctor`). Empty when there is no `[acme] storage`.
-    pub fn acme_states(text: &str, path: &Path) -> Result<HashMap<String, String>, ConfigError> {
+    /// The `[acme] storage` folder and the `acme = true` hosts, without
+    /// loading any certificate file (for `linkgate doctor`). `None` when
+    /// there is no `[acme] storage`.
+    pub fn acme_storage(text: &str, path: &Path) -> Result<Option<(PathBuf, Vec<HostName>)>, ConfigError> {
         let raw = parse_raw(text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let Some(storage) = raw.acme.and_then(|a| a.storage).map(|s| base.join(s)) else {
-            return Ok(HashMap::new());
+            return Ok(None);
         };
-        let storage = crate::acme::Storage::new(&storage);
-        Ok(raw
+        let hosts = raw
             .hosts
             .iter()
             .filter(|h| h.acme)
             .filter_map(|h| HostName::parse(&h.name).ok())
-            .map(|name| {
-                (
-                    name.to_string(),
-                    crate::acme::HostState::read(&storage, &name).describe(),
-                )
-            })
-            .collect())
+            .collect();
+        Ok(Some((storage, hosts)))
     }
 
     /// Parses and validates `text` as if read from `path` (relative file
