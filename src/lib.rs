@@ -22,7 +22,7 @@
 //! - [`upstream`]: the pooled client to the provider, upstream TLS.
 //! - [`provider`]: the provider presets (SendGrid, Amazon SES, …), as data.
 //! - [`files`]: app-association files a host serves itself.
-//! - [`acme`]: certificates obtained and renewed over ACME, shared storage, challenges.
+//! - [`acme`]: certificates obtained and renewed over ACME: `acme/storage.rs` (shared storage, locks), `acme/challenge.rs` (answers on the request path), `acme/task.rs` (one supervised task per host), `acme/client.rs` (the CA, bounded).
 //! - [`admin`]: /healthz, /readyz, /metrics.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`text`]: outside text made safe to print and log.
