@@ -5,28 +5,33 @@
 //! traffic, presents the branded host's certificate, and forwards each
 //! request to the provider with the Host header set to the branded name.
 //!
-//! Layout, one job per module:
-//! - [`config`]: the TOML file's shape and its validation into [`config::Config`].
-//! - [`host`]: host-name normalisation shared by config, SNI and Host checks.
-//! - [`tls`]: PEM loading, certificate/key/host checks, the SNI resolver.
-//! - [`tls_stream`]: the server side of a client's TLS connection, with buffers held only while in use.
-//! - [`check`]: `linkgate check`, the offline report on a config file.
-//! - [`doctor`]: `linkgate doctor`, DNS and HTTPS probes from the outside.
+//! The request path, in order, with the file for each phase:
+//! 1. [`server`] (`server/mod.rs`): binding, one worker per core, drain.
+//! 2. `server/accept.rs`: a connection accepted; its slot in the handshake
+//!    budget ([`admission`]); the PROXY header ([`proxy_protocol`]); plain
+//!    HTTP or TLS.
+//! 3. `server/handshake.rs`: the ClientHello; **where SNI is chosen** (an
+//!    unknown or missing one is refused before any certificate is sent,
+//!    [`tls`]'s `SniResolver`); TLS-ALPN-01 answers; then [`tls_stream`].
+//! 4. `server/http.rs`: HTTP/1.1 (parked between requests) or HTTP/2, with
+//!    what is known about the connection ([`connection`]).
+//! 5. [`proxy`]: the authority check, local answers ([`files`], ACME
+//!    HTTP-01, redirects), **where Host is set** (`rewrite_request_headers`),
+//!    the forward, and **where an error becomes a status**
+//!    (`ProxyError::status`).
+//! 6. [`upstream`]: the pooled client to the provider, upstream TLS.
+//! 7. [`access`]: the response body as it is sent; the access log line.
+//!
+//! Beside the path:
+//! - [`config`]: the TOML file's shape and its validation into [`config::Config`]; [`host`]: host names.
 //! - [`reload`]: the live configuration, SIGHUP and file-watch reloads.
-//! - [`server`]: listeners, PROXY headers, handshakes, connections, limits, drain.
-//! - [`admission`]: the handshake budget and per-address cap; paced retries of failed accepts.
-//! - [`proxy_protocol`]: reading PROXY v1/v2 headers.
-//! - [`connection`]: what is known about a client connection, requests in flight.
-//! - [`proxy`]: authority check, header rewrite, streaming forward, error → status.
-//! - [`access`]: the response body wrapper: bytes sent, end of request, access log line.
-//! - [`upstream`]: the pooled client to the provider, upstream TLS.
+//! - [`acme`]: certificates over ACME: `acme/storage.rs` (shared storage, locks), `acme/challenge.rs`
+//!   (answers on the request path), `acme/task.rs` (one supervised task per host), `acme/client.rs` (the CA, bounded).
+//! - [`admin`]: /healthz, /readyz, /metrics; [`metrics`]: the Prometheus metrics.
+//! - [`check`]: `linkgate check`, the offline report; [`doctor`]: `linkgate doctor`, probes from outside.
 //! - [`provider`]: the provider presets (SendGrid, Amazon SES, …), as data.
-//! - [`files`]: app-association files a host serves itself.
-//! - [`acme`]: certificates obtained and renewed over ACME: `acme/storage.rs` (shared storage, locks), `acme/challenge.rs` (answers on the request path), `acme/task.rs` (one supervised task per host), `acme/client.rs` (the CA, bounded).
-//! - [`admin`]: /healthz, /readyz, /metrics.
-//! - [`metrics`]: the Prometheus metrics.
-//! - [`text`]: outside text made safe to print and log.
-//! - `error`: errors as one line with every cause; `hash`: the stable hash for storage names and ETags.
+//! - [`text`]: outside text made safe to print and log; `error`: errors as one line with every cause;
+//!   `hash`: the stable hash for storage names and ETags.
 //! - `fuzzing`: entry points for the fuzz targets in `fuzz/` (hidden).
 //!
 //! Tests start the real server in-process: load a [`config::Config`], bind

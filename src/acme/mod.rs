@@ -30,8 +30,8 @@
 //!   expired lock (see `try_lock`);
 //! - `challenges/http-01/<token>`, `challenges/tls-alpn-01/<host>.pem`.
 //!
-//! Files, one job each: [`storage`] (layout, locks, atomic writes),
-//! [`challenge`] (the answers on the request path), `task` (one supervised
+//! Files, one job each: `storage` (layout, locks, atomic writes),
+//! `challenge` (the answers on the request path), `task` (one supervised
 //! task per host: when to order, and what to keep), `client` (talking to
 //! the CA: bounded answers, the order itself).
 

@@ -1,0 +1,107 @@
+//! One accepted connection up to HTTP: its slot in the handshake budget,
+//! the PROXY header when the listener expects one, then plain HTTP or the
+//! TLS handshake and the protocol ALPN chose.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::time::{timeout_at, Instant};
+
+use crate::admission::{Handshake, Handshakes, Refusal};
+use crate::config::Config;
+use crate::connection::ConnInfo;
+use crate::proxy::Proxy;
+use crate::proxy_protocol;
+
+use super::handshake::tls_handshake;
+use super::http::{serve, Protocol};
+use super::{ProxyCache, Shared};
+
+/// A slot in the handshake budget for a connection just accepted from
+/// `peer`, counted against its address too when that is the client's (no
+/// PROXY protocol; not a trusted proxy relaying many clients). Taken in the
+/// accept loop, without a pause between the two, so that connections about
+/// to be refused for their address never hold the budget meanwhile.
+pub(super) fn admit(handshakes: &Arc<Handshakes>, config: &Config, peer: SocketAddr) -> Result<Handshake, Refusal> {
+    let handshake = handshakes.begin(config.limits.max_handshakes)?;
+    if !config.listen.proxy_protocol && !config.listen.is_trusted(peer.ip()) {
+        handshake.claim_address(peer.ip(), config.limits.handshakes_per_address)?;
+    }
+    Ok(handshake)
+}
+
+/// One client connection, from accept to close. `handshake` is its slot in
+/// the handshake budget, given back once the TLS handshake is over (on plain
+/// http, once its first request head has been read).
+pub(super) async fn connection(
+    shared: &Shared,
+    proxy: Arc<Proxy>,
+    proxies: Arc<ProxyCache>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    is_tls: bool,
+    handshake: Handshake,
+) {
+    let _ = stream.set_nodelay(true);
+    let listen = &proxy.active.config.listen;
+    let limits = &proxy.active.config.limits;
+    let deadline = Instant::now() + limits.handshake_timeout;
+    let trusted = listen.is_trusted(peer.ip());
+    let mut client = peer;
+    if listen.proxy_protocol {
+        if !trusted {
+            tracing::debug!(peer = %peer, "connection refused: PROXY protocol expected, peer not in trusted_proxies");
+            return;
+        }
+        match timeout_at(deadline, proxy_protocol::read_header(&mut stream)).await {
+            Ok(Ok(Some(addr))) => {
+                client = addr;
+                // Now the client's address is known: its handshakes are
+                // counted together (never the balancer's own, which a
+                // v2 LOCAL health check keeps).
+                if let Err(refusal) = handshake.claim_address(addr.ip(), limits.handshakes_per_address) {
+                    shared.live.metrics.refused(refusal.reason());
+                    tracing::debug!(client = %client, reason = refusal.reason(), "connection refused before its handshake");
+                    return;
+                }
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %peer, error = %e, "connection dropped: bad PROXY header");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(peer = %peer, "connection dropped: no PROXY header in time");
+                return;
+            }
+        }
+    }
+    let keep_forwarded = trusted && !listen.proxy_protocol;
+    let stopping = shared.stopping.clone();
+    if !is_tls {
+        let info = ConnInfo::new(client, None, keep_forwarded, None);
+        let pending = Some(Arc::new(handshake));
+        serve(proxy, proxies, stream, info, Protocol::Http1, stopping, pending).await;
+        return;
+    }
+    let established = Box::pin(tls_handshake(&proxy.active, &shared.live, stream, client, deadline)).await;
+    // Over, whatever the outcome: its slots are free for others (and it is
+    // not kept in the state of a connection that may stay open for long).
+    drop(handshake);
+    let Some((tls, host)) = established else {
+        return;
+    };
+    let protocol = if tls.alpn_protocol() == Some(b"h2") {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
+    };
+    let version = match tls.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => Some("TLSv1.3"),
+        Some(rustls::ProtocolVersion::TLSv1_2) => Some("TLSv1.2"),
+        _ => None,
+    };
+    let info = ConnInfo::new(client, Some(host), keep_forwarded, version);
+    serve(proxy, proxies, tls, info, protocol, stopping, None).await;
+}

@@ -1,0 +1,351 @@
+//! Listeners and connections: accept on the https and http listeners (and
+//! serve the admin endpoints), read an optional PROXY header, run the TLS
+//! handshake (refusing unknown SNI before any certificate is sent), serve
+//! HTTP/1.1 or HTTP/2 on each connection within the configured limits
+//! (parking idle HTTP/1.1 connections without their buffers), and drain on
+//! shutdown.
+//!
+//! Connections are served by one worker thread per core, each with its own
+//! single-threaded Tokio runtime and its own upstream connection pool, all
+//! accepting on the same sockets: a connection and everything it causes
+//! stays on one thread, with no cross-thread wake-ups on the request path.
+//!
+//! Files in request order: this one (binding, workers, the per-worker
+//! proxy for the configuration in force, drain), `accept` (admission,
+//! PROXY header, plain or TLS), `handshake` (SNI refusal, TLS-ALPN-01),
+//! `http` (HTTP/1.1 with parking, HTTP/2, closing).
+
+mod accept;
+mod handshake;
+mod http;
+
+use std::future::{pending, Future};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::admission::{AcceptFailures, Handshakes};
+use crate::config::{Config, Limits};
+use crate::proxy::Proxy;
+use crate::reload::Live;
+use crate::upstream::{self, Upstream};
+use crate::{acme, admin};
+
+use accept::{admit, connection};
+
+/// The bound listening sockets.
+pub struct Listeners {
+    https: std::net::TcpListener,
+    http: Option<std::net::TcpListener>,
+    admin: Option<std::net::TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the configured addresses. The error names the address.
+    pub async fn bind(config: &Config) -> anyhow::Result<Self> {
+        async fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+            TcpListener::bind(addr)
+                .await
+                .and_then(TcpListener::into_std)
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+        }
+        let https = bind(config.listen.https).await?;
+        let http = match config.listen.http {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let admin = match config.admin {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        Ok(Self { https, http, admin })
+    }
+
+    /// The address the https listener is bound to (useful after binding port 0).
+    pub fn https_addr(&self) -> io::Result<SocketAddr> {
+        self.https.local_addr()
+    }
+
+    /// The address the plain-http listener is bound to, if there is one.
+    pub fn http_addr(&self) -> Option<io::Result<SocketAddr>> {
+        self.http.as_ref().map(std::net::TcpListener::local_addr)
+    }
+
+    /// The address the admin listener is bound to, if there is one.
+    pub fn admin_addr(&self) -> Option<io::Result<SocketAddr>> {
+        self.admin.as_ref().map(std::net::TcpListener::local_addr)
+    }
+}
+
+/// What every worker shares.
+struct Shared {
+    live: Arc<Live>,
+    /// The upstream connection cap and counters, across all workers.
+    upstream: upstream::Shared,
+    /// `limits.max_connections`, across all workers; a permit per open connection.
+    connections: Arc<Semaphore>,
+    /// Connections not yet through their handshake, in total and per address.
+    handshakes: Arc<Handshakes>,
+    /// Becomes true when the workers must stop accepting and drain.
+    stopping: watch::Receiver<bool>,
+}
+
+/// Serves the live configuration on `listeners` until `shutdown` completes,
+/// then drains: /readyz turns 503 at once, accepting goes on for
+/// `shutdown.drain_delay`, then the listeners close, HTTP/1 connections get
+/// `Connection: close` and HTTP/2 connections GOAWAY, and in-flight requests
+/// get `shutdown.grace_period` to finish.
+pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let config = live.load().config.clone();
+    // Fail now, not on the first connection, if an upstream client cannot be built.
+    let upstream_shared = upstream::Shared::new(config.limits.upstream_connections(), &live.metrics);
+    for upstream in &config.upstreams {
+        Upstream::new(upstream, &upstream_shared)?;
+    }
+    warn_if_descriptors_fall_short(&config.limits);
+    let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    // Everything that needs a file descriptor is set up before any worker
+    // accepts: once one does, a flood of connections can use them all up.
+    let mut prepared = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let https = listeners.https.try_clone()?;
+        let http = listeners
+            .http
+            .as_ref()
+            .map(std::net::TcpListener::try_clone)
+            .transpose()?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        prepared.push((runtime, https, http));
+    }
+    let admin_listener = listeners
+        .admin
+        .as_ref()
+        .map(|l| l.try_clone().and_then(TcpListener::from_std))
+        .transpose()?;
+    let https_addr = listeners.https_addr()?;
+    let http_addr = listeners.http_addr().transpose()?;
+    let admin_addr = listeners.admin_addr().transpose()?;
+
+    let (stop, stopping) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        live: live.clone(),
+        upstream: upstream_shared,
+        connections: Arc::new(Semaphore::new(config.limits.max_connections as usize)),
+        handshakes: Handshakes::new(),
+        stopping,
+    });
+    // Certificates for `acme = true` hosts; stops with this function.
+    let acme = AbortOnDrop(acme::spawn(live.clone(), live.acme.clone(), live.metrics.clone()));
+    let admin = admin_listener.map(|l| tokio::spawn(admin::serve(l, live.clone())));
+
+    let mut done = Vec::with_capacity(workers);
+    for (id, (runtime, https, http)) in prepared.into_iter().enumerate() {
+        let shared = shared.clone();
+        let (finished, on_finish) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("linkgate-{id}"))
+            .spawn(move || {
+                runtime.block_on(worker(shared, https, http));
+                let _ = finished.send(());
+            })?;
+        done.push(on_finish);
+    }
+    drop(listeners);
+    tracing::info!(
+        https = %https_addr,
+        http = %http_addr.map_or("-".into(), |a| a.to_string()),
+        admin = %admin_addr.map_or("-".into(), |a| a.to_string()),
+        hosts = config.hosts.len(),
+        upstream = %config
+            .upstreams
+            .iter()
+            .map(|u| format!("{}://{}", u.scheme, u.authority))
+            .collect::<Vec<_>>()
+            .join(" "),
+        workers,
+        "linkgate listening"
+    );
+    live.ready.store(true, Ordering::SeqCst);
+
+    shutdown.await;
+    live.ready.store(false, Ordering::SeqCst);
+    let drain = live.load().config.shutdown.clone();
+    tracing::info!(drain_delay = ?drain.drain_delay, grace_period = ?drain.grace_period, "shutting down: /readyz now answers 503");
+    tokio::time::sleep(drain.drain_delay).await;
+    tracing::info!("listeners closed, draining open connections");
+    let _ = stop.send(true);
+    for worker in done {
+        let _ = worker.await;
+    }
+    if let Some(admin) = admin {
+        admin.abort();
+    }
+    drop(acme);
+    tracing::info!("shut down");
+    Ok(())
+}
+
+/// Warns when `max_connections`, the upstream cap and the reserve together
+/// need more descriptors than the process may open: a flood would then run
+/// it out of descriptors (EMFILE) before any cap is reached. Only a warning:
+/// the defaults assume a raised limit, and a small test machine still runs.
+fn warn_if_descriptors_fall_short(limits: &Limits) {
+    let Some(available) = crate::config::descriptor_limit() else {
+        return;
+    };
+    let needed = limits.descriptors_needed();
+    if needed > available {
+        tracing::warn!(
+            descriptor_limit = available,
+            needed,
+            max_connections = limits.max_connections,
+            upstream_connections = limits.upstream_connections(),
+            "limits.max_connections plus the upstream connections and the descriptors kept in reserve exceed the open-file limit: raise it (ulimit -n, systemd LimitNOFILE) or lower limits.max_connections"
+        );
+    }
+}
+
+/// Aborts a background task when dropped (also when `run` is cancelled).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One worker: accepts on both listeners until told to stop, then waits for
+/// its connections to finish (at most the grace period).
+async fn worker(shared: Arc<Shared>, https: std::net::TcpListener, http: Option<std::net::TcpListener>) {
+    let (https, http) = match (
+        TcpListener::from_std(https),
+        http.map(TcpListener::from_std).transpose(),
+    ) {
+        (Ok(https), Ok(http)) => (https, http),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot register listener");
+            return;
+        }
+    };
+    // Every connection task holds a sender; when all are dropped, the worker is drained.
+    let (open, mut drained) = mpsc::channel::<()>(1);
+    let proxies = Arc::new(ProxyCache::new(shared.live.clone(), shared.upstream.clone()));
+    let mut stopping = shared.stopping.clone();
+    let mut failures = AcceptFailures::default();
+    loop {
+        let permit = tokio::select! {
+            _ = stopping.wait_for(|s| *s) => break,
+            permit = shared.connections.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (accepted, is_tls) = tokio::select! {
+            _ = stopping.wait_for(|s| *s) => break,
+            accepted = https.accept() => (accepted, true),
+            accepted = accept_optional(http.as_ref()) => (accepted, false),
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                failures.failed(&e, "accept failed; retrying shortly").await;
+                continue;
+            }
+        };
+        let Some(current) = proxies.current() else {
+            continue;
+        };
+        // Closed at once (no TLS alert) when the handshake budget is spent.
+        let handshake = match admit(&shared.handshakes, &current.active.config, peer) {
+            Ok(h) => h,
+            Err(refusal) => {
+                shared.live.metrics.refused(refusal.reason());
+                tracing::debug!(peer = %peer, reason = refusal.reason(), "connection refused before its handshake");
+                continue;
+            }
+        };
+        let (open, shared, proxies) = (open.clone(), shared.clone(), proxies.clone());
+        tokio::spawn(async move {
+            let metrics = &shared.live.metrics;
+            metrics.open_connections.inc();
+            connection(&shared, current, proxies, stream, peer, is_tls, handshake).await;
+            metrics.open_connections.dec();
+            drop(permit);
+            drop(open);
+        });
+    }
+    drop((https, http, open));
+    let grace = shared.live.load().config.shutdown.grace_period;
+    if tokio::time::timeout(grace, drained.recv()).await.is_err() {
+        tracing::warn!("grace period over, closing remaining connections");
+    }
+}
+
+/// One worker's proxy for the configuration in force, looked up per request
+/// so that a reload applies to requests on connections that are already
+/// open (files, upstreams, hosts), not only to new connections.
+struct ProxyCache {
+    live: Arc<Live>,
+    upstream: upstream::Shared,
+    cached: std::sync::Mutex<Option<Arc<Proxy>>>,
+}
+
+impl ProxyCache {
+    fn new(live: Arc<Live>, upstream: upstream::Shared) -> Self {
+        Self {
+            live,
+            upstream,
+            cached: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The proxy for the configuration in force (the previous one if the new
+    /// one cannot be built).
+    fn current(&self) -> Option<Arc<Proxy>> {
+        // Uncontended: one worker's connections run on one thread.
+        let mut cached = self.cached.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        current_proxy(&self.live, &self.upstream, &mut cached)
+    }
+}
+
+/// This worker's proxy for the configuration in force: rebuilt after a
+/// reload, keeping the pool of every upstream whose settings did not change.
+fn current_proxy(live: &Live, shared: &upstream::Shared, cached: &mut Option<Arc<Proxy>>) -> Option<Arc<Proxy>> {
+    let active = live.load();
+    if let Some(p) = cached.as_ref().filter(|p| p.active.generation == active.generation) {
+        return Some(p.clone());
+    }
+    let mut upstreams = Vec::with_capacity(active.config.upstreams.len());
+    for settings in &active.config.upstreams {
+        let kept = cached.as_ref().and_then(|p| {
+            let i = p.active.config.upstreams.iter().position(|u| u == settings)?;
+            p.upstreams.get(i).cloned()
+        });
+        match kept.map_or_else(|| Upstream::new(settings, shared), Ok) {
+            Ok(u) => upstreams.push(u),
+            Err(e) => {
+                // The roots were checked at start-up and on reload; keep what works if this still fails.
+                tracing::error!(error = %e, "cannot build an upstream client for the new configuration");
+                return cached.clone();
+            }
+        }
+    }
+    let p = Arc::new(Proxy {
+        active,
+        upstreams,
+        metrics: live.metrics.clone(),
+    });
+    *cached = Some(p.clone());
+    Some(p)
+}
+
+async fn accept_optional(listener: Option<&TcpListener>) -> io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => pending().await,
+    }
+}
