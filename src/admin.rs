@@ -62,6 +62,39 @@ pub async fn serve(listener: TcpListener, live: Arc<Live>) {
     }
 }
 
+/// `linkgate health`: asks the running linkgate whose `[admin] listen` is
+/// in `config` for `/healthz` (or `/readyz` with `ready`). Exit status: 0
+/// healthy, 1 not, 2 unusable arguments (no `[admin] listen`).
+pub fn health(config: &std::path::Path, ready: bool, timeout: Duration) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let path = if ready { "/readyz" } else { "/healthz" };
+    let addr = match crate::config::Outline::read(config).and_then(|o| o.admin_address()) {
+        Ok(Some(addr)) => addr,
+        Ok(None) => {
+            eprintln!("linkgate: error: {}: no [admin] listen to probe", config.display());
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("linkgate: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match probe(addr, path, timeout) {
+        Ok(200) => {
+            println!("{path}: 200");
+            ExitCode::SUCCESS
+        }
+        Ok(status) => {
+            println!("{path}: {status}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            println!("{path}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn answer(live: &Live, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: &'static str| {
         let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));

@@ -84,7 +84,7 @@ pub fn check(path: &Path) -> Report {
             report.errors.push(e.to_string());
         }
     }
-    let Ok(entries) = Config::host_entries(&text, path) else {
+    let Ok(entries) = config::Outline::parse(&text, path).map(|o| o.host_entries()) else {
         return report;
     };
     let now = SystemTime::now()
@@ -234,6 +234,29 @@ fn key_file_checks(row: &mut HostReport, key: &Path) {
 
 #[cfg(not(unix))]
 fn key_file_checks(_: &mut HostReport, _: &Path) {}
+
+/// `linkgate check`: the report on `config`, printed. Exit status: 0 no
+/// errors, 1 errors (or warnings with `strict`), 2 unusable arguments.
+pub fn command(config: &Path, json: bool, strict: bool) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let report = check(config);
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("linkgate: error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        print!("{}", render_text(&report));
+    }
+    if report.ok && !(strict && report.has_warnings()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
 
 /// The human form: one aligned row per host, then the file's own errors and a summary.
 /// Every cell is printable text: names and errors from certificates and the

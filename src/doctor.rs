@@ -54,6 +54,90 @@ pub struct Options {
     pub acme: HashMap<String, String>,
 }
 
+/// What `linkgate doctor` was asked besides the configuration file.
+pub struct Asked {
+    /// Only these hosts; every configured one when empty.
+    pub hosts: Vec<String>,
+    pub resolver: Option<SocketAddr>,
+    pub expect_target: Option<String>,
+    pub connect: Option<SocketAddr>,
+    pub connect_http: Option<SocketAddr>,
+    pub ca_file: Option<PathBuf>,
+    pub url: String,
+    pub timeout: Duration,
+    /// Print JSON instead of text.
+    pub json: bool,
+}
+
+/// `linkgate doctor`: reads `config` once (no certificate is loaded: it may
+/// run where the keys are not), probes, prints the report. Exit status: 0
+/// all pass, 1 a check failed, 2 unusable arguments.
+pub fn command(config: &std::path::Path, asked: Asked) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("linkgate: error: {e}");
+        ExitCode::from(2)
+    };
+    let outline = match crate::config::Outline::read(config) {
+        Ok(o) => o,
+        Err(e) => return fail(&e),
+    };
+    let providers = match outline.host_providers() {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
+    let all = outline.host_names();
+    let hosts = if asked.hosts.is_empty() {
+        all
+    } else if let Some(unknown) = asked
+        .hosts
+        .iter()
+        .find(|h| !all.iter().any(|a| a.eq_ignore_ascii_case(h)))
+    {
+        return fail(&format!("--host {unknown}: not a [[host]] in {}", config.display()));
+    } else {
+        asked.hosts
+    };
+    let acme = outline
+        .acme_storage()
+        .map_or_else(HashMap::new, |(storage, hosts)| crate::acme::describe(&storage, &hosts));
+    let opts = Options {
+        hosts,
+        has_http: outline.has_http(),
+        providers,
+        resolver: asked.resolver,
+        expect_target: asked.expect_target,
+        connect: asked.connect,
+        connect_http: asked.connect_http,
+        ca_file: asked.ca_file,
+        url: asked.url,
+        timeout: asked.timeout,
+        acme,
+    };
+    let report = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(opts)));
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("{e:#}")),
+    };
+    if asked.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(json) => println!("{json}"),
+            Err(e) => return fail(&e),
+        }
+    } else {
+        print!("{}", render_text(&report));
+    }
+    if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     /// Every host passed every check.

@@ -25,8 +25,13 @@ pub fn config(data: &[u8]) {
             let line = e.to_string();
             assert!(!line.contains('\n'), "a config error must be one line: {line:?}");
         }
-        let _ = Config::host_entries(text, Path::new(path));
-        let _ = Config::probe_targets(text, Path::new(path));
+        if let Ok(outline) = crate::config::Outline::parse(text, Path::new(path)) {
+            let _ = outline.host_entries();
+            let _ = outline.host_names();
+            let _ = outline.host_providers();
+            let _ = outline.acme_storage();
+            let _ = outline.admin_address();
+        }
     }
 }
 

@@ -1,7 +1,6 @@
 //! The `linkgate` command: parses arguments, sets up logging, and hands over
 //! to the library.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -111,56 +110,25 @@ enum Format {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Doctor(args) => doctor(*args),
-        Command::Check { config, format, strict } => {
-            let report = linkgate::check::check(&config);
-            match format {
-                Format::Text => print!("{}", linkgate::check::render_text(&report)),
-                Format::Json => match serde_json::to_string_pretty(&report) {
-                    Ok(json) => println!("{json}"),
-                    Err(e) => {
-                        eprintln!("linkgate: error: {e}");
-                        return ExitCode::from(2);
-                    }
-                },
-            }
-            if report.ok && !(strict && report.has_warnings()) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-        Command::Health { config, ready, timeout } => {
-            let path = if ready { "/readyz" } else { "/healthz" };
-            let admin = std::fs::read_to_string(&config)
-                .map_err(|e| format!("{}: cannot read: {e}", config.display()))
-                .and_then(|text| Config::admin_address(&text, &config).map_err(|e| e.to_string()));
-            let addr = match admin {
-                Ok(Some(addr)) => addr,
-                Ok(None) => {
-                    eprintln!("linkgate: error: {}: no [admin] listen to probe", config.display());
-                    return ExitCode::from(2);
-                }
-                Err(e) => {
-                    eprintln!("linkgate: error: {e}");
-                    return ExitCode::from(2);
-                }
+        Command::Doctor(args) => {
+            let args = *args;
+            let asked = linkgate::doctor::Asked {
+                hosts: args.hosts,
+                resolver: args.resolver,
+                expect_target: args.expect_target,
+                connect: args.connect,
+                connect_http: args.connect_http,
+                ca_file: args.ca_file,
+                url: args.url,
+                timeout: args.timeout,
+                json: matches!(args.format, Format::Json),
             };
-            match linkgate::admin::probe(addr, path, timeout) {
-                Ok(200) => {
-                    println!("{path}: 200");
-                    ExitCode::SUCCESS
-                }
-                Ok(status) => {
-                    println!("{path}: {status}");
-                    ExitCode::FAILURE
-                }
-                Err(e) => {
-                    println!("{path}: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            linkgate::doctor::command(&args.config, asked)
         }
+        Command::Check { config, format, strict } => {
+            linkgate::check::command(&config, matches!(format, Format::Json), strict)
+        }
+        Command::Health { config, ready, timeout } => linkgate::admin::health(&config, ready, timeout),
         Command::Serve { config } => match serve(&config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -168,82 +136,6 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-    }
-}
-
-fn doctor(args: DoctorArgs) -> ExitCode {
-    let targets = std::fs::read_to_string(&args.config)
-        .map_err(|e| format!("{}: cannot read: {e}", args.config.display()))
-        .and_then(|text| {
-            let (all, has_http) = Config::probe_targets(&text, &args.config).map_err(|e| e.to_string())?;
-            let providers = Config::host_providers(&text, &args.config).map_err(|e| e.to_string())?;
-            let acme = Config::acme_storage(&text, &args.config).map_err(|e| e.to_string())?;
-            let acme = acme.map_or_else(HashMap::new, |(storage, hosts)| {
-                linkgate::acme::describe(&storage, &hosts)
-            });
-            Ok((all, has_http, providers, acme))
-        });
-    let (all, has_http, providers, acme) = match targets {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("linkgate: error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let hosts = if args.hosts.is_empty() {
-        all
-    } else if let Some(unknown) = args
-        .hosts
-        .iter()
-        .find(|h| !all.iter().any(|a| a.eq_ignore_ascii_case(h)))
-    {
-        eprintln!(
-            "linkgate: error: --host {unknown}: not a [[host]] in {}",
-            args.config.display()
-        );
-        return ExitCode::from(2);
-    } else {
-        args.hosts
-    };
-    let opts = linkgate::doctor::Options {
-        hosts,
-        has_http,
-        providers,
-        resolver: args.resolver,
-        expect_target: args.expect_target,
-        connect: args.connect,
-        connect_http: args.connect_http,
-        ca_file: args.ca_file,
-        url: args.url,
-        timeout: args.timeout,
-        acme,
-    };
-    let report = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(anyhow::Error::from)
-        .and_then(|rt| rt.block_on(linkgate::doctor::run(opts)));
-    let report = match report {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("linkgate: error: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    match args.format {
-        Format::Text => print!("{}", linkgate::doctor::render_text(&report)),
-        Format::Json => match serde_json::to_string_pretty(&report) {
-            Ok(json) => println!("{json}"),
-            Err(e) => {
-                eprintln!("linkgate: error: {e}");
-                return ExitCode::from(2);
-            }
-        },
-    }
-    if report.ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
     }
 }
 

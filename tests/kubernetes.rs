@@ -75,7 +75,9 @@ fn the_kubernetes_base_agrees_with_its_linkgate_config() {
     let config: toml::Value = toml::from_str(text).expect("the shipped config is TOML");
     // The shipped config is valid as far as it can be without its certificates.
     let config_path = std::path::Path::new("/etc/linkgate/config/linkgate.toml");
-    let admin = linkgate::config::Config::admin_address(text, config_path)
+    let admin = linkgate::config::Outline::parse(text, config_path)
+        .expect("the shipped config parses")
+        .admin_address()
         .expect("valid admin section")
         .expect("an admin listener for the probes");
 

@@ -5,8 +5,10 @@
 //! parsing, addresses, the upstream URL, reading and matching every
 //! certificate and key, and certificate/host coverage. Any failure is a
 //! [`ConfigError`] whose `Display` is one line naming the file and the key or
-//! host at fault.
+//! host at fault. [`Outline`] reads a file once without loading anything,
+//! for the subcommands.
 
+mod outline;
 mod raw;
 mod units;
 
@@ -21,6 +23,7 @@ use http::uri::{Authority, Scheme};
 use http::HeaderValue;
 use rustls::sign::CertifiedKey;
 
+pub use outline::Outline;
 pub use units::{parse_duration, parse_size, IpNet};
 
 use crate::files::{self, StaticFile};
@@ -548,80 +551,6 @@ impl Config {
             source,
         })?;
         Self::from_toml(&text, path)
-    }
-
-    /// The `[[host]]` entries of a config file as written (for `linkgate
-    /// check`, which reports on every host rather than stopping at the first).
-    pub fn host_entries(text: &str, path: &Path) -> Result<Vec<HostEntry>, ConfigError> {
-        let raw = parse_raw(text, path)?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Ok(raw.hosts.into_iter().map(|h| HostEntry::resolve(h, base)).collect())
-    }
-
-    /// The host names of a config file and whether it has a plain-http
-    /// listener, without loading certificates (for `linkgate doctor`, which
-    /// may run where the keys are not).
-    pub fn probe_targets(text: &str, path: &Path) -> Result<(Vec<String>, bool), ConfigError> {
-        let raw = parse_raw(text, path)?;
-        Ok((
-            raw.hosts.into_iter().map(|h| h.name).collect(),
-            raw.listen.http.is_some(),
-        ))
-    }
-
-    /// The `[admin] listen` address of a config file, without loading any
-    /// certificate (for `linkgate health`).
-    pub fn admin_address(text: &str, path: &Path) -> Result<Option<SocketAddr>, ConfigError> {
-        let raw = parse_raw(text, path)?;
-        raw.admin
-            .listen
-            .as_deref()
-            .map(parse_addr)
-            .transpose()
-            .map_err(|message| ConfigError::Key {
-                path: path.to_path_buf(),
-                key: "admin.listen",
-                message,
-            })
-    }
-
-    /// Each host's provider preset (lower-case name → preset), without
-    /// loading any file (for `linkgate doctor`). Hosts with a bare `url`
-    /// have none.
-    pub fn host_providers(text: &str, path: &Path) -> Result<HashMap<String, &'static Preset>, ConfigError> {
-        let raw = parse_raw(text, path)?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let mut out = HashMap::new();
-        for entry in raw.hosts.clone().into_iter().map(|h| HostEntry::resolve(h, base)) {
-            let preset =
-                preset_of(&entry.upstream_settings(&raw.upstream)).map_err(|(_, message)| ConfigError::Host {
-                    path: path.to_path_buf(),
-                    host: entry.name.clone(),
-                    message,
-                })?;
-            if let Some(p) = preset {
-                out.insert(entry.name.to_ascii_lowercase(), p);
-            }
-        }
-        Ok(out)
-    }
-
-    /// The `[acme] storage` folder and the `acme = true` hosts, without
-    /// loading any certificate file (for `linkgate doctor`). `None` when
-    /// there is no `[acme] storage`.
-    pub fn acme_storage(text: &str, path: &Path) -> Result<Option<(PathBuf, Vec<HostName>)>, ConfigError> {
-        let raw = parse_raw(text, path)?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let Some(storage) = raw.acme.and_then(|a| a.storage).map(|s| base.join(s)) else {
-            return Ok(None);
-        };
-        let hosts = raw
-            .hosts
-            .iter()
-            .filter(|h| h.acme)
-            .filter_map(|h| HostName::parse(&h.name).ok())
-            .collect();
-        Ok(Some((storage, hosts)))
     }
 
     /// Parses and validates `text` as if read from `path` (relative file

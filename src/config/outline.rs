@@ -1,0 +1,111 @@
+//! A configuration file read once, without loading any certificate or key,
+//! for the subcommands that must work where the keys are not or must not
+//! stop at the first bad host: `check` (every host's entry), `doctor`
+//! (hosts, providers, ACME storage) and `health` (the admin address).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use super::raw::RawConfig;
+use super::{parse_addr, parse_raw, preset_of, ConfigError, HostEntry};
+use crate::host::HostName;
+use crate::provider::Preset;
+
+/// The file as written, parsed once.
+pub struct Outline {
+    path: PathBuf,
+    raw: RawConfig,
+}
+
+impl Outline {
+    /// Reads and parses the file at `path`.
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses `text` as if read from `path` (relative names are resolved
+    /// against `path`'s folder).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        Ok(Self {
+            path: path.to_path_buf(),
+            raw: parse_raw(text, path)?,
+        })
+    }
+
+    fn base(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+
+    /// The `[[host]]` entries as written (for `check`, which reports on
+    /// every host rather than stopping at the first).
+    pub fn host_entries(&self) -> Vec<HostEntry> {
+        let base = self.base();
+        self.raw
+            .hosts
+            .iter()
+            .map(|h| HostEntry::resolve(h.clone(), base))
+            .collect()
+    }
+
+    /// The host names as written.
+    pub fn host_names(&self) -> Vec<String> {
+        self.raw.hosts.iter().map(|h| h.name.clone()).collect()
+    }
+
+    /// Whether there is a plain-http listener.
+    pub fn has_http(&self) -> bool {
+        self.raw.listen.http.is_some()
+    }
+
+    /// The `[admin] listen` address, if any.
+    pub fn admin_address(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        self.raw
+            .admin
+            .listen
+            .as_deref()
+            .map(parse_addr)
+            .transpose()
+            .map_err(|message| ConfigError::Key {
+                path: self.path.clone(),
+                key: "admin.listen",
+                message,
+            })
+    }
+
+    /// Each host's provider preset (lower-case name → preset). Hosts with a
+    /// bare `url` have none.
+    pub fn host_providers(&self) -> Result<HashMap<String, &'static Preset>, ConfigError> {
+        let mut out = HashMap::new();
+        for entry in self.host_entries() {
+            let preset =
+                preset_of(&entry.upstream_settings(&self.raw.upstream)).map_err(|(_, message)| ConfigError::Host {
+                    path: self.path.clone(),
+                    host: entry.name.clone(),
+                    message,
+                })?;
+            if let Some(p) = preset {
+                out.insert(entry.name.to_ascii_lowercase(), p);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The `[acme] storage` folder and the `acme = true` hosts; `None` when
+    /// there is no `[acme] storage`.
+    pub fn acme_storage(&self) -> Option<(PathBuf, Vec<HostName>)> {
+        let storage = self.raw.acme.as_ref()?.storage.as_ref()?;
+        let hosts = self
+            .raw
+            .hosts
+            .iter()
+            .filter(|h| h.acme)
+            .filter_map(|h| HostName::parse(&h.name).ok())
+            .collect();
+        Some((self.base().join(storage), hosts))
+    }
+}
