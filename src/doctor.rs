@@ -637,7 +637,9 @@ fn verdict(answer: &Answer, scheme: &str, preset: Option<&'static Preset>) -> Ou
             "the Host header is not forwarded: the proxy must send Host = the branded name (linkgate does; check what is in front of it)",
         )
     } else if (status == 502 || status == 504)
-        && (lower.contains("upstream unavailable") || lower.contains("upstream timed out"))
+        && [crate::proxy::UPSTREAM_UNAVAILABLE, crate::proxy::UPSTREAM_TIMED_OUT]
+            .iter()
+            .any(|body| lower.contains(body.trim_end()))
     {
         Outcome::fail(
             format!("{scheme} answered {status} from linkgate: the provider is unreachable from linkgate"),

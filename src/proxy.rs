@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 
 use crate::access::{AccessRecord, ProxyBody};
 use crate::acme;
-use crate::config::HttpMode;
+use crate::config::{Host, HttpMode};
 use crate::connection::{ClientBody, ConnInfo};
 use crate::host::HostName;
 use crate::metrics::{KindLabels, Metrics};
@@ -78,16 +78,10 @@ pub enum ProxyError {
     Upstream(UpstreamError),
 }
 
-/// The metric label of an upstream failure (`linkgate_upstream_errors_total{kind}`).
-fn upstream_kind(err: &UpstreamError) -> &'static str {
-    match err {
-        UpstreamError::Connect(_) => "connect",
-        UpstreamError::Tls(_) => "tls",
-        UpstreamError::Timeout(_) => "timeout",
-        UpstreamError::Broken(_) => "reset",
-        UpstreamError::Upgrade => "upgrade",
-    }
-}
+/// The body of linkgate's own 502: `doctor` tells it from a provider's by it.
+pub const UPSTREAM_UNAVAILABLE: &str = "upstream unavailable\n";
+/// The body of linkgate's own 504.
+pub const UPSTREAM_TIMED_OUT: &str = "upstream timed out\n";
 
 impl ProxyError {
     /// The status code the client receives for this error.
@@ -113,8 +107,8 @@ impl ProxyError {
             Self::BodyTooLarge => "request body too large\n",
             Self::BodyTimeout => "request body timed out\n",
             Self::HeadTooLarge => "request headers too large for the upstream\n",
-            Self::Upstream(UpstreamError::Timeout(_)) => "upstream timed out\n",
-            Self::Upstream(_) => "upstream unavailable\n",
+            Self::Upstream(UpstreamError::Timeout(_)) => UPSTREAM_TIMED_OUT,
+            Self::Upstream(_) => UPSTREAM_UNAVAILABLE,
         }
     }
 
@@ -179,13 +173,16 @@ impl Proxy {
             conn.activity.must_close();
         }
         let req = req.map(|body| ClientBody::new(body, &conn));
-        let mut host = None;
-        let result = self.forward(&conn, req, &mut host).await;
+        let (host, route) = self.route(&conn, &req);
+        let result = match route {
+            Ok((host_cfg, target)) => self.forward(&conn, req, host_cfg, target).await,
+            Err(e) => Err(e),
+        };
         let (resp, upstream_time, slot, error) = match result {
             Ok((resp, t, slot)) => (resp, t, slot, None),
             Err(e) => {
                 if let ProxyError::Upstream(err) = &e {
-                    let kind = upstream_kind(err);
+                    let kind = err.kind();
                     self.metrics.upstream_errors.get_or_create(&KindLabels { kind }).inc();
                     tracing::warn!(client = %conn.peer, host = host.as_ref().map_or("-", HostName::as_str), error = %err, "upstream request failed");
                 }
@@ -230,31 +227,55 @@ impl Proxy {
         ))
     }
 
-    async fn forward(
+    /// Which configured host `req` is for, and its target in origin form,
+    /// or why it is refused. The host is returned whenever the request
+    /// named one, refused or not (for the metrics and the log).
+    fn route<B>(
         &self,
-        conn: &Arc<ConnInfo>,
-        req: Request<ClientBody>,
-        host_out: &mut Option<HostName>,
-    ) -> Result<Forwarded, ProxyError> {
+        conn: &ConnInfo,
+        req: &Request<B>,
+    ) -> (Option<HostName>, Result<(&Host, PathAndQuery), ProxyError>) {
         if req.method() == Method::CONNECT {
-            return Err(ProxyError::MethodNotAllowed);
+            return (None, Err(ProxyError::MethodNotAllowed));
         }
-        check_framing(&req)?;
-        let host = request_host(&req)?;
-        *host_out = Some(host.clone());
+        if let Err(e) = check_framing(req) {
+            return (None, Err(e));
+        }
+        let host = match request_host(req) {
+            Ok(host) => host,
+            Err(e) => return (None, Err(e)),
+        };
         let allowed = match &conn.sni {
             Some(sni) => *sni == host,
             None => self.active.hosts.contains_key(&host),
         };
         let Some(host_cfg) = self.active.host(&host).filter(|_| allowed) else {
-            return Err(ProxyError::Misdirected);
+            return (Some(host), Err(ProxyError::Misdirected));
         };
-        let path_and_query = match req.uri().path_and_query() {
+        let target = match req.uri().path_and_query() {
             Some(pq) if pq.as_str().starts_with('/') => pq.clone(),
             // Absolute-form without a path (`GET https://host HTTP/1.1`); authority-form has no scheme.
             None if req.uri().scheme().is_some() => PathAndQuery::from_static("/"),
-            _ => return Err(ProxyError::BadRequest("request target must be an absolute path\n")),
+            _ => {
+                return (
+                    Some(host),
+                    Err(ProxyError::BadRequest("request target must be an absolute path\n")),
+                )
+            }
         };
+        (Some(host), Ok((host_cfg, target)))
+    }
+
+    /// Answers a routed request: locally (the host's files, ACME HTTP-01,
+    /// redirects to https) or from the upstream.
+    async fn forward(
+        &self,
+        conn: &Arc<ConnInfo>,
+        req: Request<ClientBody>,
+        host_cfg: &Host,
+        path_and_query: PathAndQuery,
+    ) -> Result<Forwarded, ProxyError> {
+        let host = &host_cfg.name;
         // Answered here, never forwarded: the host's own files (never redirected:
         // Apple and Google fetch them without following redirects), ACME
         // HTTP-01 challenges on plain http, then plain http redirected to https.
@@ -265,7 +286,7 @@ impl Proxy {
         if conn.sni.is_none() && host_cfg.is_acme() {
             if let Some(token) = path_and_query.path().strip_prefix(acme::HTTP01_PREFIX) {
                 let acme = self.active.config.acme.as_ref();
-                let answer = acme::answer_http01(acme, &self.metrics, &host, token, req.method()).await;
+                let answer = acme::answer_http01(acme, &self.metrics, host, token, req.method()).await;
                 let (parts, body) = answer.into_parts();
                 return Ok((Response::from_parts(parts, Either::Right(Full::new(body))), None, None));
             }
@@ -279,6 +300,19 @@ impl Proxy {
                 .map_err(|_| ProxyError::BadRequest("invalid request target\n"))?;
             return Ok((resp, None, None));
         }
+        self.send(conn, req, host_cfg, path_and_query).await
+    }
+
+    /// Sends a routed request to its host's upstream: the size caps, the
+    /// rewritten head, the first body frame, then the answer.
+    async fn send(
+        &self,
+        conn: &Arc<ConnInfo>,
+        req: Request<ClientBody>,
+        host_cfg: &Host,
+        path_and_query: PathAndQuery,
+    ) -> Result<Forwarded, ProxyError> {
+        let host = &host_cfg.name;
         let upstream = &self.upstreams[host_cfg.upstream];
         let head_cap = self.active.config.upstreams[host_cfg.upstream].max_header_bytes;
         let max_body = self.active.config.limits.max_request_body;
@@ -298,7 +332,7 @@ impl Proxy {
         }
         parts.version = Version::HTTP_11;
         parts.extensions = http::Extensions::new();
-        rewrite_request_headers(&mut parts.headers, &host, conn);
+        rewrite_request_headers(&mut parts.headers, host, conn);
         if head_cap.is_some_and(|cap| head_size(&parts) > cap) {
             return Err(ProxyError::HeadTooLarge);
         }
@@ -361,7 +395,7 @@ impl Proxy {
     }
 }
 
-/// What [`Proxy::forward`] answers with: the response, how long the
+/// What [`Proxy::forward`] and [`Proxy::send`] answer with: the response, how long the
 /// upstream took to send its head, and the upstream slot its body holds.
 type Forwarded = (
     Response<Either<UpstreamBody, Full<Bytes>>>,

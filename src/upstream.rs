@@ -332,6 +332,19 @@ pub enum UpstreamError {
     Upgrade,
 }
 
+impl UpstreamError {
+    /// Its metric label (`linkgate_upstream_errors_total{kind}`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Connect(_) => "connect",
+            Self::Tls(_) => "tls",
+            Self::Timeout(_) => "timeout",
+            Self::Broken(_) => "reset",
+            Self::Upgrade => "upgrade",
+        }
+    }
+}
+
 impl fmt::Display for UpstreamError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
