@@ -188,8 +188,8 @@ fn bad_provider_settings_are_refused_by_check_and_serve() {
     )
     .expect("write config");
     let config = linkgate::config::Config::load(&path).expect("mailgun over http");
-    assert_eq!(config.upstream.authority.as_str(), "eu.mailgun.org");
-    assert_eq!(config.upstream.scheme.as_str(), "http");
+    assert_eq!(config.default_upstream().authority.as_str(), "eu.mailgun.org");
+    assert_eq!(config.default_upstream().scheme.as_str(), "http");
 }
 
 #[tokio::test]

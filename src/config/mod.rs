@@ -8,6 +8,8 @@
 //! host at fault. [`Outline`] reads a file once without loading anything,
 //! for the subcommands.
 
+mod build;
+mod hosts;
 mod outline;
 mod raw;
 mod units;
@@ -23,6 +25,9 @@ use http::uri::{Authority, Scheme};
 use http::HeaderValue;
 use rustls::sign::CertifiedKey;
 
+pub use build::preset_of;
+use build::*;
+pub use hosts::{load_host, HostEntry, LoadedPairs};
 pub use outline::Outline;
 pub use units::{parse_duration, parse_size, IpNet};
 
@@ -41,9 +46,8 @@ pub struct Config {
     /// The file it was read from.
     pub path: PathBuf,
     pub listen: Listen,
-    /// `[upstream]`: the default for hosts that do not name their own.
-    pub upstream: Upstream,
-    /// Every distinct upstream, `[upstream]`'s first; hosts refer to them by index.
+    /// Every distinct upstream, `[upstream]`'s first (the default for hosts
+    /// that do not name their own); hosts refer to them by index.
     pub upstreams: Vec<Upstream>,
     /// One entry per `[[host]]`, in file order, names unique.
     pub hosts: Vec<Host>,
@@ -353,169 +357,6 @@ impl fmt::Debug for Host {
     }
 }
 
-/// One `[[host]]` entry as written, its file names resolved against the config file's folder.
-#[derive(Debug, Clone)]
-pub struct HostEntry {
-    pub name: String,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-    pub acme: bool,
-    pub hsts: Option<String>,
-    pub ocsp: Option<PathBuf>,
-    /// URL path → file, resolved.
-    pub files: Vec<(String, PathBuf)>,
-    pub http: Option<String>,
-    /// The host's own upstream settings (paths as written).
-    pub upstream: RawUpstream,
-}
-
-impl HostEntry {
-    fn resolve(raw: raw::RawHost, base: &Path) -> Self {
-        Self {
-            name: raw.name,
-            cert: raw.cert.map(|p| base.join(p)),
-            key: raw.key.map(|p| base.join(p)),
-            acme: raw.acme,
-            hsts: raw.hsts,
-            ocsp: raw.ocsp.map(|p| base.join(p)),
-            files: raw
-                .files
-                .into_iter()
-                .map(|(url, file)| (url, base.join(file)))
-                .collect(),
-            http: raw.http,
-            upstream: RawUpstream {
-                provider: raw.provider,
-                region: raw.region,
-                url: raw.url,
-                connect_to: raw.connect_to,
-                ca_file: raw.ca_file,
-                ..RawUpstream::default()
-            },
-        }
-    }
-
-    /// This host's upstream settings: its own endpoint (`provider`/`url`, with
-    /// its `region`, `connect_to` and `ca_file`) when it names one; otherwise
-    /// `[upstream]`'s, with the host's `region`, `connect_to` and `ca_file`
-    /// taking precedence. Timeouts always come from `[upstream]`.
-    pub fn upstream_settings(&self, default: &RawUpstream) -> RawUpstream {
-        let own = &self.upstream;
-        let timeouts = RawUpstream {
-            connect_timeout: default.connect_timeout.clone(),
-            response_timeout: default.response_timeout.clone(),
-            pool_idle_timeout: default.pool_idle_timeout.clone(),
-            ..RawUpstream::default()
-        };
-        if own.provider.is_some() || own.url.is_some() {
-            RawUpstream {
-                provider: own.provider.clone(),
-                region: own.region.clone(),
-                url: own.url.clone(),
-                connect_to: own.connect_to.clone(),
-                ca_file: own.ca_file.clone(),
-                ..timeouts
-            }
-        } else {
-            RawUpstream {
-                provider: default.provider.clone(),
-                region: own.region.clone().or_else(|| default.region.clone()),
-                url: default.url.clone(),
-                connect_to: own.connect_to.clone().or_else(|| default.connect_to.clone()),
-                ca_file: own.ca_file.clone().or_else(|| default.ca_file.clone()),
-                ..timeouts
-            }
-        }
-    }
-}
-
-/// Certificate/key(/OCSP) files already loaded, so hosts sharing them load them once.
-pub type LoadedPairs = BTreeMap<(PathBuf, PathBuf, Option<PathBuf>), Arc<CertifiedKey>>;
-
-/// Validates one host entry as `serve` does: its name, its files, that the
-/// key matches the certificate and that the certificate covers the name.
-pub fn load_host(entry: &HostEntry, loaded: &mut LoadedPairs) -> Result<Host, String> {
-    let name = HostName::parse(&entry.name).map_err(|e| e.to_string())?;
-    let hsts = entry
-        .hsts
-        .as_deref()
-        .map(parse_hsts)
-        .transpose()
-        .map_err(|m| format!("hsts: {m}"))?;
-    let certificate = match (entry.acme, &entry.cert, &entry.key) {
-        (true, None, None) if entry.ocsp.is_some() => {
-            return Err("ocsp: applies to hosts with cert and key, not to acme = true".into())
-        }
-        (true, None, None) => CertSource::Acme,
-        (true, _, _) => return Err("acme = true replaces cert and key: remove one or the other".into()),
-        (false, Some(cert), Some(key)) => {
-            let files = (cert.clone(), key.clone(), entry.ocsp.clone());
-            let certified_key = match loaded.get(&files) {
-                Some(ck) => ck.clone(),
-                None => {
-                    let mut ck = tls::load_certified_key(cert, key)?;
-                    if let Some(path) = &entry.ocsp {
-                        ck.ocsp = Some(tls::load_ocsp(path)?);
-                    }
-                    let ck = Arc::new(ck);
-                    loaded.insert(files, ck.clone());
-                    ck
-                }
-            };
-            tls::check_covers(&certified_key, &name).map_err(|m| format!("{}: {m}", cert.display()))?;
-            CertSource::Files {
-                cert: cert.clone(),
-                key: key.clone(),
-                ocsp: entry.ocsp.clone(),
-                certified_key,
-            }
-        }
-        (false, None, _) => return Err("cert: missing: give cert and key, or acme = true".into()),
-        (false, Some(_), None) => return Err("key: missing: give the private key of cert".into()),
-    };
-    let mut files = HashMap::new();
-    for (url_path, file) in &entry.files {
-        files::check_url_path(url_path).map_err(|m| format!("files: {m}"))?;
-        files.insert(url_path.clone(), Arc::new(StaticFile::load(file)?));
-    }
-    let http = match entry.http.as_deref() {
-        None | Some("forward") => HttpMode::Forward,
-        Some("redirect") => HttpMode::Redirect,
-        Some(other) => return Err(format!("http: {other:?} is neither \"forward\" nor \"redirect\"")),
-    };
-    Ok(Host {
-        name,
-        certificate,
-        hsts,
-        upstream: 0,
-        files,
-        http,
-    })
-}
-
-/// Validates a `Strict-Transport-Security` value: `max-age=<seconds>`, then
-/// optionally `includeSubDomains` and `preload`, separated by `;`.
-fn parse_hsts(value: &str) -> Result<HeaderValue, String> {
-    let mut max_age = false;
-    for directive in value.split(';').map(str::trim) {
-        let lower = directive.to_ascii_lowercase();
-        if let Some(seconds) = lower.strip_prefix("max-age=") {
-            if max_age || seconds.trim_matches('"').parse::<u64>().is_err() {
-                return Err(format!("{value:?}: max-age must be given once, in seconds"));
-            }
-            max_age = true;
-        } else if lower != "includesubdomains" && lower != "preload" {
-            return Err(format!(
-                "{value:?}: unknown directive {directive:?} (expected max-age=<seconds>, includeSubDomains, preload)"
-            ));
-        }
-    }
-    if !max_age {
-        return Err(format!("{value:?}: max-age=<seconds> is required"));
-    }
-    HeaderValue::from_str(value).map_err(|_| format!("{value:?} is not a valid header value"))
-}
-
 /// Why a configuration was refused. Displays as one line.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -542,6 +383,11 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// `[upstream]`: the default for hosts that do not name their own.
+    pub fn default_upstream(&self) -> &Upstream {
+        &self.upstreams[0]
+    }
+
     /// Reads, parses and validates the file at `path`, loading every
     /// certificate and key it names. Blocking: call it at start-up or from a
     /// blocking task.
@@ -594,7 +440,7 @@ impl Config {
 
         let default_upstream = raw.upstream.clone();
         let upstream = build_upstream(raw.upstream, base).map_err(|(key, m)| key_err(key, m))?;
-        let mut upstreams = vec![upstream.clone()];
+        let mut upstreams = vec![upstream];
         let admin = raw
             .admin
             .listen
@@ -651,7 +497,6 @@ impl Config {
         Ok(Self {
             path: path.to_path_buf(),
             listen,
-            upstream,
             upstreams,
             hosts,
             admin,
@@ -661,293 +506,6 @@ impl Config {
             acme,
         })
     }
-}
-
-fn build_acme(raw: RawAcme, base: &Path, listen: &Listen) -> Result<Acme, KeyError> {
-    let directory = raw.directory.ok_or((
-        "acme.directory",
-        "missing: the ACME server's directory URL, e.g. https://acme-v02.api.letsencrypt.org/directory".into(),
-    ))?;
-    let uri: http::Uri = directory
-        .parse()
-        .map_err(|e| ("acme.directory", format!("{directory:?}: {e}")))?;
-    if uri.scheme_str() != Some("https") || uri.authority().is_none() {
-        return Err(("acme.directory", format!("{directory:?}: must be an https:// URL")));
-    }
-    let contact = match raw.email {
-        Some(email) => {
-            let valid = email.split_once('@').is_some_and(|(user, domain)| {
-                !user.is_empty() && domain.contains('.') && !email.contains(|c: char| c.is_whitespace() || c == ',')
-            });
-            if !valid {
-                return Err(("acme.email", format!("{email:?} is not an email address")));
-            }
-            Some(format!("mailto:{email}"))
-        }
-        None => None,
-    };
-    let storage = base.join(raw.storage.ok_or((
-        "acme.storage",
-        "missing: a folder for the account key, certificates and locks (shared by every replica), e.g. /var/lib/linkgate/acme".into(),
-    ))?);
-    let challenge = match raw.challenge.as_deref() {
-        None | Some("tls-alpn-01") => Challenge::TlsAlpn01,
-        Some("http-01") => Challenge::Http01,
-        Some(other) => {
-            return Err((
-                "acme.challenge",
-                format!("{other:?} is neither \"tls-alpn-01\" nor \"http-01\""),
-            ))
-        }
-    };
-    if challenge == Challenge::Http01 && listen.http.is_none() {
-        return Err((
-            "acme.challenge",
-            "http-01 is answered on the plain-http listener: set listen.http (port 80 as the CA sees it)".into(),
-        ));
-    }
-    let renew_before = duration("acme.renew_before", raw.renew_before, Duration::from_secs(30 * 86400))?;
-    let ca_certs = raw
-        .ca_file
-        .map(|file| tls::load_certs(&base.join(file)))
-        .transpose()
-        .map_err(|m| ("acme.ca_file", m))?;
-    let eab = match (raw.eab_kid, raw.eab_hmac_key) {
-        (None, None) => None,
-        (Some(kid), Some(key)) => {
-            use base64::Engine as _;
-            let trimmed = key.trim().trim_end_matches('=');
-            let hmac_key = base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(trimmed)
-                .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(trimmed))
-                .map_err(|_| {
-                    (
-                        "acme.eab_hmac_key",
-                        "not base64 (give the key exactly as the CA shows it)".into(),
-                    )
-                })?;
-            if kid.trim().is_empty() || hmac_key.is_empty() {
-                return Err(("acme.eab_kid", "the key id and the HMAC key must not be empty".into()));
-            }
-            Some(Eab { kid, hmac_key })
-        }
-        (Some(_), None) => return Err(("acme.eab_hmac_key", "missing: eab_kid needs its eab_hmac_key".into())),
-        (None, Some(_)) => return Err(("acme.eab_kid", "missing: eab_hmac_key needs its eab_kid".into())),
-    };
-    Ok(Acme {
-        directory,
-        contact,
-        storage,
-        challenge,
-        renew_before,
-        ca_certs,
-        eab,
-    })
-}
-
-/// The provider preset `raw` names: its `provider`, else sendgrid unless a bare `url` is given.
-pub fn preset_of(raw: &RawUpstream) -> Result<Option<&'static Preset>, KeyError> {
-    match (&raw.provider, &raw.url) {
-        (Some(name), _) => provider::find(name).map(Some).map_err(|m| ("upstream.provider", m)),
-        (None, None) => Ok(provider::find(provider::DEFAULT).ok()),
-        (None, Some(_)) => Ok(None),
-    }
-}
-
-fn build_upstream(raw: RawUpstream, base: &Path) -> Result<Upstream, KeyError> {
-    let preset = preset_of(&raw)?;
-    let url = match (&raw.url, preset) {
-        (Some(url), _) => {
-            if raw.region.is_some() {
-                return Err((
-                    "upstream.region",
-                    "applies to a provider preset; url already names the endpoint".into(),
-                ));
-            }
-            url.clone()
-        }
-        (None, Some(p)) => p.url(raw.region.as_deref()).map_err(|m| ("upstream.region", m))?,
-        (None, None) => unreachable!("preset_of gives a preset when there is no url"),
-    };
-    let url = url.as_str();
-    let uri: http::Uri = url.parse().map_err(|e| ("upstream.url", format!("{url:?}: {e}")))?;
-    let scheme = match uri.scheme_str() {
-        Some("http") => Scheme::HTTP,
-        Some("https") => Scheme::HTTPS,
-        _ => return Err(("upstream.url", format!("{url:?}: must start with http:// or https://"))),
-    };
-    if let Some(p) = preset.filter(|p| p.http_only && scheme == Scheme::HTTPS) {
-        return Err((
-            "upstream.url",
-            format!(
-                "{url:?}: {} does not accept HTTPS from a proxy; use http:// (linkgate still serves https to clients)",
-                p.name
-            ),
-        ));
-    }
-    let authority = uri
-        .authority()
-        .cloned()
-        .ok_or(("upstream.url", format!("{url:?}: no host")))?;
-    if authority.as_str().contains('@') {
-        return Err(("upstream.url", format!("{url:?}: user information is not allowed")));
-    }
-    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        return Err((
-            "upstream.url",
-            format!("{url:?}: give only scheme, host and port: the request path is forwarded as it came"),
-        ));
-    }
-    let connect_to = raw
-        .connect_to
-        .as_deref()
-        .map(parse_addr)
-        .transpose()
-        .map_err(|m| ("upstream.connect_to", m))?;
-    let ca_certs = match raw.ca_file {
-        Some(file) => {
-            let file = base.join(file);
-            if scheme == Scheme::HTTP {
-                return Err(("upstream.ca_file", "only applies to an https upstream url".into()));
-            }
-            Some(tls::load_certs(&file).map_err(|m| ("upstream.ca_file", m))?)
-        }
-        None => None,
-    };
-    Ok(Upstream {
-        scheme,
-        authority,
-        connect_to,
-        ca_certs,
-        connect_timeout: duration("upstream.connect_timeout", raw.connect_timeout, Duration::from_secs(5))?,
-        response_timeout: duration(
-            "upstream.response_timeout",
-            raw.response_timeout,
-            Duration::from_secs(30),
-        )?,
-        pool_idle_timeout: duration(
-            "upstream.pool_idle_timeout",
-            raw.pool_idle_timeout,
-            Duration::from_secs(90),
-        )?,
-        provider: preset,
-        max_header_bytes: preset.and_then(|p| p.max_header_bytes),
-    })
-}
-
-type KeyError = (&'static str, String);
-
-fn duration(key: &'static str, value: Option<String>, default: Duration) -> Result<Duration, KeyError> {
-    value.map_or(Ok(default), |v| parse_duration(&v, false).map_err(|m| (key, m)))
-}
-
-fn size(key: &'static str, value: Option<SizeValue>, default: u64) -> Result<u64, KeyError> {
-    match value {
-        None => Ok(default),
-        Some(SizeValue::Bytes(n)) => Ok(n),
-        Some(SizeValue::Text(t)) => parse_size(&t).map_err(|m| (key, m)),
-    }
-}
-
-fn build_limits(raw: RawLimits) -> Result<Limits, KeyError> {
-    let d = Limits::default();
-    let max_header_bytes = size(
-        "limits.max_header_bytes",
-        raw.max_header_bytes,
-        d.max_header_bytes as u64,
-    )?;
-    if !(1024..=1 << 20).contains(&max_header_bytes) {
-        return Err(("limits.max_header_bytes", "must be between 1KiB and 1MiB".into()));
-    }
-    let max_connections = raw.max_connections.unwrap_or(d.max_connections);
-    if max_connections == 0 {
-        return Err(("limits.max_connections", "must be at least 1".into()));
-    }
-    // By default a quarter of the connections may be handshaking, and one
-    // address may hold a quarter of those, 256 at most (a handshake lasts
-    // about a round trip: 256 at once is over a thousand new connections a
-    // second from one address, for CGNAT and link scanners).
-    let max_handshakes = raw.max_handshakes.unwrap_or((max_connections / 4).max(1));
-    if !(1..=max_connections).contains(&max_handshakes) {
-        return Err((
-            "limits.max_handshakes",
-            format!("must be between 1 and limits.max_connections ({max_connections})"),
-        ));
-    }
-    let handshakes_per_address = raw
-        .handshakes_per_address
-        .unwrap_or((max_handshakes / 4).clamp(1, d.handshakes_per_address));
-    if !(1..=max_handshakes).contains(&handshakes_per_address) {
-        return Err((
-            "limits.handshakes_per_address",
-            format!("must be between 1 and limits.max_handshakes ({max_handshakes})"),
-        ));
-    }
-    let upstream_per_connection = raw.upstream_per_connection.unwrap_or(d.upstream_per_connection);
-    if !(1..=1024).contains(&upstream_per_connection) {
-        return Err(("limits.upstream_per_connection", "must be between 1 and 1024".into()));
-    }
-    let max_upstream_connections = raw.max_upstream_connections;
-    if max_upstream_connections == Some(0) {
-        return Err(("limits.max_upstream_connections", "must be at least 1".into()));
-    }
-    Ok(Limits {
-        handshake_timeout: duration("limits.handshake_timeout", raw.handshake_timeout, d.handshake_timeout)?,
-        header_read_timeout: duration(
-            "limits.header_read_timeout",
-            raw.header_read_timeout,
-            d.header_read_timeout,
-        )?,
-        idle_timeout: duration("limits.idle_timeout", raw.idle_timeout, d.idle_timeout)?,
-        max_connections,
-        max_handshakes,
-        handshakes_per_address,
-        max_header_bytes: max_header_bytes as usize,
-        max_request_body: size("limits.max_request_body", raw.max_request_body, d.max_request_body)?,
-        upstream_per_connection,
-        max_upstream_connections,
-    })
-}
-
-fn build_shutdown(raw: RawShutdown) -> Result<Shutdown, KeyError> {
-    let d = Shutdown::default();
-    Ok(Shutdown {
-        drain_delay: raw.drain_delay.map_or(Ok(d.drain_delay), |v| {
-            parse_duration(&v, true).map_err(|m| ("shutdown.drain_delay", m))
-        })?,
-        grace_period: duration("shutdown.grace_period", raw.grace_period, d.grace_period)?,
-    })
-}
-
-fn build_log(raw: RawLog) -> Result<Log, KeyError> {
-    let d = Log::default();
-    let format = match raw.format.as_deref() {
-        None | Some("text") => LogFormat::Text,
-        Some("json") => LogFormat::Json,
-        Some(other) => return Err(("log.format", format!("{other:?}: use \"text\" or \"json\""))),
-    };
-    Ok(Log {
-        format,
-        access: raw.access.unwrap_or(d.access),
-        query: raw.query.unwrap_or(d.query),
-    })
-}
-
-fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    s.parse()
-        .map_err(|_| format!("{s:?} is not an address: write IP:PORT, e.g. \"0.0.0.0:443\" or \"[::]:443\""))
-}
-
-fn parse_raw(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Syntax {
-        path: path.to_path_buf(),
-        line: e.span().map(|span| line_of(text, span.start)),
-        message: e.message().trim().replace('\n', " "),
-    })
-}
-
-fn line_of(text: &str, offset: usize) -> usize {
-    text.get(..offset).unwrap_or(text).matches('\n').count() + 1
 }
 
 #[cfg(test)]

@@ -1,0 +1,168 @@
+//! `[[host]]` entries: as written (file names resolved), and validated
+//! into a [`Host`] as `serve` does, certificate files loaded once however
+//! many hosts share them.
+
+use super::*;
+
+/// One `[[host]]` entry as written, its file names resolved against the config file's folder.
+#[derive(Debug, Clone)]
+pub struct HostEntry {
+    pub name: String,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub acme: bool,
+    pub hsts: Option<String>,
+    pub ocsp: Option<PathBuf>,
+    /// URL path → file, resolved.
+    pub files: Vec<(String, PathBuf)>,
+    pub http: Option<String>,
+    /// The host's own upstream settings (paths as written).
+    pub upstream: RawUpstream,
+}
+
+impl HostEntry {
+    pub(super) fn resolve(raw: raw::RawHost, base: &Path) -> Self {
+        Self {
+            name: raw.name,
+            cert: raw.cert.map(|p| base.join(p)),
+            key: raw.key.map(|p| base.join(p)),
+            acme: raw.acme,
+            hsts: raw.hsts,
+            ocsp: raw.ocsp.map(|p| base.join(p)),
+            files: raw
+                .files
+                .into_iter()
+                .map(|(url, file)| (url, base.join(file)))
+                .collect(),
+            http: raw.http,
+            upstream: RawUpstream {
+                provider: raw.provider,
+                region: raw.region,
+                url: raw.url,
+                connect_to: raw.connect_to,
+                ca_file: raw.ca_file,
+                ..RawUpstream::default()
+            },
+        }
+    }
+
+    /// This host's upstream settings: its own endpoint (`provider`/`url`, with
+    /// its `region`, `connect_to` and `ca_file`) when it names one; otherwise
+    /// `[upstream]`'s, with the host's `region`, `connect_to` and `ca_file`
+    /// taking precedence. Timeouts always come from `[upstream]`.
+    pub fn upstream_settings(&self, default: &RawUpstream) -> RawUpstream {
+        let own = &self.upstream;
+        let timeouts = RawUpstream {
+            connect_timeout: default.connect_timeout.clone(),
+            response_timeout: default.response_timeout.clone(),
+            pool_idle_timeout: default.pool_idle_timeout.clone(),
+            ..RawUpstream::default()
+        };
+        if own.provider.is_some() || own.url.is_some() {
+            RawUpstream {
+                provider: own.provider.clone(),
+                region: own.region.clone(),
+                url: own.url.clone(),
+                connect_to: own.connect_to.clone(),
+                ca_file: own.ca_file.clone(),
+                ..timeouts
+            }
+        } else {
+            RawUpstream {
+                provider: default.provider.clone(),
+                region: own.region.clone().or_else(|| default.region.clone()),
+                url: default.url.clone(),
+                connect_to: own.connect_to.clone().or_else(|| default.connect_to.clone()),
+                ca_file: own.ca_file.clone().or_else(|| default.ca_file.clone()),
+                ..timeouts
+            }
+        }
+    }
+}
+
+/// Certificate/key(/OCSP) files already loaded, so hosts sharing them load them once.
+pub type LoadedPairs = BTreeMap<(PathBuf, PathBuf, Option<PathBuf>), Arc<CertifiedKey>>;
+
+/// Validates one host entry as `serve` does: its name, its files, that the
+/// key matches the certificate and that the certificate covers the name.
+pub fn load_host(entry: &HostEntry, loaded: &mut LoadedPairs) -> Result<Host, String> {
+    let name = HostName::parse(&entry.name).map_err(|e| e.to_string())?;
+    let hsts = entry
+        .hsts
+        .as_deref()
+        .map(parse_hsts)
+        .transpose()
+        .map_err(|m| format!("hsts: {m}"))?;
+    let certificate = match (entry.acme, &entry.cert, &entry.key) {
+        (true, None, None) if entry.ocsp.is_some() => {
+            return Err("ocsp: applies to hosts with cert and key, not to acme = true".into())
+        }
+        (true, None, None) => CertSource::Acme,
+        (true, _, _) => return Err("acme = true replaces cert and key: remove one or the other".into()),
+        (false, Some(cert), Some(key)) => {
+            let files = (cert.clone(), key.clone(), entry.ocsp.clone());
+            let certified_key = match loaded.get(&files) {
+                Some(ck) => ck.clone(),
+                None => {
+                    let mut ck = tls::load_certified_key(cert, key)?;
+                    if let Some(path) = &entry.ocsp {
+                        ck.ocsp = Some(tls::load_ocsp(path)?);
+                    }
+                    let ck = Arc::new(ck);
+                    loaded.insert(files, ck.clone());
+                    ck
+                }
+            };
+            tls::check_covers(&certified_key, &name).map_err(|m| format!("{}: {m}", cert.display()))?;
+            CertSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+                ocsp: entry.ocsp.clone(),
+                certified_key,
+            }
+        }
+        (false, None, _) => return Err("cert: missing: give cert and key, or acme = true".into()),
+        (false, Some(_), None) => return Err("key: missing: give the private key of cert".into()),
+    };
+    let mut files = HashMap::new();
+    for (url_path, file) in &entry.files {
+        files::check_url_path(url_path).map_err(|m| format!("files: {m}"))?;
+        files.insert(url_path.clone(), Arc::new(StaticFile::load(file)?));
+    }
+    let http = match entry.http.as_deref() {
+        None | Some("forward") => HttpMode::Forward,
+        Some("redirect") => HttpMode::Redirect,
+        Some(other) => return Err(format!("http: {other:?} is neither \"forward\" nor \"redirect\"")),
+    };
+    Ok(Host {
+        name,
+        certificate,
+        hsts,
+        upstream: 0,
+        files,
+        http,
+    })
+}
+
+/// Validates a `Strict-Transport-Security` value: `max-age=<seconds>`, then
+/// optionally `includeSubDomains` and `preload`, separated by `;`.
+fn parse_hsts(value: &str) -> Result<HeaderValue, String> {
+    let mut max_age = false;
+    for directive in value.split(';').map(str::trim) {
+        let lower = directive.to_ascii_lowercase();
+        if let Some(seconds) = lower.strip_prefix("max-age=") {
+            if max_age || seconds.trim_matches('"').parse::<u64>().is_err() {
+                return Err(format!("{value:?}: max-age must be given once, in seconds"));
+            }
+            max_age = true;
+        } else if lower != "includesubdomains" && lower != "preload" {
+            return Err(format!(
+                "{value:?}: unknown directive {directive:?} (expected max-age=<seconds>, includeSubDomains, preload)"
+            ));
+        }
+    }
+    if !max_age {
+        return Err(format!("{value:?}: max-age=<seconds> is required"));
+    }
+    HeaderValue::from_str(value).map_err(|_| format!("{value:?} is not a valid header value"))
+}
