@@ -915,8 +915,8 @@ async fn a_certificate_expired_or_due_on_arrival_is_a_failed_attempt_not_a_loop(
     let cases = [
         // expired an hour ago
         (-7200, -3600, "expired at"),
-        // valid for a day, renew_before is 30 days: due on arrival
-        (-89 * 86400, 86400, "due for renewal on arrival"),
+        // an hour left: renewed within minutes, and again
+        (-89 * 86400, 3600, "less than the 86400s"),
     ];
     for (not_before, not_after, reason) in cases {
         let dir = TempDir::new().expect("tempdir");
@@ -960,6 +960,38 @@ async fn a_certificate_expired_or_due_on_arrival_is_a_failed_attempt_not_a_loop(
             0.0
         );
     }
+}
+
+/// A certificate backdated so that `renew_before` (30 days) is reached 2 s
+/// after it arrives (found by the outside audit: 30 renewals in 70 s, each
+/// a success, so never backed off). It is served, and renewed once a third
+/// of the life it had left has passed, not 2 s later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_backdated_to_be_due_seconds_after_arrival_is_not_renewed_in_a_loop() {
+    const HOST: &str = "backdated.example.test";
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    let ca = StandInCa::start(
+        &pki,
+        Misbehaviour::Issues {
+            not_before: -60 * 86400,
+            not_after: 30 * 86400 + 2,
+        },
+    )
+    .await;
+    let up = StandIn::plain().await;
+    let lg = against(&ca, dir.path(), &pki, HOST, &up);
+    let issued = wait_line(&lg.lines, |v| logged(v, "certificate issued; serving it now", HOST));
+    wait_served(&ca.root, lg.https, HOST, HANG_GUARD).await;
+    let renew_at = httpdate::parse_http_date(issued["renew_at"].as_str().expect("renew_at")).expect("a date");
+    let days = renew_at
+        .duration_since(std::time::SystemTime::now())
+        .expect("in the future")
+        .as_secs()
+        / 86400;
+    assert!((9..=10).contains(&days), "renewal about 10 days on: {issued}");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(ca.orders(), 1, "no renewal loop");
 }
 
 /// A directory whose body never ends: cut at a size (the old code read it

@@ -101,6 +101,8 @@ pub struct Stored {
     pub key: Arc<CertifiedKey>,
     pub not_before: i64,
     pub not_after: i64,
+    /// When linkgate received it (Unix time; `not_before` if unknown).
+    pub arrived: i64,
 }
 
 impl Stored {
@@ -110,19 +112,27 @@ impl Stored {
 
     /// When to renew: `renew_before` ahead of expiry, or when a third of the
     /// lifetime is left if `renew_before` is longer than the lifetime (short-
-    /// lived certificates: renewing at once would renew forever).
+    /// lived certificates: renewing at once would renew forever). The
+    /// lifetime counts from when linkgate received it, and it is never
+    /// renewed before a third of that has passed: a certificate backdated so
+    /// that it is due seconds after it arrives (a broken or hostile CA)
+    /// would otherwise be renewed every few seconds, each time a success.
     pub fn renew_at(&self, renew_before: Duration) -> i64 {
-        let lifetime = (self.not_after - self.not_before).max(0);
+        let start = self.not_before.max(self.arrived.min(self.not_after));
+        let lifetime = (self.not_after - start).max(0);
         let before = i64::try_from(renew_before.as_secs()).unwrap_or(i64::MAX);
-        if before < lifetime {
+        let asked = if before < lifetime {
             self.not_after - before
         } else {
             self.not_after - lifetime / 3
-        }
+        };
+        asked.max(start + lifetime / 3)
     }
 }
 
-fn parse_stored(pem: &[u8], host: &HostName) -> Result<Stored, String> {
+/// `pem` (the stored form) checked for `host`; `arrived` is when linkgate
+/// received it (`None`: its `notBefore`).
+fn parse_stored(pem: &[u8], host: &HostName, arrived: Option<i64>) -> Result<Stored, String> {
     let certified = pem_key(pem)?;
     certified
         .keys_match()
@@ -134,6 +144,7 @@ fn parse_stored(pem: &[u8], host: &HostName) -> Result<Stored, String> {
         key: Arc::new(certified),
         not_before: summary.not_before,
         not_after: summary.not_after,
+        arrived: arrived.unwrap_or(summary.not_before),
     })
 }
 
@@ -232,15 +243,24 @@ mod tests {
 
     #[test]
     fn renewal_is_renew_before_ahead_or_a_third_of_short_lifetimes() {
-        let ck = |nb: i64, na: i64| Stored {
+        let ck = |nb: i64, na: i64, arrived: i64| Stored {
             key: Arc::new(CertifiedKey::new(Vec::new(), test_key())),
             not_before: nb,
             not_after: na,
+            arrived,
         };
-        let ninety_days = ck(0, 90 * 86400);
-        assert_eq!(ninety_days.renew_at(Duration::from_secs(30 * 86400)), 60 * 86400);
-        let six_days = ck(0, 6 * 86400);
-        assert_eq!(six_days.renew_at(Duration::from_secs(30 * 86400)), 4 * 86400);
+        let month = Duration::from_secs(30 * 86400);
+        let day = 86400;
+        assert_eq!(ck(0, 90 * day, 0).renew_at(month), 60 * day);
+        assert_eq!(ck(0, 6 * day, 0).renew_at(month), 4 * day);
+        // Received a day after it started: the same.
+        assert_eq!(ck(0, 90 * day, day).renew_at(month), 60 * day);
+        // Backdated 60 days, 30 days and 2 s left on arrival: not due 2 s
+        // later, but once a third of what was left has passed.
+        let now = 60 * day;
+        assert_eq!(ck(0, 90 * day + 2, now).renew_at(month), now + (30 * day + 2) / 3);
+        // Pebble's 30-second certificates with renew_before = 25 s: 10 s on.
+        assert_eq!(ck(0, 30, 0).renew_at(Duration::from_secs(25)), 10);
     }
 
     pub(super) fn test_key() -> Arc<dyn rustls::sign::SigningKey> {

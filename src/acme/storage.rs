@@ -116,7 +116,7 @@ impl Storage {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(format!("{}: cannot read: {e}", path.display())),
         };
-        parse_stored(&pem, host)
+        parse_stored(&pem, host, self.status(host).issued_at)
             .map(Some)
             .map_err(|m| format!("{}: {m}", path.display()))
     }

@@ -29,11 +29,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(6 * 3600);
 /// How far the CA's clock may be ahead of ours: a certificate that starts
 /// at most this far in the future is taken.
 const CLOCK_SKEW: i64 = 300;
-/// A certificate due for renewal sooner than this after it arrives is a
-/// failed attempt: storing it would order again at once, in a loop. (Short:
-/// a test CA's 30-second certificates with `renew_before = "25s"` are
-/// renewed 5 s on, as asked.)
-const MIN_TIME_TO_RENEWAL: i64 = 1;
+/// A certificate that arrives with less life left than this (or than
+/// `renew_before`, if shorter: a test CA's 30-second certificates with
+/// `renew_before = "25s"`) is a failed attempt: it would be renewed within
+/// seconds, and again.
+const MIN_LIFE_LEFT: i64 = 86400;
 
 /// Runs the ACME work for as long as the returned handle lives: one task
 /// per configured ACME host, added and removed as reloads change the hosts,
@@ -345,7 +345,7 @@ impl HostTask {
         )
         .await
         .unwrap_or_else(|_| Err(format!("gave up after {}s", ATTEMPT_TIMEOUT.as_secs())))?;
-        let fresh = parse_stored(pem.as_bytes(), host)
+        let fresh = parse_stored(pem.as_bytes(), host, Some(unix_now()))
             .and_then(|fresh| fit_to_serve(&fresh, settings.renew_before, unix_now()).map(|()| fresh))
             .map_err(|e| format!("the CA returned an unusable certificate: {e}"))?;
         on_storage(storage, host, move |storage, host| {
@@ -433,8 +433,10 @@ impl HostTask {
 
 /// Why a certificate the CA has just returned must not be stored or
 /// served, if it must not: it is not valid now (give or take
-/// [`CLOCK_SKEW`] at its start), or it is due for renewal on arrival, which
-/// would order another at once, and again, until the CA's limits are hit.
+/// [`CLOCK_SKEW`] at its start), it has too little life left to be worth
+/// storing ([`MIN_LIFE_LEFT`]), or it is due for renewal on arrival: each
+/// would order another within seconds, and again, until the CA's limits
+/// are hit.
 fn fit_to_serve(cert: &Stored, renew_before: Duration, now: i64) -> Result<(), String> {
     if cert.not_after <= now {
         return Err(format!(
@@ -448,8 +450,16 @@ fn fit_to_serve(cert: &Stored, renew_before: Duration, now: i64) -> Result<(), S
             fmt_unix(cert.not_before)
         ));
     }
+    let floor = MIN_LIFE_LEFT.min(i64::try_from(renew_before.as_secs()).unwrap_or(i64::MAX));
+    if cert.not_after - now < floor {
+        return Err(format!(
+            "it is valid until {} only, {}s from now, less than the {floor}s a certificate must have left to be stored (is the CA's clock, or this machine's, wrong?)",
+            fmt_unix(cert.not_after),
+            cert.not_after - now
+        ));
+    }
     let renew_at = cert.renew_at(renew_before);
-    if renew_at < now + MIN_TIME_TO_RENEWAL {
+    if renew_at <= now {
         return Err(format!(
             "it is valid until {} only, so it is due for renewal on arrival (at {}, acme.renew_before = {}s): storing it would order again at once",
             fmt_unix(cert.not_after),
@@ -551,23 +561,30 @@ mod tests {
 
     #[test]
     fn received_certificates_must_be_valid_now_and_not_due_at_once() {
+        let now = 1_000_000_000;
         let ck = |nb: i64, na: i64| Stored {
             key: Arc::new(CertifiedKey::new(Vec::new(), test_key())),
             not_before: nb,
             not_after: na,
+            arrived: now,
         };
         let month = Duration::from_secs(30 * 86400);
-        let now = 1_000_000_000;
         assert!(fit_to_serve(&ck(now - 3600, now + 90 * 86400), month, now).is_ok());
-        // Pebble's 30-second certificates: renewal 20 s on.
-        assert!(fit_to_serve(&ck(now, now + 30), month, now).is_ok());
+        // Pebble's 30-second certificates, with renew_before = 25 s.
+        assert!(fit_to_serve(&ck(now, now + 30), Duration::from_secs(25), now).is_ok());
+        // Backdated so that renew_before is reached 2 s after arrival: taken,
+        // and renewed when a third of its remaining life is left.
+        assert!(fit_to_serve(&ck(now - 60 * 86400, now + 30 * 86400 + 2), month, now).is_ok());
         // A CA clock a minute ahead.
         assert!(fit_to_serve(&ck(now + 60, now + 90 * 86400), month, now).is_ok());
         let refused = |nb, na| fit_to_serve(&ck(nb, na), month, now).expect_err("refused");
         assert!(refused(now - 7200, now - 3600).contains("expired at"));
         assert!(refused(now - 7200, now).contains("expired at"));
         assert!(refused(now + 3600, now + 90 * 86400).contains("not valid before"));
-        assert!(refused(now - 89 * 86400, now + 86400).contains("due for renewal on arrival"));
-        assert!(refused(now - 10, now + 1).contains("due for renewal on arrival"));
+        assert!(refused(now - 89 * 86400, now + 3600).contains("less than the 86400s"));
+        assert!(refused(now - 10, now + 1).contains("less than the 86400s"));
+        assert!(fit_to_serve(&ck(now, now + 20), Duration::from_secs(25), now)
+            .expect_err("refused")
+            .contains("less than the 25s"));
     }
 }
