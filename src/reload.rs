@@ -245,6 +245,11 @@ pub const SETTLE: Duration = Duration::from_millis(500);
 /// is written all the time cannot postpone reloads for ever.
 const SETTLE_AT_MOST: Duration = Duration::from_secs(10);
 
+/// A pending reload waits at most this long for a watched file that has
+/// been written to and not closed yet (a writer that stopped midway for
+/// longer than this is taken to be done, with a warning).
+const MID_WRITE_AT_MOST: Duration = Duration::from_secs(60);
+
 /// What can ask for a reload, or hold one back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
@@ -285,6 +290,17 @@ async fn reloads(live: Arc<Live>, mut watcher: FileWatcher, mut rx: mpsc::Unboun
             continue;
         }
         settle(&mut rx).await;
+        // Another watched file's finished write (a certificate renewed)
+        // must not read the config while it is itself being written.
+        let waiting_since = tokio::time::Instant::now();
+        while let Some(file) = watcher.mid_write() {
+            if waiting_since.elapsed() >= MID_WRITE_AT_MOST {
+                tracing::warn!(file = %file.display(), "a watched file has been written to and not closed for a minute: reading it anyway");
+                break;
+            }
+            tracing::debug!(file = %file.display(), "waiting for a watched file to be closed before reloading");
+            settle(&mut rx).await;
+        }
         let path = live.load().config.path.clone();
         match tokio::fs::metadata(&path).await {
             Ok(meta) if meta.len() > 0 => {}
@@ -340,6 +356,9 @@ struct FileWatcher {
     dirs: HashMap<PathBuf, inotify::WatchDescriptor>,
     by_wd: Arc<RwLock<HashMap<i32, PathBuf>>>,
     files: Arc<RwLock<HashSet<PathBuf>>>,
+    /// Watched files written to (`IN_MODIFY`) and not closed since
+    /// (`IN_CLOSE_WRITE`), deleted or renamed away: being written.
+    writing: Arc<RwLock<HashSet<PathBuf>>>,
 }
 
 const MASK: inotify::WatchMask = inotify::WatchMask::CLOSE_WRITE
@@ -353,6 +372,7 @@ impl FileWatcher {
     fn new(triggers: mpsc::UnboundedSender<Trigger>) -> Self {
         let by_wd: Arc<RwLock<HashMap<i32, PathBuf>>> = Arc::default();
         let files: Arc<RwLock<HashSet<PathBuf>>> = Arc::default();
+        let writing: Arc<RwLock<HashSet<PathBuf>>> = Arc::default();
         let mut inotify = match inotify::Inotify::init() {
             Ok(i) => i,
             Err(e) => {
@@ -362,11 +382,12 @@ impl FileWatcher {
                     dirs: HashMap::new(),
                     by_wd,
                     files,
+                    writing,
                 };
             }
         };
         let watches = inotify.watches();
-        let (folders, relevant) = (by_wd.clone(), files.clone());
+        let (folders, relevant, being_written) = (by_wd.clone(), files.clone(), writing.clone());
         let spawned = std::thread::Builder::new()
             .name("linkgate-watch".into())
             .spawn(move || {
@@ -392,8 +413,20 @@ impl FileWatcher {
                         let Some(dir) = folders.get(&event.wd.get_watch_descriptor_id()) else {
                             continue;
                         };
-                        if !event.name.is_some_and(|name| is_relevant(&dir.join(name), &files)) {
+                        let Some(path) = event.name.map(|name| dir.join(name)) else {
                             continue;
+                        };
+                        if !is_relevant(&path, &files) {
+                            continue;
+                        }
+                        if let Ok(mut writing) = being_written.write() {
+                            if event.mask.contains(inotify::EventMask::MODIFY) {
+                                writing.insert(path);
+                            } else {
+                                // Closed after writing, renamed into place,
+                                // deleted or renamed away: done with.
+                                writing.remove(&path);
+                            }
                         }
                         if finishes_a_write(event.mask) {
                             seen = Some(Trigger::FileChange);
@@ -416,7 +449,13 @@ impl FileWatcher {
             dirs: HashMap::new(),
             by_wd,
             files,
+            writing,
         }
+    }
+
+    /// A watched file being written (written to and not closed yet), if any.
+    fn mid_write(&self) -> Option<PathBuf> {
+        self.writing.read().ok()?.iter().next().cloned()
     }
 
     fn watch(&mut self, config: &Config) {

@@ -771,6 +771,54 @@ async fn reload_waits_for_a_config_written_in_parts() {
     lg.stop().await;
 }
 
+/// The config is being written (one host of three so far, the file still
+/// open) when another watched file finishes a write: a certificate renewed
+/// in place. Found by the outside audit: that finished write started a
+/// reload that read the config halfway and dropped two hosts for 2 s. The
+/// config is read once it is closed, whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_does_not_read_a_config_still_being_written_when_a_certificate_changes() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    let up = StandIn::plain().await;
+    let lg = three_hosts(dir.path(), &pki, &up).await;
+    all_three_handshake(&pki, &lg).await;
+    let before = generation(&lg);
+    let (stop, task) = keep_handshaking(&pki, &lg);
+
+    let path = dir.path().join("linkgate.toml");
+    let cert = dir.path().join(format!("{}.pem", stem(THREE[0])));
+    let (first, rest) = (
+        hosts_config(&up, &THREE[..1]),
+        format!(
+            "{}{}",
+            host_section(THREE[1], &stem(THREE[1])),
+            host_section(THREE[2], &stem(THREE[2]))
+        ),
+    );
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&path).expect("truncate");
+        file.write_all(first.as_bytes()).expect("the first part");
+        std::thread::sleep(Duration::from_millis(700));
+        // A renewal of host 1's certificate, written in place and closed.
+        let pem = std::fs::read(&cert).expect("read the certificate");
+        std::fs::write(&cert, pem).expect("rewrite the certificate");
+        // Longer than the settle period (src/reload.rs, `SETTLE`).
+        std::thread::sleep(Duration::from_millis(2000));
+        file.write_all(rest.as_bytes()).expect("the rest");
+    })
+    .await
+    .expect("writer");
+
+    wait_for("the reload", async || generation(&lg) > before).await;
+    no_handshake_failed(stop, task).await;
+    all_three_handshake(&pki, &lg).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(generation(&lg), before + 1, "one reload, of the whole file");
+    lg.stop().await;
+}
+
 /// "Delete the file, then write it slowly": no reload while the new file is
 /// open for writing, however long the pauses, and the running configuration
 /// serves every host meanwhile. An empty file (closed) is not read either.
