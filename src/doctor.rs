@@ -535,6 +535,9 @@ type Head = http::Response<hyper::body::Incoming>;
 
 /// How much of a body is kept to look for a provider's error page.
 const BODY_KEPT: usize = 64 * 1024;
+/// A body still going after this much is reported as one that does not end
+/// (a tracked link's answer is a redirect or a small page).
+const BODY_READ_AT_MOST: usize = 16 << 20;
 
 /// What one GET got: its status and the start of its body.
 struct Answer {
@@ -586,11 +589,12 @@ async fn read_body(head: Head, limit: Duration) -> Answer {
                 Err(e) => return Some(format!("the body broke off after {received} bytes: {e}")),
             };
             received += data.len();
+            // The start is enough to recognise a provider's page; the rest
+            // is read (not kept) only to see that the body ends.
             let room = BODY_KEPT - kept.len();
             kept.extend_from_slice(&data[..data.len().min(room)]);
-            if kept.len() == BODY_KEPT {
-                // Enough to recognise a provider's page; the rest does not matter.
-                return None;
+            if received > BODY_READ_AT_MOST {
+                return Some(format!("the body did not end after {} MiB", BODY_READ_AT_MOST >> 20));
             }
         }
         None
