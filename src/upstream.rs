@@ -38,7 +38,7 @@ use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -55,7 +55,7 @@ use prometheus_client::metrics::counter::Counter;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio_rustls::TlsConnector;
 
 use crate::config;
@@ -82,6 +82,13 @@ pub const ADDRESS_PENALTY: Duration = Duration::from_secs(10);
 pub struct Shared {
     /// One permit per open upstream connection.
     pub connections: Arc<Semaphore>,
+    /// Requests waiting for a permit, in any worker.
+    waiting: Arc<AtomicUsize>,
+    /// Told when a request starts waiting for a permit: every worker's pool
+    /// then closes its idle connections, whose permits another worker needs
+    /// (each worker keeps its own pool, and would otherwise keep an idle
+    /// connection until `pool_idle_timeout` while another's requests time out).
+    wanted: Arc<Notify>,
     /// Requests sent again on a new connection after a reused one was lost.
     pub retries: Counter,
     /// Connection attempts an address of the upstream's name refused or let time out.
@@ -94,6 +101,8 @@ impl Shared {
     pub fn new(max_connections: usize, metrics: &crate::metrics::Metrics) -> Self {
         Self {
             connections: Arc::new(Semaphore::new(max_connections)),
+            waiting: Arc::new(AtomicUsize::new(0)),
+            wanted: Arc::new(Notify::new()),
             retries: metrics.upstream_retries.clone(),
             address_failures: metrics.upstream_address_failures.clone(),
         }
@@ -555,13 +564,21 @@ impl Pool {
     async fn connect(&self) -> Result<Conn, UpstreamError> {
         // Waits its turn when the process holds as many upstream connections
         // as it may (the caller's response timeout bounds the wait).
-        let permit = self
-            .shared
-            .connections
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| UpstreamError::Connect("shutting down".into()))?;
+        let shutting_down = |_| UpstreamError::Connect("shutting down".into());
+        let permit = match self.shared.connections.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => return Err(shutting_down(())),
+            Err(TryAcquireError::NoPermits) => {
+                let _waiting = Waiting::new(&self.shared.waiting);
+                self.shared.wanted.notify_waiters();
+                self.shared
+                    .connections
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| shutting_down(()))?
+            }
+        };
         let tcp = tokio::time::timeout(self.connect_timeout, self.dial())
             .await
             .map_err(|_| UpstreamError::Connect(format!("no connection within {:?}", self.connect_timeout).into()))??;
@@ -709,12 +726,29 @@ where
     Ok(Conn { sender, read })
 }
 
+/// Counts a request waiting for a permit while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Closes each idle connection when it has idled `pool_idle_timeout`, and
 /// the surplus every [`PURGE_EVERY`], for as long as there are idle
-/// connections.
+/// connections; and all of them while a request anywhere waits for an
+/// upstream connection permit.
 async fn sweep(pool: Weak<Pool>) {
     loop {
-        let next = {
+        let (next, wanted) = {
             let Some(pool) = pool.upgrade() else {
                 return;
             };
@@ -722,15 +756,35 @@ async fn sweep(pool: Weak<Pool>) {
             let mut idle = pool.lock();
             pool.expire(&mut idle, now);
             purge(&mut idle, now);
+            if pool.shared.waiting.load(Ordering::Acquire) > 0 {
+                idle.clear();
+            }
             let Some(oldest) = idle.front() else {
                 pool.sweeping.store(false, Ordering::Release);
                 return;
             };
             // Every PURGE_EVERY, also while only one is idle: more may
             // be checked in before the next wake-up, and nothing else wakes it.
-            (oldest.since + pool.idle_timeout).min(now + PURGE_EVERY)
+            (
+                (oldest.since + pool.idle_timeout).min(now + PURGE_EVERY),
+                pool.shared.wanted.clone(),
+            )
         };
-        tokio::time::sleep_until(next.into()).await;
+        let notified = wanted.notified();
+        tokio::pin!(notified);
+        // Registered before the last look at `waiting` below: a request
+        // that starts waiting from here on wakes this sweep.
+        notified.as_mut().enable();
+        let someone_waits = pool
+            .upgrade()
+            .is_some_and(|p| p.shared.waiting.load(Ordering::Acquire) > 0 && !p.lock().is_empty());
+        if someone_waits {
+            continue;
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(next.into()) => {}
+            () = notified => {}
+        }
     }
 }
 

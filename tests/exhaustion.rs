@@ -369,3 +369,32 @@ async fn a_flood_of_admin_connections_leaves_the_proxy_its_descriptors() {
     assert!(refused >= (FLOOD - ADMIN_CAP) as f64, "counted: {refused}");
     assert_eq!(legit_request(&pki, lg.https).await, 200);
 }
+
+/// Few upstream connections allowed (a low `ulimit -n`, or
+/// `max_upstream_connections`): a worker's idle pooled connection must not
+/// keep another worker's requests waiting for a permit until they time out
+/// (found by the outside audit: under `ulimit -n 256`, sequential clicks got
+/// 504 after 30 s). Each request comes on a new client connection, so the
+/// kernel hands them to either worker.
+#[tokio::test]
+async fn an_idle_upstream_connection_in_one_worker_does_not_starve_another() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let up = StandIn::plain().await;
+    // The stand-in's upstream section sets a 2 s response timeout.
+    let lg = Process::start(&config(dir.path(), &up, "max_upstream_connections = 1\n"));
+    let http = lg.http;
+    let mut statuses = Vec::new();
+    for _ in 0..16 {
+        let answer = raw_plain(
+            http,
+            format!("GET /c HTTP/1.1\r\nHost: {CLICK}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("request");
+        statuses.push(status_of(&answer));
+    }
+    assert!(statuses.iter().all(|&s| s == 200), "every click answered: {statuses:?}");
+    assert_eq!(up.received().len(), 16);
+}
