@@ -74,6 +74,8 @@ pub enum Refusal {
     Budget,
     /// Its client address already had `limits.handshakes_per_address` in progress.
     Address,
+    /// Its client address already had `limits.connections_per_address` open.
+    Connections,
 }
 
 impl Refusal {
@@ -82,6 +84,7 @@ impl Refusal {
         match self {
             Refusal::Budget => "max_handshakes",
             Refusal::Address => "handshakes_per_address",
+            Refusal::Connections => "connections_per_address",
         }
     }
 }
@@ -195,6 +198,68 @@ impl Drop for Handshake {
     }
 }
 
+/// Connections open from each client address, whatever their phase: one
+/// address holding finished but idle connections cannot take every slot of
+/// `max_connections` either. Holds only addresses with a connection open.
+#[derive(Debug, Default)]
+pub struct Clients {
+    by_address: Mutex<HashMap<IpAddr, u32>>,
+}
+
+impl Clients {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// A slot for one more connection from `client` (counted like
+    /// handshakes: IPv4, or the IPv6 /64), if it has fewer than `max` open.
+    pub fn claim(self: &Arc<Self>, client: IpAddr, max: u32) -> Result<ClientSlot, Refusal> {
+        let key = address_key(client);
+        let mut table = self.table();
+        let n = table.entry(key).or_insert(0);
+        if *n >= max {
+            if *n == 0 {
+                table.remove(&key);
+            }
+            return Err(Refusal::Connections);
+        }
+        *n += 1;
+        Ok(ClientSlot {
+            clients: self.clone(),
+            key,
+        })
+    }
+
+    /// Addresses with a connection open now (the size of the table).
+    pub fn addresses(&self) -> usize {
+        self.table().len()
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, u32>> {
+        // Never held across an await; a panic while held leaves counts that are still right.
+        self.by_address.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One open connection counted against its client address; given back when dropped.
+#[derive(Debug)]
+pub struct ClientSlot {
+    clients: Arc<Clients>,
+    key: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut table = self.clients.table();
+        if let Some(n) = table.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                table.remove(&self.key);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +293,22 @@ mod tests {
         drop((a, again));
         assert_eq!(h.in_progress(), 0);
         assert_eq!(h.addresses(), 0, "no entry outlives its last handshake");
+    }
+
+    #[test]
+    fn open_connections_per_address_are_capped_and_given_back() {
+        let c = Clients::new();
+        let held: Vec<_> = (0..3)
+            .map(|_| c.claim(ip("192.0.2.1"), 3).expect("within the cap"))
+            .collect();
+        assert_eq!(c.claim(ip("192.0.2.1"), 3).map(|_| ()), Err(Refusal::Connections));
+        let other = c.claim(ip("192.0.2.2"), 3).expect("another address");
+        assert_eq!(c.claim(ip("2001:db8::1"), 0).map(|_| ()), Err(Refusal::Connections));
+        assert_eq!(c.addresses(), 2, "a refused claim leaves no entry");
+        drop(held);
+        c.claim(ip("192.0.2.1"), 3).expect("given back");
+        drop(other);
+        assert_eq!(c.addresses(), 0, "no entry outlives its last connection");
     }
 
     #[test]

@@ -398,3 +398,64 @@ async fn an_idle_upstream_connection_in_one_worker_does_not_starve_another() {
     assert!(statuses.iter().all(|&s| s == 200), "every click answered: {statuses:?}");
     assert_eq!(up.received().len(), 16);
 }
+
+/// One address that opens connections, makes one keep-alive request on
+/// each and then idles (found by the outside audit: with `max_connections
+/// = 200` it held all 200 and new honest clients on both listeners got
+/// nothing until `idle_timeout`). Capped per address
+/// (`limits.connections_per_address`, a quarter of `max_connections` by
+/// default), so honest clients from another address are served.
+#[tokio::test]
+async fn one_address_holding_idle_connections_does_not_lock_out_other_clients() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let up = StandIn::plain().await;
+    let lg = Process::start(&config(
+        dir.path(),
+        &up,
+        "max_connections = 40\nidle_timeout = \"60s\"\n",
+    ));
+    let mut held = Vec::new();
+    for _ in 0..60 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.2:0".parse().expect("addr"))
+            .expect("bind 127.0.0.2");
+        let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_secs(2), socket.connect(lg.http)).await else {
+            continue;
+        };
+        let request = format!("GET /idle HTTP/1.1\r\nHost: {CLICK}\r\n\r\n");
+        if s.write_all(request.as_bytes()).await.is_err() {
+            continue;
+        }
+        let mut buf = [0u8; 512];
+        // Answered (and then idle), or closed at once when over the cap.
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
+        held.push(s);
+    }
+    for _ in 0..5 {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            raw_plain(
+                lg.http,
+                format!("GET /honest HTTP/1.1\r\nHost: {CLICK}\r\nConnection: close\r\n\r\n").as_bytes(),
+            ),
+        )
+        .await
+        .expect("an honest client is served while the attacker idles")
+        .expect("request");
+        assert_eq!(status_of(&answer), 200, "{answer}");
+    }
+    assert_eq!(legit_request(&pki, lg.https).await, 200, "https too");
+    let refused = metric(
+        lg.admin,
+        "linkgate_connections_refused_total{reason=\"connections_per_address\"}",
+    )
+    .await;
+    assert!(
+        refused.is_some_and(|n| n >= 20.0),
+        "the attacker's extra connections were refused: {refused:?}"
+    );
+    drop(held);
+}

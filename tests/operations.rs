@@ -387,7 +387,7 @@ async fn connections_above_the_cap_wait_and_existing_ones_are_unharmed() {
     let up = StandIn::plain().await;
     // a and b are both connected before either sends its request, so both
     // are in their pre-request phase at once: the handshake budgets allow it.
-    let limits = "max_connections = 2\nmax_handshakes = 2\nhandshakes_per_address = 2\n";
+    let limits = "max_connections = 2\nmax_handshakes = 2\nhandshakes_per_address = 2\nconnections_per_address = 2\n";
     let lg = Linkgate::start(dir.path(), &limits_config(&up, limits)).await;
     let http = lg.http.expect("http");
     let request = format!("GET /ok HTTP/1.1\r\nHost: {CLICK}\r\n\r\n");

@@ -214,6 +214,13 @@ pub(super) fn build_limits(raw: RawLimits) -> Result<Limits, KeyError> {
             format!("must be between 1 and limits.max_connections ({max_connections})"),
         ));
     }
+    let connections_per_address = raw.connections_per_address.unwrap_or((max_connections / 4).max(1));
+    if !(1..=max_connections).contains(&connections_per_address) {
+        return Err((
+            "limits.connections_per_address",
+            format!("must be between 1 and limits.max_connections ({max_connections})"),
+        ));
+    }
     let handshakes_per_address = raw
         .handshakes_per_address
         .unwrap_or((max_handshakes / 4).clamp(1, d.handshakes_per_address));
@@ -242,6 +249,7 @@ pub(super) fn build_limits(raw: RawLimits) -> Result<Limits, KeyError> {
         max_connections,
         max_handshakes,
         handshakes_per_address,
+        connections_per_address,
         max_header_bytes: max_header_bytes as usize,
         max_request_body: size("limits.max_request_body", raw.max_request_body, d.max_request_body)?,
         upstream_per_connection,

@@ -145,6 +145,9 @@ pub struct Limits {
     /// Unfinished handshakes from one client address (the PROXY header's,
     /// when there is one; an IPv6 /64), at most this many at once.
     pub handshakes_per_address: u32,
+    /// Connections open from one client address (counted as for
+    /// handshakes), at most this many at once, whatever their phase.
+    pub connections_per_address: u32,
     /// Request heads above this answer 431.
     pub max_header_bytes: usize,
     /// Request bodies above this answer 413.
@@ -201,6 +204,7 @@ impl Default for Limits {
             max_connections: 20_000,
             max_handshakes: 5_000,
             handshakes_per_address: 256,
+            connections_per_address: 5_000,
             max_header_bytes: 16_384,
             max_request_body: 1 << 20,
             upstream_per_connection: 32,

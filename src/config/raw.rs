@@ -102,6 +102,7 @@ pub struct RawLimits {
     pub max_connections: Option<u32>,
     pub max_handshakes: Option<u32>,
     pub handshakes_per_address: Option<u32>,
+    pub connections_per_address: Option<u32>,
     pub max_header_bytes: Option<SizeValue>,
     pub max_request_body: Option<SizeValue>,
     pub upstream_per_connection: Option<u32>,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 
-use crate::admission::{Handshake, Handshakes, Refusal};
+use crate::admission::{ClientSlot, Handshake, Refusal};
 use crate::config::Config;
 use crate::connection::ConnInfo;
 use crate::proxy::Proxy;
@@ -23,17 +23,31 @@ use super::{ProxyCache, Shared};
 /// PROXY protocol; not a trusted proxy relaying many clients). Taken in the
 /// accept loop, without a pause between the two, so that connections about
 /// to be refused for their address never hold the budget meanwhile.
-pub(super) fn admit(handshakes: &Arc<Handshakes>, config: &Config, peer: SocketAddr) -> Result<Handshake, Refusal> {
-    let handshake = handshakes.begin(config.limits.max_handshakes)?;
-    if !config.listen.proxy_protocol && !config.listen.is_trusted(peer.ip()) {
-        handshake.claim_address(peer.ip(), config.limits.handshakes_per_address)?;
+/// Its slot among the client address's open connections is taken too.
+pub(super) fn admit(shared: &Shared, config: &Config, peer: SocketAddr) -> Result<Admitted, Refusal> {
+    let handshake = shared.handshakes.begin(config.limits.max_handshakes)?;
+    if config.listen.proxy_protocol || config.listen.is_trusted(peer.ip()) {
+        return Ok(Admitted {
+            handshake,
+            client: None,
+        });
     }
-    Ok(handshake)
+    handshake.claim_address(peer.ip(), config.limits.handshakes_per_address)?;
+    let client = Some(shared.clients.claim(peer.ip(), config.limits.connections_per_address)?);
+    Ok(Admitted { handshake, client })
 }
 
-/// One client connection, from accept to close. `handshake` is its slot in
-/// the handshake budget, given back once the TLS handshake is over (on plain
-/// http, once its first request head has been read).
+/// What an accepted connection holds: its handshake slot (given back once
+/// the handshake is over) and its slot among its address's connections
+/// (held until it closes; taken after the PROXY header when there is one).
+pub(super) struct Admitted {
+    handshake: Handshake,
+    client: Option<ClientSlot>,
+}
+
+/// One client connection, from accept to close. Its handshake slot is given
+/// back once the TLS handshake is over (on plain http, once its first
+/// request head has been read); its address slot when it closes.
 pub(super) async fn connection(
     shared: &Shared,
     proxy: Arc<Proxy>,
@@ -41,8 +55,12 @@ pub(super) async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
     is_tls: bool,
-    handshake: Handshake,
+    admitted: Admitted,
 ) {
+    let Admitted {
+        handshake,
+        client: mut _client,
+    } = admitted;
     let _ = stream.set_nodelay(true);
     let listen = &proxy.active.config.listen;
     let limits = &proxy.active.config.limits;
@@ -60,10 +78,16 @@ pub(super) async fn connection(
                 // Now the client's address is known: its handshakes are
                 // counted together (never the balancer's own, which a
                 // v2 LOCAL health check keeps).
-                if let Err(refusal) = handshake.claim_address(addr.ip(), limits.handshakes_per_address) {
-                    shared.live.metrics.refused(refusal.reason());
-                    tracing::debug!(client = %client, reason = refusal.reason(), "connection refused before its handshake");
-                    return;
+                let claimed = handshake
+                    .claim_address(addr.ip(), limits.handshakes_per_address)
+                    .and_then(|()| shared.clients.claim(addr.ip(), limits.connections_per_address));
+                match claimed {
+                    Ok(slot) => _client = Some(slot),
+                    Err(refusal) => {
+                        shared.live.metrics.refused(refusal.reason());
+                        tracing::debug!(client = %client, reason = refusal.reason(), "connection refused before its handshake");
+                        return;
+                    }
                 }
             }
             Ok(Ok(None)) => {}

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::admission::{AcceptFailures, Handshakes};
+use crate::admission::{AcceptFailures, Clients, Handshakes};
 use crate::config::{Config, Limits};
 use crate::proxy::Proxy;
 use crate::reload::Live;
@@ -90,6 +90,8 @@ struct Shared {
     connections: Arc<Semaphore>,
     /// Connections not yet through their handshake, in total and per address.
     handshakes: Arc<Handshakes>,
+    /// Connections open from each client address.
+    clients: Arc<Clients>,
     /// Becomes true when the workers must stop accepting and drain.
     stopping: watch::Receiver<bool>,
 }
@@ -136,6 +138,7 @@ pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Ou
         upstream: upstream_shared,
         connections: Arc::new(Semaphore::new(config.limits.max_connections as usize)),
         handshakes: Handshakes::new(),
+        clients: Clients::new(),
         stopping,
     });
     // Certificates for `acme = true` hosts; stops with this function.
@@ -260,7 +263,7 @@ async fn worker(shared: Arc<Shared>, https: std::net::TcpListener, http: Option<
             continue;
         };
         // Closed at once (no TLS alert) when the handshake budget is spent.
-        let handshake = match admit(&shared.handshakes, &current.active.config, peer) {
+        let admitted = match admit(&shared, &current.active.config, peer) {
             Ok(h) => h,
             Err(refusal) => {
                 shared.live.metrics.refused(refusal.reason());
@@ -272,7 +275,7 @@ async fn worker(shared: Arc<Shared>, https: std::net::TcpListener, http: Option<
         tokio::spawn(async move {
             let metrics = &shared.live.metrics;
             metrics.open_connections.inc();
-            connection(&shared, current, proxies, stream, peer, is_tls, handshake).await;
+            connection(&shared, current, proxies, stream, peer, is_tls, admitted).await;
             metrics.open_connections.dec();
             drop(permit);
             drop(open);
