@@ -32,6 +32,7 @@ CONTENDERS = ["linkgate", "nginx", "haproxy", "caddy"]
 # A/B mode (bench/run with BENCH_BASELINE=REV): linkgate against the binary
 # built from REV, nothing else; BENCHMARKS.md is left alone.
 BASELINE_BIN = os.environ.get("BENCH_BASELINE_BIN")
+BASELINE_CONF = os.environ.get("BENCH_BASELINE_CONF")
 SCENARIOS = {
     "a": "HTTP/1.1 keep-alive, 64 connections, open pixel",
     "b": "HTTP/2, 64 connections x 10 streams, open pixel",
@@ -47,8 +48,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def render(template, port, upstream_port, out):
-    text = (BENCH / "conf" / template).read_text()
+def render(template, port, upstream_port, out, conf=None):
+    text = ((conf or BENCH / "conf") / template).read_text()
     text = text.replace("@RUN@", str(RUN)).replace("@PORT@", str(port)).replace("@UPSTREAM_PORT@", str(upstream_port))
     out.write_text(text)
     return out
@@ -112,7 +113,9 @@ def start_contender(name, port, upstream_port):
     env = dict(os.environ)
     out = open(RUN / f"{name}.log", "ab")
     if name in ("linkgate", "baseline"):
-        conf = render("linkgate.toml", port, upstream_port, RUN / "linkgate.toml")
+        # The baseline with its own configuration: it may not know keys added since.
+        conf_dir = Path(BASELINE_CONF) if name == "baseline" and BASELINE_CONF else None
+        conf = render("linkgate.toml", port, upstream_port, RUN / f"{name}.toml", conf_dir)
         env["RUST_LOG"] = "warn"
         binary = BASELINE_BIN if name == "baseline" else ROOT / "target" / "release" / "linkgate"
         cmd = [str(binary), "serve", "--config", str(conf)]
