@@ -562,6 +562,17 @@ mod tests {
     }
 
     #[test]
+    fn running_out_of_descriptors_is_told_from_a_storage_problem() {
+        // EMFILE and ENFILE (Linux): said as what they are, not "check the
+        // volume is mounted read-write".
+        assert!(out_of_descriptors(&io::Error::from_raw_os_error(24)));
+        assert!(out_of_descriptors(&io::Error::from_raw_os_error(23)));
+        // EROFS, EACCES: storage problems.
+        assert!(!out_of_descriptors(&io::Error::from_raw_os_error(30)));
+        assert!(!out_of_descriptors(&io::Error::from_raw_os_error(13)));
+    }
+
+    #[test]
     fn received_certificates_must_be_valid_now_and_not_due_at_once() {
         let now = 1_000_000_000;
         let ck = |nb: i64, na: i64| Stored {
