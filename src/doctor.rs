@@ -618,8 +618,8 @@ fn classify(answer: Answer, scheme: &str, preset: Option<&'static Preset>) -> Ou
         if outcome.passed() {
             outcome = Outcome::fail(
                 format!("{}, but {unfinished}", outcome.message),
-                "the answer started and then stalled: check linkgate's log and the provider's answer \
-                 (linkgate passes the provider's body on as it arrives)",
+                "the answer started but did not end (it stalled, or kept flowing): check linkgate's log \
+                 and the provider's answer (linkgate passes the provider's body on as it arrives)",
             );
         } else {
             outcome.message = format!("{}; {unfinished}", outcome.message);

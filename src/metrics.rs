@@ -148,7 +148,7 @@ impl Metrics {
         let connections_refused = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "connections_refused",
-            "Connections closed at once on accept, by reason (max_handshakes, handshakes_per_address, admin_connections)",
+            "Connections closed at once on accept, by reason (max_handshakes, handshakes_per_address, connections_per_address, admin_connections)",
             connections_refused.clone(),
         );
         let reloads = Family::<ResultLabels, Counter>::default();
