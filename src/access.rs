@@ -141,6 +141,7 @@ impl Drop for ProxyBody {
             total_ms = started.elapsed().as_millis() as u64,
             protocol = ?r.version,
             tls = conn.tls_version.unwrap_or("-"),
+            resumed = if conn.tls_version.is_none() { "-" } else if conn.tls_resumed { "yes" } else { "no" },
             refused = r.error.unwrap_or(""),
         );
     }

@@ -36,6 +36,8 @@ pub struct ConnInfo {
     pub keep_forwarded: bool,
     /// Negotiated TLS version, for the access log.
     pub tls_version: Option<&'static str>,
+    /// The TLS handshake resumed an earlier session, for the access log.
+    pub tls_resumed: bool,
     /// Requests in flight, for the idle timeout.
     pub activity: Activity,
     /// HTTP/2: a permit per upstream connection its streams hold, so one
@@ -56,9 +58,16 @@ impl ConnInfo {
             sni,
             keep_forwarded,
             tls_version,
+            tls_resumed: false,
             activity: Activity::new(),
             upstream_slots: None,
         }
+    }
+
+    /// Records that the TLS handshake resumed an earlier session.
+    pub fn with_tls_resumed(mut self, resumed: bool) -> Self {
+        self.tls_resumed = resumed;
+        self
     }
 
     /// Lets this connection hold at most `n` upstream connections at a time.

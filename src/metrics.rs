@@ -78,6 +78,8 @@ pub struct Metrics {
     pub upstream_retries: Counter,
     pub upstream_address_failures: Counter,
     pub handshakes: Family<ResultLabels, Counter>,
+    /// Successful handshakes that resumed an earlier session (a ticket): a subset of `result="ok"`.
+    pub handshakes_resumed: Counter,
     pub open_connections: Gauge,
     pub connections_refused: Family<ReasonLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
@@ -139,6 +141,12 @@ impl Metrics {
             "TLS handshakes by result (ok, unknown_sni, no_sni, no_certificate, acme_challenge, error)",
             handshakes.clone(),
         );
+        let handshakes_resumed = Counter::default();
+        registry.register(
+            "tls_handshakes_resumed",
+            "Successful TLS handshakes that resumed an earlier session with a ticket (part of tls_handshakes_total{result=\"ok\"})",
+            handshakes_resumed.clone(),
+        );
         let open_connections = Gauge::default();
         registry.register(
             "open_connections",
@@ -199,6 +207,7 @@ impl Metrics {
             upstream_retries,
             upstream_address_failures,
             handshakes,
+            handshakes_resumed,
             open_connections,
             connections_refused,
             reloads,

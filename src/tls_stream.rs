@@ -179,6 +179,12 @@ impl TlsStream {
         self.conn.protocol_version()
     }
 
+    /// True when the handshake resumed an earlier session (a returning
+    /// client with a ticket) rather than proving the certificate anew.
+    pub fn resumed(&self) -> bool {
+        self.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+    }
+
     /// Bytes this connection holds in buffers of its own (received and not
     /// yet processed, decrypted and not yet read, to be sent).
     pub fn buffered(&self) -> usize {

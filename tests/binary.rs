@@ -237,3 +237,57 @@ async fn health_subcommand_probes_the_admin_listener() {
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("no [admin] listen"), "{text}");
 }
+
+/// Operators (and the benchmark) want the resumption rate: a returning
+/// client's handshake is counted as resumed and its access line says so; a
+/// first visit's is a full handshake.
+#[tokio::test]
+async fn resumed_handshakes_are_counted_and_logged() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let up = StandIn::plain().await;
+    let lg = Process::start(&config(dir.path(), &up, ""));
+    // One TLS configuration, so one session store: the second connection can resume.
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_tls(&pki, &[b"http/1.1"])));
+    let name = rustls_pki_types::ServerName::try_from(CLICK).expect("name");
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let tcp = tokio::net::TcpStream::connect(lg.https).await.expect("tcp");
+        let mut tls = connector.connect(name.clone(), tcp).await.expect("handshake");
+        kinds.push(tls.get_ref().1.handshake_kind());
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        tls.write_all(format!("GET /wf/open HTTP/1.1\r\nHost: {CLICK}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        let mut answer = Vec::new();
+        tls.read_to_end(&mut answer).await.expect("read");
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    assert_eq!(
+        kinds,
+        [Some(rustls::HandshakeKind::Full), Some(rustls::HandshakeKind::Resumed)]
+    );
+    let first = wait_line(&lg.lines, |v| v["target"] == "linkgate::access");
+    assert_eq!(first["resumed"], "no", "{first}");
+    let second = wait_line(&lg.lines, |v| v["target"] == "linkgate::access");
+    assert_eq!(second["resumed"], "yes", "{second}");
+    let metrics = reqwest::get(format!("http://{}/metrics", lg.admin))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("linkgate_tls_handshakes_resumed_total 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("linkgate_tls_handshakes_total{result=\"ok\"} 2\n"),
+        "{metrics}"
+    );
+}

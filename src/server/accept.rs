@@ -126,6 +126,6 @@ pub(super) async fn connection(
         Some(rustls::ProtocolVersion::TLSv1_2) => Some("TLSv1.2"),
         _ => None,
     };
-    let info = ConnInfo::new(client, Some(host), keep_forwarded, version);
+    let info = ConnInfo::new(client, Some(host), keep_forwarded, version).with_tls_resumed(tls.resumed());
     serve(proxy, proxies, tls, info, protocol, stopping, None).await;
 }

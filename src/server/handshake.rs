@@ -59,6 +59,9 @@ pub(super) async fn tls_handshake(
     match timeout_at(deadline, hello.handshake(active.tls.clone())).await {
         Ok(Ok(tls)) => {
             metrics.handshake("ok");
+            if tls.resumed() {
+                metrics.handshakes_resumed.inc();
+            }
             // Boxed: the TLS state is large (see bench/README.md for the measured sizes)
             // and would be moved into every future that serves the connection.
             Some((Box::new(tls), host))
