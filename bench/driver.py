@@ -24,6 +24,7 @@ RUN = Path(os.environ["BENCH_RUN_DIR"])
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 DURATION = int(os.environ.get("BENCH_DURATION", "6"))
 IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", "10000"))
+FULL_CONNS = int(os.environ.get("BENCH_FULL_CONNS", "12000"))
 HOST = "localhost"
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -36,10 +37,15 @@ BASELINE_CONF = os.environ.get("BENCH_BASELINE_CONF")
 SCENARIOS = {
     "a": "HTTP/1.1 keep-alive, 64 connections, open pixel",
     "b": "HTTP/2, 64 connections x 10 streams, open pixel",
-    "c": "new TLS connection per request (full handshake), click redirect",
+    "c": "returning client: new TLS connection per request, resumed TLS 1.3 (wrk reuses its session), click redirect",
     "d": f"{IDLE_CONNS} idle TLS connections held open",
     "e": "10 MB streamed response, 4 connections",
+    "f": f"first click: {FULL_CONNS} clients, one new TLS connection and one request each, full handshake (h2load never resumes), click redirect",
 }
+# Scenarios whose work is the TLS handshake: each contender logs whether each
+# one resumed a session, and (f) fails the run if any did.
+HANDSHAKE = ["c", "f"]
+FULL = ["f"]
 
 
 def free_port():
@@ -48,11 +54,23 @@ def free_port():
         return s.getsockname()[1]
 
 
-def render(template, port, upstream_port, out, conf=None):
+def render(template, port, upstream_port, out, conf=None, extra=None):
     text = ((conf or BENCH / "conf") / template).read_text()
+    for key, value in (extra or {}).items():
+        text = text.replace(key, value)
     text = text.replace("@RUN@", str(RUN)).replace("@PORT@", str(port)).replace("@UPSTREAM_PORT@", str(upstream_port))
     out.write_text(text)
     return out
+
+
+# What each contender writes, in the handshake scenarios only, to say whether
+# a connection resumed a TLS session (a log line per request: cheap next to a
+# handshake, and off in every other scenario). linkgate counts it itself.
+RESUMPTION_LOG = {
+    "nginx": ("@ACCESS_LOG@", "access_log @RUN@/nginx-access.log resumed;", "access_log off;"),
+    "haproxy": ("@ACCESS_LOG@", 'log stdout format raw local0\n    log-format "resumed=%[ssl_fc_is_resumed]"', "no log"),
+    "caddy": ("@ACCESS_LOG@", "log {\n        output file @RUN@/caddy-access.log\n        format json\n    }", ""),
+}
 
 
 def wait_port(port, proc, timeout=15):
@@ -109,24 +127,31 @@ def memory(pid, key):
     return total
 
 
-def start_contender(name, port, upstream_port):
+def start_contender(name, port, upstream_port, scenario=None):
     env = dict(os.environ)
-    out = open(RUN / f"{name}.log", "ab")
+    log_path = RUN / f"{name}.log"
+    log_offset = log_path.stat().st_size if log_path.exists() else 0
+    out = open(log_path, "ab")
+    admin_port = free_port()
+    placeholder, on, off = RESUMPTION_LOG.get(name, ("@ACCESS_LOG@", "", ""))
+    extra = {placeholder: on if scenario in HANDSHAKE else off, "@ADMIN_PORT@": str(admin_port)}
+    for stale in ("nginx-access.log", "caddy-access.log"):
+        (RUN / stale).unlink(missing_ok=True)
     if name in ("linkgate", "baseline"):
         # The baseline with its own configuration: it may not know keys added since.
         conf_dir = Path(BASELINE_CONF) if name == "baseline" and BASELINE_CONF else None
-        conf = render("linkgate.toml", port, upstream_port, RUN / f"{name}.toml", conf_dir)
+        conf = render("linkgate.toml", port, upstream_port, RUN / f"{name}.toml", conf_dir, extra)
         env["RUST_LOG"] = "warn"
         binary = BASELINE_BIN if name == "baseline" else ROOT / "target" / "release" / "linkgate"
         cmd = [str(binary), "serve", "--config", str(conf)]
     elif name == "nginx":
-        conf = render("nginx.conf", port, upstream_port, RUN / "nginx.conf")
+        conf = render("nginx.conf", port, upstream_port, RUN / "nginx.conf", extra=extra)
         cmd = ["nginx", "-c", str(conf), "-e", str(RUN / "nginx.err")]
     elif name == "haproxy":
-        conf = render("haproxy.cfg", port, upstream_port, RUN / "haproxy.cfg")
+        conf = render("haproxy.cfg", port, upstream_port, RUN / "haproxy.cfg", extra=extra)
         cmd = ["haproxy", "-db", "-f", str(conf)]
     elif name == "caddy":
-        conf = render("Caddyfile", port, upstream_port, RUN / "Caddyfile")
+        conf = render("Caddyfile", port, upstream_port, RUN / "Caddyfile", extra=extra)
         env["GOMAXPROCS"] = "2"
         env["HOME"] = str(RUN)
         env["XDG_DATA_HOME"] = str(RUN / "caddy-data")
@@ -141,7 +166,45 @@ def start_contender(name, port, upstream_port):
         stop(proc)
         log = (RUN / f"{name}.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"{name} did not start; its output:\n{log}") from None
+    proc.name, proc.admin_port, proc.log_path, proc.log_offset = name, admin_port, log_path, log_offset
     return proc
+
+
+def linkgate_handshakes(proc):
+    """(resumed, ok) TLS handshakes linkgate has counted so far, or None
+    (a baseline from before the counter, or no admin listener)."""
+    try:
+        with socket.create_connection(("127.0.0.1", proc.admin_port), timeout=2) as s:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            text = b""
+            while chunk := s.recv(65536):
+                text += chunk
+    except OSError:
+        return None
+    text = text.decode(errors="replace")
+    resumed = re.search(r"^linkgate_tls_handshakes_resumed_total (\d+)", text, re.M)
+    ok = re.search(r'^linkgate_tls_handshakes_total\{result="ok"\} (\d+)', text, re.M)
+    # The resumed counter is always there (0 before the first); the ok series only after one.
+    return (int(resumed.group(1)), int(ok.group(1)) if ok else 0) if resumed else None
+
+
+def logged_resumption(proc):
+    """(resumed, connections) from a stopped peer's log, or None."""
+    if proc.name == "nginx":
+        path = RUN / "nginx-access.log"
+        lines = path.read_text().split() if path.exists() else []
+        return sum(1 for x in lines if x == "r"), len(lines)
+    if proc.name == "haproxy":
+        with open(proc.log_path, "rb") as f:
+            f.seek(proc.log_offset)
+            flags = re.findall(rb"^resumed=([01])$", f.read(), re.M)
+        return sum(1 for x in flags if x == b"1"), len(flags)
+    if proc.name == "caddy":
+        path = RUN / "caddy-access.log"
+        seen = [json.loads(line).get("request", {}).get("tls", {}).get("resumed")
+                for line in (path.read_text().splitlines() if path.exists() else []) if line.startswith("{")]
+        return sum(1 for x in seen if x), len(seen)
+    return None
 
 
 def stop(proc):
@@ -234,6 +297,44 @@ def run_idle(proc, port):
             "errors": "" if still_open == IDLE_CONNS else f"only {still_open}/{IDLE_CONNS} held"}
 
 
+def run_full_handshakes(port):
+    """FULL_CONNS clients, each with one connection and one request: h2load
+    keeps no session between its clients, so every handshake is full."""
+    log = RUN / "h2load-full.log"
+    log.unlink(missing_ok=True)
+    url = f"https://{HOST}:{port}/ls/click"
+    cmd = ["h2load", "--h1", "-t1", f"-n{FULL_CONNS}", f"-c{FULL_CONNS}", f"--log-file={log}", url]
+    t0 = time.time()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600).stdout
+    seconds = time.time() - t0
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed", out)
+    durations = sorted(int(parts[2]) / 1000.0 for parts in (line.split() for line in
+                       (log.read_text().splitlines() if log.exists() else [])) if len(parts) >= 3)
+    return {
+        "requests": int(done.group(2)) if done else 0,
+        "seconds": seconds,
+        # Per request as h2load times it (its --log-file), as in (b).
+        "p50_ms": percentile(durations, 0.50),
+        "p99_ms": percentile(durations, 0.99),
+        "errors": f"failed: {done.group(3)}" if done and done.group(3) != "0" else "",
+        "raw": out,
+    }
+
+
+def tls_offer(port):
+    """What a default OpenSSL client (as wrk and h2load are) negotiates: version, suite, key exchange."""
+    try:
+        r = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", HOST, "-brief"],
+                           input="", capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        return "?"
+    said = r.stdout + r.stderr
+    version = re.search(r"Protocol version: (\S+)", said)
+    suite = re.search(r"Ciphersuite: (\S+)", said)
+    group = re.search(r"(?:Server Temp Key|Negotiated TLS1.3 group): ([^\n]+)", said)
+    return ", ".join(m.group(1).strip() for m in (version, suite, group) if m) or "?"
+
+
 def run_scenario(scenario, proc, port):
     if scenario == "a":
         return run_wrk(port, "/wf/open", 64)
@@ -245,6 +346,8 @@ def run_scenario(scenario, proc, port):
         return run_idle(proc, port)
     if scenario == "e":
         return run_wrk(port, "/big", 4)
+    if scenario == "f":
+        return run_full_handshakes(port)
     raise ValueError(scenario)
 
 
@@ -375,10 +478,10 @@ def main():
     render("upstream-nginx.conf", 0, upstream_port, RUN / "upstream.conf")
     upstream = subprocess.Popen(["nginx", "-c", str(RUN / "upstream.conf"), "-e", str(RUN / "upstream.err")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    results, profiles = [], {}
+    results, profiles, tls_seen = [], {}, {}
     try:
         wait_port(upstream_port, upstream)
-        scenarios = [s for s in os.environ.get("BENCH_SCENARIOS", "abcde")]
+        scenarios = [s for s in os.environ.get("BENCH_SCENARIOS", "abcdef")]
         contenders = [c for c in os.environ.get("BENCH_CONTENDERS", ",".join(CONTENDERS)).split(",")]
         if BASELINE_BIN:
             contenders = ["linkgate", "baseline"]
@@ -386,8 +489,12 @@ def main():
             for scenario in scenarios:
                 for name in contenders:
                     port = free_port()
-                    proc = start_contender(name, port, upstream_port)
+                    proc = start_contender(name, port, upstream_port, scenario)
                     try:
+                        if rnd == 1 and name not in tls_seen:
+                            # Before the measured run, so its handshake is not counted in it.
+                            tls_seen[name] = tls_offer(port)
+                        counted0 = linkgate_handshakes(proc) if name in ("linkgate", "baseline") else None
                         user0, kernel0 = cpu_seconds(proc.pid)
                         t0 = time.time()
                         r = run_scenario(scenario, proc, port)
@@ -395,13 +502,17 @@ def main():
                         user1, kernel1 = cpu_seconds(proc.pid)
                         user, kernel = user1 - user0, kernel1 - kernel0
                         cpu = user + kernel
+                        counted1 = linkgate_handshakes(proc) if counted0 else None
+                        seconds = r.pop("seconds", DURATION if scenario != "d" else max(elapsed, 1e-9))
                         r.update(contender=name, scenario=scenario, round=rnd, elapsed=elapsed, cpu_s=cpu,
                                  user_s=user, kernel_s=kernel,
                                  peak_rss=memory(proc.pid, "VmHWM"),
-                                 rps=r["requests"] / (DURATION if scenario != "d" else max(elapsed, 1e-9)))
+                                 rps=r["requests"] / seconds)
                         for key, seconds in (("cpu_per_10k", cpu), ("user_per_10k", user), ("kernel_per_10k", kernel)):
                             r[key] = seconds / r["requests"] * 10000 if r["requests"] else float("nan")
                         raw = r.pop("raw", "")
+                        if counted1:
+                            r["resumed"], r["handshakes"] = counted1[0] - counted0[0], counted1[1] - counted0[1]
                         if r.get("errors"):
                             print(f"  note: {name} ({scenario}) {r['errors']}", flush=True)
                             (RUN / f"{name}-{scenario}-{rnd}.out").write_text(raw)
@@ -413,6 +524,13 @@ def main():
                                  f"{r['still_open']} held, {r['rss_per_conn'] / 1024:.1f} KiB/conn"), flush=True)
                     finally:
                         stop(proc)
+                    if scenario in HANDSHAKE and "handshakes" not in r and (seen := logged_resumption(proc)):
+                        r["resumed"], r["handshakes"] = seen
+                    if scenario in HANDSHAKE and "handshakes" in r:
+                        print(f"  {name} ({scenario}): {r['resumed']} of {r['handshakes']} TLS connections resumed", flush=True)
+                    if scenario in FULL and r.get("resumed"):
+                        raise RuntimeError(f"{name} resumed {r['resumed']} of {r['handshakes']} connections in ({scenario}), "
+                                           "a full-handshake scenario: it does not measure what it says")
         if "linkgate" in contenders and not BASELINE_BIN and os.environ.get("BENCH_PROFILE", "1") != "0":
             for scenario in [s for s in PROFILED if s in scenarios]:
                 profiles[scenario] = prof = profile(scenario, upstream_port)
@@ -427,7 +545,7 @@ def main():
         (BENCH / "ab.md").write_text(text)
         print(text)
         return
-    report = {"machine": machine(), "versions": versions(), "crypto": crypto_floor(),
+    report = {"machine": machine(), "versions": versions(), "crypto": crypto_floor(), "tls": tls_seen,
               "duration_s": DURATION, "rounds": ROUNDS, "idle_conns": IDLE_CONNS, "results": results,
               "profiles": profiles}
     (BENCH / "results.json").write_text(json.dumps(report, indent=1, default=str))

@@ -9,7 +9,25 @@ import statistics
 from html import escape
 
 PEERS = ["nginx", "haproxy", "caddy"]
-THROUGHPUT = ["a", "b", "c", "e"]
+THROUGHPUT = ["a", "b", "c", "e", "f"]
+HANDSHAKE = ["c", "f"]
+
+
+def floor_us(crypto):
+    """µs of one core a TLS 1.3 full handshake costs the server at least, as
+    negotiated here (ECDSA P-256 certificate, X25519 key exchange): one
+    signature, one key generation and one shared secret."""
+    sign, x25519 = crypto.get("ecdsa_p256_sign_per_s"), crypto.get("x25519_ops_per_s")
+    if not sign or not x25519 or math.isnan(sign) or math.isnan(x25519):
+        return float("nan")
+    return 1e6 / sign + 2 * 1e6 / x25519
+
+
+def share(res, s, c):
+    """Resumed share of the TLS connections contender c saw in scenario s, over all rounds."""
+    rows = [r for r in res if r["scenario"] == s and r["contender"] == c and "handshakes" in r]
+    total = sum(r["handshakes"] for r in rows)
+    return sum(r["resumed"] for r in rows) / total if total else None
 
 
 def med(values):
@@ -84,8 +102,15 @@ def write(report, md_path, svg_path):
         f"- CPU: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
         f"{report['machine']['memory_gib']} GiB, kernel {report['machine']['kernel']}",
         f"- Crypto floor (`openssl speed`, one core): ECDSA P-256 {fmt(report['crypto']['ecdsa_p256_sign_per_s'], ',.0f')} signs/s, "
-        f"X25519 {fmt(report['crypto']['x25519_ops_per_s'], ',.0f')} ops/s — a full TLS handshake costs the server at least "
-        "one of each, so (c) cannot exceed roughly their harmonic combination per core.",
+        f"X25519 {fmt(report['crypto']['x25519_ops_per_s'], ',.0f')} ops/s. A TLS 1.3 full handshake as negotiated here costs "
+        "the server one ECDSA P-256 signature, one X25519 key generation and one X25519 shared secret; counting the "
+        f"key generation as one more X25519 operation, that is **{fmt(floor_us(report['crypto']), '.0f')} µs of one core** "
+        "per handshake, the crypto floor below. (A client offering the hybrid X25519MLKEM768 share "
+        "adds an ML-KEM-768 encapsulation; the load generators' OpenSSL 3.0 offers none, see the negotiated key exchange below.) "
+        "A resumed handshake needs no signature.",
+        "- TLS as each contender negotiated it with a default OpenSSL client (as wrk and h2load are): "
+        + "; ".join(f"{c}: {v}" for c, v in report.get("tls", {}).items()) if report.get("tls") else
+        "- TLS as negotiated: not recorded in this run.",
         "- Versions: " + "; ".join(f"{k}: `{v}`" for k, v in report["versions"].items()),
         f"- {report['rounds']} rounds, contenders alternating within each round; {report['duration_s']} s per "
         f"throughput run; {report['idle_conns']} connections in (d). Load generators (wrk, h2load, Python) share "
@@ -104,12 +129,27 @@ def write(report, md_path, svg_path):
                              f"{fmt(med(by(res, s, c, 'rss_per_conn')) / 1024, '.1f')} KiB | "
                              f"{fmt(med(by(res, s, c, 'peak_rss')) / 2**20, '.0f')} MiB |")
         else:
-            lines += ["| proxy | requests/s | p50 | p99 | CPU s / 10k req | peak RSS |", "|---|---:|---:|---:|---:|---:|"]
+            head = "| proxy | requests/s | p50 | p99 | CPU s / 10k req | peak RSS |"
+            rule = "|---|---:|---:|---:|---:|---:|"
+            if s in HANDSHAKE:
+                head += " TLS connections resumed |"
+                rule += "---:|"
+            if s == "f":
+                head += " CPU per handshake | × crypto floor |"
+                rule += "---:|---:|"
+            lines += [head, rule]
             for c in contenders:
-                lines.append(f"| {c} | {fmt(med(by(res, s, c, 'rps')), ',.0f')} | "
-                             f"{fmt(med(by(res, s, c, 'p50_ms')), '.2f')} ms | {fmt(med(by(res, s, c, 'p99_ms')), '.2f')} ms | "
-                             f"{fmt(med(by(res, s, c, 'cpu_per_10k')), '.3f')} | "
-                             f"{fmt(med(by(res, s, c, 'peak_rss')) / 2**20, '.0f')} MiB |")
+                row = (f"| {c} | {fmt(med(by(res, s, c, 'rps')), ',.0f')} | "
+                       f"{fmt(med(by(res, s, c, 'p50_ms')), '.2f')} ms | {fmt(med(by(res, s, c, 'p99_ms')), '.2f')} ms | "
+                       f"{fmt(med(by(res, s, c, 'cpu_per_10k')), '.3f')} | "
+                       f"{fmt(med(by(res, s, c, 'peak_rss')) / 2**20, '.0f')} MiB |")
+                if s in HANDSHAKE:
+                    seen = share(res, s, c)
+                    row += f" {fmt(None if seen is None else 100 * seen, '.1f')}{'' if seen is None else '%'} |"
+                if s == "f":
+                    us = med(by(res, s, c, "cpu_per_10k")) * 100
+                    row += f" {fmt(us, '.0f')} µs | {fmt(us / floor_us(report['crypto']), '.2f')} |"
+                lines.append(row)
         notes = sorted({f"{r['contender']}: {r['errors'].strip()}" for r in res if r["scenario"] == s and r.get("errors", "").strip()})
         if notes:
             lines += ["", "Errors seen: " + "; ".join(notes)]
@@ -135,8 +175,13 @@ def write(report, md_path, svg_path):
         checks.append((f"({s}) requests/s ≥ 1.2 × best peer", per_round(res, s, "rps", "best-high"), lambda v: v >= 1.2))
         checks.append((f"({s}) CPU per request ≤ 0.8 × best peer", per_round(res, s, "cpu_per_10k", "best-low"), lambda v: v <= 0.8))
     if "c" in scenarios:
-        checks.append(("(c) CPU per handshake ≤ best peer", per_round(res, "c", "cpu_per_10k", "best-low"), lambda v: v <= 1.0))
+        checks.append(("(c) CPU per resumed handshake ≤ 0.7 × best peer", per_round(res, "c", "cpu_per_10k", "best-low"), lambda v: v <= 0.7))
         checks.append(("(c) requests/s ≥ best peer", per_round(res, "c", "rps", "best-high"), lambda v: v >= 1.0))
+    if "f" in scenarios:
+        checks.append(("(f) CPU per full handshake ≤ 0.7 × best peer", per_round(res, "f", "cpu_per_10k", "best-low"), lambda v: v <= 0.7))
+        floor = floor_us(report["crypto"])
+        mine = med(by(res, "f", "linkgate", "cpu_per_10k")) * 100
+        checks.append(("(f) CPU per full handshake ≤ 1.5 × crypto floor (stretch)", mine / floor, lambda v: v <= 1.5))
     for s in [x for x in THROUGHPUT if x in scenarios]:
         checks.append((f"({s}) p99 ≤ best peer", per_round(res, s, "p99_ms", "best-low"), lambda v: v <= 1.0))
     if "d" in scenarios:
@@ -192,7 +237,7 @@ def explain(res, profiles, missed, scenarios, contenders):
     if not missed:
         lines += ["Every target is met.", ""]
         return lines
-    for s in ["a", "b", "c", "e"]:
+    for s in ["a", "b", "c", "e", "f"]:
         mine = [m for m in missed if m.startswith(f"({s})")]
         if not mine:
             continue
