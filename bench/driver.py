@@ -25,6 +25,7 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 DURATION = int(os.environ.get("BENCH_DURATION", "6"))
 IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", "10000"))
 FULL_CONNS = int(os.environ.get("BENCH_FULL_CONNS", "12000"))
+BURSTS, BURST_S, PAUSE_S = 5, 1, 2.5
 HOST = "localhost"
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -40,12 +41,19 @@ SCENARIOS = {
     "c": "returning client: new TLS connection per request, resumed TLS 1.3 (wrk reuses its session), click redirect",
     "d": f"{IDLE_CONNS} idle TLS connections held open",
     "e": "10 MB streamed response, 4 connections",
+    "g": "HTTP/1.1 keep-alive, 64 connections, open pixel, https upstream (certificate verified)",
+    "h": f"bursts: {BURSTS} x ({BURST_S} s of (g)'s load, then {PAUSE_S} s idle), https upstream: pools shrink and re-handshake",
     "f": f"first click: {FULL_CONNS} clients, one new TLS connection and one request each, full handshake (h2load never resumes), click redirect",
 }
 # Scenarios whose work is the TLS handshake: each contender logs whether each
 # one resumed a session, and (f) fails the run if any did.
 HANDSHAKE = ["c", "f"]
 FULL = ["f"]
+# Scenarios forwarding to the upstream over https, verified for the stand-in
+# provider name (as linkgate forwards to https://sendgrid.net in production).
+HTTPS_UPSTREAM = ["g", "h"]
+PROVIDER = "provider.test"
+UPSTREAM_TLS_PORT = None  # set in main()
 
 
 def free_port():
@@ -135,6 +143,9 @@ def start_contender(name, port, upstream_port, scenario=None):
     admin_port = free_port()
     placeholder, on, off = RESUMPTION_LOG.get(name, ("@ACCESS_LOG@", "", ""))
     extra = {placeholder: on if scenario in HANDSHAKE else off, "@ADMIN_PORT@": str(admin_port)}
+    if scenario in HTTPS_UPSTREAM:
+        upstream_port = UPSTREAM_TLS_PORT
+    extra.update(upstream_placeholders(name, upstream_port, scenario in HTTPS_UPSTREAM))
     for stale in ("nginx-access.log", "caddy-access.log"):
         (RUN / stale).unlink(missing_ok=True)
     if name in ("linkgate", "baseline"):
@@ -168,6 +179,25 @@ def start_contender(name, port, upstream_port, scenario=None):
         raise RuntimeError(f"{name} did not start; its output:\n{log}") from None
     proc.name, proc.admin_port, proc.log_path, proc.log_offset = name, admin_port, log_path, log_offset
     return proc
+
+
+def upstream_placeholders(name, port, https):
+    """How each contender names the upstream: plain http, or https with the
+    certificate verified against the benchmark's CA for PROVIDER (SNI too)."""
+    ca = RUN / "provider-ca.pem"
+    if name in ("linkgate", "baseline"):
+        url = f"https://{PROVIDER}:{port}" if https else f"http://127.0.0.1:{port}"
+        tls = f'connect_to = "127.0.0.1:{port}"\nca_file = "{ca}"' if https else ""
+    elif name == "nginx":
+        url, tls = ("https://provider_tls" if https else "http://provider"), ""
+    elif name == "haproxy":
+        url, tls = "", f"ssl verify required ca-file {ca} sni str({PROVIDER}) verifyhost {PROVIDER}" if https else ""
+    elif name == "caddy":
+        url = f"https://127.0.0.1:{port}" if https else f"127.0.0.1:{port}"
+        tls = f"tls_trusted_ca_certs {ca}\n            tls_server_name {PROVIDER}" if https else ""
+    else:
+        url, tls = "", ""
+    return {"@UPSTREAM_URL@": url, "@UPSTREAM_TLS@": tls}
 
 
 def linkgate_handshakes(proc):
@@ -234,7 +264,10 @@ def to_ms(value, unit):
 def run_wrk(port, path, conns, extra=()):
     url = f"https://{HOST}:{port}{path}"
     cmd = ["wrk", "-t1", f"-c{conns}", f"-d{DURATION}s", "--latency", "--timeout", "10s", *extra, url]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=DURATION + 60).stdout
+    return parse_wrk(subprocess.run(cmd, capture_output=True, text=True, timeout=DURATION + 60).stdout)
+
+
+def parse_wrk(out):
     reqs = re.search(r"(\d+) requests in", out)
     lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M))
     errors = re.search(r"Socket errors: (.*)", out)
@@ -297,6 +330,27 @@ def run_idle(proc, port):
             "errors": "" if still_open == IDLE_CONNS else f"only {still_open}/{IDLE_CONNS} held"}
 
 
+def run_bursts(port):
+    """(g)'s load in bursts with idle pauses between, so the upstream pools
+    shrink (or not) and connections are made again, TLS handshakes included."""
+    bursts = []
+    for i in range(BURSTS):
+        if i:
+            time.sleep(PAUSE_S)
+        url = f"https://{HOST}:{port}/wf/open"
+        cmd = ["wrk", "-t1", "-c64", f"-d{BURST_S}s", "--latency", "--timeout", "10s", url]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=BURST_S + 60).stdout
+        bursts.append(parse_wrk(out))
+    return {
+        "requests": sum(b["requests"] for b in bursts),
+        "seconds": BURSTS * BURST_S,
+        "p50_ms": statistics.median(b["p50_ms"] for b in bursts),
+        "p99_ms": max(b["p99_ms"] for b in bursts),
+        "errors": " ".join(b["errors"] for b in bursts if b["errors"]),
+        "raw": "\n".join(b["raw"] for b in bursts),
+    }
+
+
 def run_full_handshakes(port):
     """FULL_CONNS clients, each with one connection and one request: h2load
     keeps no session between its clients, so every handshake is full."""
@@ -348,6 +402,10 @@ def run_scenario(scenario, proc, port):
         return run_wrk(port, "/big", 4)
     if scenario == "f":
         return run_full_handshakes(port)
+    if scenario == "g":
+        return run_wrk(port, "/wf/open", 64)
+    if scenario == "h":
+        return run_bursts(port)
     raise ValueError(scenario)
 
 
@@ -474,14 +532,17 @@ def crypto_floor():
 
 
 def main():
-    upstream_port = free_port()
-    render("upstream-nginx.conf", 0, upstream_port, RUN / "upstream.conf")
+    global UPSTREAM_TLS_PORT
+    upstream_port, UPSTREAM_TLS_PORT = free_port(), free_port()
+    render("upstream-nginx.conf", 0, upstream_port, RUN / "upstream.conf",
+           extra={"@UPSTREAM_TLS_PORT@": str(UPSTREAM_TLS_PORT)})
     upstream = subprocess.Popen(["nginx", "-c", str(RUN / "upstream.conf"), "-e", str(RUN / "upstream.err")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     results, profiles, tls_seen = [], {}, {}
     try:
         wait_port(upstream_port, upstream)
-        scenarios = [s for s in os.environ.get("BENCH_SCENARIOS", "abcdef")]
+        wait_port(UPSTREAM_TLS_PORT, upstream)
+        scenarios = [s for s in os.environ.get("BENCH_SCENARIOS", "abcdefgh")]
         contenders = [c for c in os.environ.get("BENCH_CONTENDERS", ",".join(CONTENDERS)).split(",")]
         if BASELINE_BIN:
             contenders = ["linkgate", "baseline"]

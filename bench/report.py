@@ -9,7 +9,7 @@ import statistics
 from html import escape
 
 PEERS = ["nginx", "haproxy", "caddy"]
-THROUGHPUT = ["a", "b", "c", "e", "f"]
+THROUGHPUT = ["a", "b", "c", "e", "f", "g", "h"]
 HANDSHAKE = ["c", "f"]
 
 
