@@ -1,6 +1,8 @@
-//! The Kubernetes base (deploy/kubernetes), rendered offline with
-//! `kubectl kustomize` and parsed (PyYAML → JSON): the probes, ports, drain
-//! timings and mounts must agree with the linkgate.toml it ships. Skipped,
+//! The Kubernetes overlays (deploy/kubernetes/overlays/{eks,gke,generic}
+//! over deploy/kubernetes/base), each rendered offline with `kubectl
+//! kustomize` and parsed (PyYAML → JSON): the probes, ports, drain timings
+//! and mounts must agree with the linkgate.toml it ships, and linkgate must
+//! expect a PROXY header exactly when the overlay's balancer sends one. Skipped,
 //! with the reason, where kubectl or python3-yaml is missing; .ci/run
 //! installs both.
 
@@ -10,17 +12,25 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-fn render() -> Option<Vec<Value>> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes");
-    let Ok(out) = Command::new("kubectl").args(["kustomize", dir]).output() else {
+/// The overlays, and whether each one's balancer sends PROXY protocol.
+const OVERLAYS: [(&str, bool); 3] = [("eks", true), ("gke", false), ("generic", false)];
+
+fn render(overlay: &str) -> Option<Vec<Value>> {
+    let dir = format!("{}/deploy/kubernetes/{overlay}", env!("CARGO_MANIFEST_DIR"));
+    let Ok(out) = Command::new("kubectl").args(["kustomize", &dir]).output() else {
         eprintln!("SKIPPED: kubectl is not installed (apt-get install kubernetes-client)");
         return None;
     };
     assert!(
         out.status.success(),
-        "kubectl kustomize: {}",
+        "kubectl kustomize {overlay}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    yaml_docs(&out.stdout)
+}
+
+/// YAML documents as JSON values (PyYAML), or None (skipped) without PyYAML.
+fn yaml_docs(yaml: &[u8]) -> Option<Vec<Value>> {
     let mut py = Command::new("python3")
         .args([
             "-c",
@@ -31,11 +41,7 @@ fn render() -> Option<Vec<Value>> {
         .stderr(Stdio::piped())
         .spawn()
         .expect("python3");
-    py.stdin
-        .take()
-        .expect("stdin")
-        .write_all(&out.stdout)
-        .expect("write yaml");
+    py.stdin.take().expect("stdin").write_all(yaml).expect("write yaml");
     let json = py.wait_with_output().expect("python3");
     if !json.status.success() {
         eprintln!(
@@ -63,8 +69,17 @@ fn secs(toml: &toml::Value, key: &str) -> Duration {
 }
 
 #[test]
-fn the_kubernetes_base_agrees_with_its_linkgate_config() {
-    let Some(docs) = render() else { return };
+fn every_overlay_agrees_with_its_linkgate_config() {
+    for (overlay, sends_proxy_protocol) in OVERLAYS {
+        let Some(docs) = render(&format!("overlays/{overlay}")) else {
+            return;
+        };
+        agrees(overlay, &docs, sends_proxy_protocol);
+    }
+}
+
+/// The shipped config of a rendered overlay.
+fn config_of(docs: &[Value]) -> (&str, toml::Value) {
     let cm = docs
         .iter()
         .find(|d| d["kind"] == "ConfigMap")
@@ -72,7 +87,11 @@ fn the_kubernetes_base_agrees_with_its_linkgate_config() {
     let text = cm["data"]["linkgate.toml"]
         .as_str()
         .expect("linkgate.toml in the ConfigMap");
-    let config: toml::Value = toml::from_str(text).expect("the shipped config is TOML");
+    (text, toml::from_str(text).expect("the shipped config is TOML"))
+}
+
+fn agrees(overlay: &str, docs: &[Value], sends_proxy_protocol: bool) {
+    let (text, config) = config_of(docs);
     // The shipped config is valid as far as it can be without its certificates.
     let config_path = std::path::Path::new("/etc/linkgate/config/linkgate.toml");
     let admin = linkgate::config::Outline::parse(text, config_path)
@@ -81,7 +100,7 @@ fn the_kubernetes_base_agrees_with_its_linkgate_config() {
         .expect("valid admin section")
         .expect("an admin listener for the probes");
 
-    let deploy = kind(&docs, "Deployment", "linkgate");
+    let deploy = kind(docs, "Deployment", "linkgate");
     let spec = &deploy["spec"]["template"]["spec"];
     let c = &spec["containers"][0];
     assert_eq!(deploy["spec"]["replicas"], 3);
@@ -182,16 +201,50 @@ fn the_kubernetes_base_agrees_with_its_linkgate_config() {
         }
     }
 
-    // The public Service: an NLB with PROXY protocol v2 exactly when linkgate expects it.
-    let svc = kind(&docs, "Service", "linkgate");
+    // The public Service: PROXY protocol v2 from the balancer exactly when linkgate expects it.
+    let svc = kind(docs, "Service", "linkgate");
     assert_eq!(svc["spec"]["type"], "LoadBalancer");
-    assert_eq!(svc["spec"]["externalTrafficPolicy"], "Local");
-    let proxy_protocol =
-        svc["metadata"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-proxy-protocol"] == "*";
     assert_eq!(
-        proxy_protocol,
-        config["listen"]["proxy_protocol"].as_bool().unwrap_or(false)
+        svc["spec"]["externalTrafficPolicy"], "Local",
+        "{overlay}: the client address must survive"
     );
+    let annotations = &svc["metadata"]["annotations"];
+    let aws = |key: &str| &annotations[format!("service.beta.kubernetes.io/aws-load-balancer-{key}")];
+    assert_eq!(aws("proxy-protocol") == "*", sends_proxy_protocol, "{overlay}");
+    assert_eq!(
+        config["listen"]["proxy_protocol"].as_bool().unwrap_or(false),
+        sends_proxy_protocol,
+        "{overlay}: linkgate.toml's proxy_protocol must match what the balancer sends"
+    );
+    if overlay == "eks" {
+        // The NLB (AWS Load Balancer Controller): pod targets, /readyz on the
+        // admin port, and a draining pod marked unhealthy within drain_delay.
+        assert_eq!(aws("type"), "external");
+        assert_eq!(aws("nlb-target-type"), "ip");
+        assert_eq!(aws("healthcheck-path"), "/readyz");
+        assert_eq!(aws("healthcheck-port"), admin.port().to_string().as_str());
+        let number = |key: &str| aws(key).as_str().and_then(|v| v.parse::<u64>().ok()).expect(key);
+        let noticed = Duration::from_secs(number("healthcheck-interval") * number("healthcheck-unhealthy-threshold"));
+        assert!(
+            noticed < drain,
+            "the NLB notices a draining pod after {noticed:?}; drain_delay is {drain:?}"
+        );
+        let ns = kind(docs, "Namespace", "linkgate");
+        assert_eq!(
+            ns["metadata"]["labels"]["elbv2.k8s.aws/pod-readiness-gate-inject"],
+            "enabled"
+        );
+    } else {
+        assert!(
+            annotations
+                .as_object()
+                .is_none_or(|a| a.keys().all(|k| !k.contains("aws-load-balancer"))),
+            "{overlay}: no AWS annotations"
+        );
+    }
+    if overlay == "gke" {
+        assert_eq!(annotations["cloud.google.com/l4-rbs"], "enabled");
+    }
     let svc_ports: Vec<(u64, &str)> = svc["spec"]["ports"]
         .as_array()
         .expect("ports")
@@ -207,18 +260,74 @@ fn the_kubernetes_base_agrees_with_its_linkgate_config() {
 
     // Disruption budget, autoscaler, metrics.
     assert_eq!(
-        kind(&docs, "PodDisruptionBudget", "linkgate")["spec"]["maxUnavailable"],
+        kind(docs, "PodDisruptionBudget", "linkgate")["spec"]["maxUnavailable"],
         1
     );
-    let hpa = kind(&docs, "HorizontalPodAutoscaler", "linkgate");
+    let hpa = kind(docs, "HorizontalPodAutoscaler", "linkgate");
     assert_eq!(hpa["spec"]["minReplicas"], 3);
     assert_eq!(hpa["spec"]["metrics"][0]["resource"]["name"], "cpu");
-    let admin_svc = kind(&docs, "Service", "linkgate-admin");
+    let admin_svc = kind(docs, "Service", "linkgate-admin");
     assert_eq!(admin_svc["spec"]["ports"][0]["targetPort"], "admin");
-    let sm = kind(&docs, "ServiceMonitor", "linkgate");
+    let sm = kind(docs, "ServiceMonitor", "linkgate");
     assert_eq!(
         sm["spec"]["endpoints"][0]["port"],
         admin_svc["spec"]["ports"][0]["name"]
     );
     assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
+}
+
+/// The EKS overlay ships its own linkgate.toml (kustomize cannot edit a
+/// TOML file): it must stay the base's but for the PROXY protocol lines.
+#[test]
+fn the_eks_config_is_the_base_config_with_proxy_protocol() {
+    let (Some(base), Some(eks)) = (render("base"), render("overlays/eks")) else {
+        return;
+    };
+    let strip = |mut config: toml::Value| {
+        let listen = config["listen"].as_table_mut().expect("[listen]");
+        listen.remove("proxy_protocol");
+        listen.remove("trusted_proxies");
+        config
+    };
+    let (_, base_config) = config_of(&base);
+    let (_, eks_config) = config_of(&eks);
+    assert_eq!(eks_config["listen"]["proxy_protocol"].as_bool(), Some(true));
+    assert!(eks_config["listen"]["trusted_proxies"].is_array());
+    assert_eq!(strip(eks_config), strip(base_config));
+}
+
+/// The cert-manager examples: a DNS-01 issuer (HTTP-01 cannot reach a
+/// solver through linkgate), and the Certificate writes the Secret the
+/// Deployment mounts.
+#[test]
+fn the_certificate_example_uses_the_dns01_issuer_and_the_mounted_secret() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes/examples");
+    let read = |name: &str| std::fs::read(format!("{dir}/{name}")).expect("example");
+    let (Some(issuer), Some(cert), Some(base)) = (
+        yaml_docs(&read("clusterissuer-dns01.yaml")),
+        yaml_docs(&read("certificate.yaml")),
+        render("base"),
+    ) else {
+        return;
+    };
+    let issuer = &issuer[0];
+    assert_eq!(issuer["kind"], "ClusterIssuer");
+    let solvers = issuer["spec"]["acme"]["solvers"].as_array().expect("solvers");
+    assert!(
+        solvers
+            .iter()
+            .all(|s| s.get("dns01").is_some() && s.get("http01").is_none()),
+        "{solvers:?}"
+    );
+    let cert = &cert[0];
+    assert_eq!(cert["spec"]["issuerRef"]["name"], issuer["metadata"]["name"]);
+    assert_eq!(cert["spec"]["issuerRef"]["kind"], "ClusterIssuer");
+    let deploy = kind(&base, "Deployment", "linkgate");
+    let secrets: Vec<&Value> = deploy["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .filter_map(|v| v.get("secret").map(|s| &s["secretName"]))
+        .collect();
+    assert!(secrets.contains(&&cert["spec"]["secretName"]), "{secrets:?}");
 }
