@@ -1,12 +1,16 @@
 # linkgate container image: one static binary on an empty (scratch) base,
-# running as an unprivileged user.
+# running as an unprivileged user, for linux/amd64 and linux/arm64
+# (Graviton, Ampere) from this one file.
 #
-#   podman build -t linkgate .                              # compiles in the build stage
-#   podman build --build-arg BINARY=prebuilt -t linkgate .  # takes dist/linkgate, built outside:
+#   podman build -t linkgate .                                   # compiles in the build stage
+#   podman build --platform linux/arm64 -t linkgate:arm64 .      # cross-compiles on any build host
+#   podman build --build-arg BINARY=prebuilt --platform linux/ARCH -t linkgate .
+#       # takes dist/ARCH/linkgate (ARCH: amd64 or arm64), built outside:
 #       RUSTFLAGS="-C target-feature=+crt-static" \
-#         cargo build --release --locked --target x86_64-unknown-linux-gnu
-#       install -D target/x86_64-unknown-linux-gnu/release/linkgate dist/linkgate
-#   (scripts/container-test does exactly that, then runs and checks the image)
+#         cargo build --release --locked --target x86_64-unknown-linux-gnu    # or aarch64-unknown-linux-gnu
+#       install -D target/x86_64-unknown-linux-gnu/release/linkgate dist/amd64/linkgate
+#   (scripts/container-test does exactly that for both, runs and checks the
+#   amd64 image, runs the arm64 binary under qemu-user, and makes a manifest list)
 #
 # Run with the config folder mounted at /etc/linkgate:
 #   podman run -d -v /srv/linkgate:/etc/linkgate:ro \
@@ -17,16 +21,32 @@
 
 ARG BINARY=compiled
 
-FROM docker.io/library/rust:1-bookworm AS compiled
+# Compiles on the build host's own platform, for the target's: no emulation.
+FROM --platform=$BUILDPLATFORM docker.io/library/rust:1-bookworm AS compiled
+ARG TARGETARCH
 WORKDIR /src
+# The cross linker and C compiler (aws-lc) for arm64; nothing for amd64.
+# hadolint ignore=DL3008
+RUN if [ "$TARGETARCH" = arm64 ]; then \
+      apt-get update && apt-get install -y --no-install-recommends gcc-aarch64-linux-gnu libc6-dev-arm64-cross \
+      && rm -rf /var/lib/apt/lists/* && rustup target add aarch64-unknown-linux-gnu; \
+    fi
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
-RUN RUSTFLAGS="-C target-feature=+crt-static" \
-    cargo build --release --locked --target x86_64-unknown-linux-gnu \
- && install -D -m 0755 target/x86_64-unknown-linux-gnu/release/linkgate /out/linkgate
+RUN case "$TARGETARCH" in \
+      arm64) target=aarch64-unknown-linux-gnu ;; \
+      amd64|"") target=x86_64-unknown-linux-gnu ;; \
+      *) echo "unsupported architecture: $TARGETARCH" >&2; exit 1 ;; \
+    esac \
+ && CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+    CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar \
+    RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release --locked --target "$target" \
+ && install -D -m 0755 "target/$target/release/linkgate" /out/linkgate
 
 FROM scratch AS prebuilt
-COPY dist/linkgate /out/linkgate
+ARG TARGETARCH
+COPY dist/${TARGETARCH}/linkgate /out/linkgate
 
 # The binary from whichever stage BINARY names.
 # hadolint ignore=DL3006
