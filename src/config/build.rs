@@ -287,10 +287,58 @@ pub(super) fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 }
 
 pub(super) fn parse_raw(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Syntax {
-        path: path.to_path_buf(),
-        line: e.span().map(|span| line_of(text, span.start)),
-        message: e.message().trim().replace('\n', " "),
+    toml::from_str(text).map_err(|e| {
+        let mut message = e.message().trim().replace('\n', " ");
+        if let Some(span) = e.span().filter(|_| message.starts_with("unknown field")) {
+            // A commented option uncommented below the wrong table header
+            // lands in that table: say which one it landed in.
+            if let Some(table) = table_at(text, span.start) {
+                message = format!("in {table}: {message}");
+            }
+        }
+        ConfigError::Syntax {
+            path: path.to_path_buf(),
+            line: e.span().map(|span| line_of(text, span.start)),
+            message,
+        }
+    })
+}
+
+/// The table a byte offset of `text` falls in, as a person would name it:
+/// `[listen]`, or `[[host]] #3 (url1234.example.com)` for the third host.
+fn table_at(text: &str, offset: usize) -> Option<String> {
+    let before = text.get(..offset)?;
+    let mut current = None;
+    let mut arrays: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut start = 0;
+    for line in before.lines() {
+        let header = line.split('#').next().unwrap_or("").trim();
+        if let Some(name) = header.strip_prefix("[[").and_then(|h| h.strip_suffix("]]")) {
+            let name = name.trim();
+            let n = arrays.entry(name).or_insert(0);
+            *n += 1;
+            current = Some((format!("[[{name}]] #{n}"), start));
+        } else if let Some(name) = header.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            current = Some((format!("[{}]", name.trim()), start));
+        }
+        start += line.len() + 1;
+    }
+    let (table, at) = current?;
+    if !table.starts_with("[[") {
+        return Some(table);
+    }
+    // An array entry is easier to find by its name, when it has one.
+    let name = text[at..]
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.trim_start().starts_with('['))
+        .find_map(|l| {
+            let (key, value) = l.split_once('=')?;
+            (key.trim() == "name").then(|| value.trim().trim_matches('"').to_string())
+        });
+    Some(match name {
+        Some(name) => format!("{table} ({name})"),
+        None => table,
     })
 }
 

@@ -524,6 +524,60 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_key_names_the_table_it_landed_in() {
+        // proxy_protocol uncommented below the last [[host]] (the template's
+        // trap before its options moved into their own tables).
+        let e = err("[listen]\nhttps = \"127.0.0.1:0\"\n[[host]]\nname = \"a.test\"\nacme = true\n[[host]]\nname = \"b.test\"\nacme = true\nproxy_protocol = true\n");
+        assert!(e.starts_with("/etc/linkgate/linkgate.toml:9: "), "{e}");
+        assert!(
+            e.contains("in [[host]] #2 (b.test): unknown field `proxy_protocol`"),
+            "{e}"
+        );
+        let e = err("[listen]\nhttps = \"127.0.0.1:0\"\n[admin] # the admin listener\nlisten = \"127.0.0.1:1\"\nidle_timeout = \"1s\"\n");
+        assert!(e.contains("in [admin]: unknown field `idle_timeout`"), "{e}");
+    }
+
+    /// Every option the template shows commented out parses where it
+    /// stands once uncommented (with its table header and the options
+    /// before it, when the table is commented too): none lands in another
+    /// table.
+    #[test]
+    fn every_commented_option_in_the_template_belongs_to_its_table() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/linkgate.toml");
+        let template = std::fs::read_to_string(&path).expect("template");
+        let lines: Vec<&str> = template.lines().collect();
+        let is_header = |l: &str| l.trim_start_matches("# ").starts_with('[');
+        let is_option = |l: &str| {
+            l.strip_prefix("# ")
+                .and_then(|rest| rest.split_once(" = "))
+                .is_some_and(|(key, _)| !key.is_empty() && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+        };
+        let mut tried = 0;
+        for (i, line) in lines.iter().enumerate() {
+            if !is_option(line) {
+                continue;
+            }
+            let header = lines[..i].iter().rposition(|l| is_header(l));
+            let mut text: Vec<String> = lines.iter().map(|l| (*l).to_string()).collect();
+            text[i] = line[2..].to_string();
+            if let Some(h) = header.filter(|&h| lines[h].starts_with("# ")) {
+                // A commented table: its header and its options up to this one.
+                text[h] = lines[h][2..].to_string();
+                for j in h + 1..i {
+                    if is_option(lines[j]) {
+                        text[j] = lines[j][2..].to_string();
+                    }
+                }
+            }
+            if let Err(e) = parse_raw(&text.join("\n"), &path) {
+                panic!("line {}: {line:?} uncommented: {e}", i + 1);
+            }
+            tried += 1;
+        }
+        assert!(tried > 20, "only {tried} commented options found");
+    }
+
+    #[test]
     fn unknown_key_names_key_and_line() {
         let e = err("[listen]\nhttps = \"127.0.0.1:0\"\nhtps = \"x\"\n");
         assert!(e.starts_with("/etc/linkgate/linkgate.toml:3: "), "{e}");
