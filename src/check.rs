@@ -70,9 +70,14 @@ pub fn check(path: &Path) -> Report {
     };
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
-        Err(e) => {
+        Err(error) => {
             report.ok = false;
-            report.errors.push(format!("{}: cannot read: {e}", path.display()));
+            // The same words as serve's.
+            let read = crate::config::ConfigError::Read {
+                path: path.to_path_buf(),
+                error,
+            };
+            report.errors.push(read.to_string());
             return report;
         }
     };

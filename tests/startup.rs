@@ -280,6 +280,13 @@ fn binary_reads_config_from_environment_and_has_help() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr.contains("/nonexistent/linkgate.toml: cannot read"), "{stderr}");
+    // One line, the cause said once, and how to name another file.
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("--config FILE or the LINKGATE_CONFIG variable"),
+        "{stderr}"
+    );
 
     let out = Command::new(env!("CARGO_BIN_EXE_linkgate"))
         .arg("--version")

@@ -364,8 +364,13 @@ impl fmt::Debug for Host {
 /// Why a configuration was refused. Displays as one line.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{}: cannot read: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    /// Not a `source`: the cause is part of the one line, said once.
+    #[error("{}: cannot read: {error}{}", path.display(), if error.kind() == std::io::ErrorKind::NotFound {
+        " (name another with --config FILE or the LINKGATE_CONFIG variable)"
+    } else {
+        ""
+    })]
+    Read { path: PathBuf, error: std::io::Error },
     #[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
     Syntax {
         path: PathBuf,
@@ -396,9 +401,9 @@ impl Config {
     /// certificate and key it names. Blocking: call it at start-up or from a
     /// blocking task.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Self::from_toml(&text, path)
     }
