@@ -113,11 +113,28 @@ fn answer(live: &Live, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/readyz" if live.ready.load(Ordering::SeqCst) => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/metrics" => {
-            let mut r = Response::new(Full::new(Bytes::from(live.metrics.encode())));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
+            // OpenMetrics for a scraper that asks for it (Prometheus does), the
+            // classic text format otherwise; each with TYPE and HELP named as
+            // its series are.
+            let openmetrics = req
+                .headers()
+                .get_all(header::ACCEPT)
+                .iter()
+                .any(|v| v.to_str().is_ok_and(|v| v.contains("application/openmetrics-text")));
+            let (body, content_type) = if openmetrics {
+                (
+                    live.metrics.encode(),
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
+            } else {
+                (
+                    live.metrics.encode_classic(),
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
+            };
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
             r
         }
         _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n"),

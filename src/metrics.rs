@@ -198,6 +198,20 @@ impl Metrics {
             })
             .set(1);
         registry.register("build_info", "Build information", build);
+        // Every counter whose labels are known in advance exists from the
+        // start at 0, so `increase(...)` and alerts see the first failure.
+        for kind in ["connect", "tls", "timeout", "reset", "upgrade"] {
+            upstream_errors.get_or_create(&KindLabels { kind }).inc_by(0);
+        }
+        for result in HANDSHAKE_RESULTS {
+            handshakes.get_or_create(&ResultLabels { result }).inc_by(0);
+        }
+        for reason in REFUSAL_REASONS {
+            connections_refused.get_or_create(&ReasonLabels { reason }).inc_by(0);
+        }
+        for result in ["success", "failure"] {
+            reloads.get_or_create(&ResultLabels { result }).inc_by(0);
+        }
         Arc::new(Self {
             registry,
             requests,
@@ -245,7 +259,8 @@ impl Metrics {
         }))
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// Every metric in the OpenMetrics text format (what Prometheus asks
+    /// for with `Accept: application/openmetrics-text`).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
@@ -253,4 +268,67 @@ impl Metrics {
         }
         out
     }
+
+    /// Every metric in the classic Prometheus text format (0.0.4), for
+    /// scrapers that do not ask for OpenMetrics: see [`classic`].
+    pub fn encode_classic(&self) -> String {
+        classic(&self.encode())
+    }
+}
+
+/// The results `linkgate_tls_handshakes_total` counts.
+const HANDSHAKE_RESULTS: [&str; 6] = [
+    "ok",
+    "unknown_sni",
+    "no_sni",
+    "no_certificate",
+    "acme_challenge",
+    "error",
+];
+
+/// The reasons `linkgate_connections_refused_total` counts.
+const REFUSAL_REASONS: [&str; 4] = [
+    "max_handshakes",
+    "handshakes_per_address",
+    "connections_per_address",
+    "admin_connections",
+];
+
+/// OpenMetrics text turned into the classic format: a counter family is
+/// named after its series there (`# TYPE linkgate_requests_total counter`,
+/// where OpenMetrics says `linkgate_requests`), and `# UNIT` and `# EOF`
+/// do not exist. Without this a classic scraper finds no TYPE or HELP for
+/// any counter series (`promtool check metrics`: "no help text").
+fn classic(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len() + 256);
+    let mut lines = openmetrics.lines().peekable();
+    while let Some(line) = lines.next() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            let counter = lines
+                .peek()
+                .and_then(|next| next.strip_prefix("# TYPE "))
+                .is_some_and(|t| t.split_once(' ') == Some((name, "counter")));
+            let suffix = if counter && !name.ends_with("_total") {
+                "_total"
+            } else {
+                ""
+            };
+            out.push_str(&format!("# HELP {name}{suffix} {help}\n"));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            if let Some((name, "counter")) = rest.split_once(' ') {
+                let suffix = if name.ends_with("_total") { "" } else { "_total" };
+                out.push_str(&format!("# TYPE {name}{suffix} counter\n"));
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
