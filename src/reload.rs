@@ -61,6 +61,54 @@ pub struct Live {
     pub ready: AtomicBool,
     /// Certificates obtained over ACME, kept across reloads.
     pub acme: Arc<crate::acme::Certificates>,
+    /// What the process applied at start and cannot change until a restart.
+    started: StartOnly,
+}
+
+/// The settings that apply only at start: the listeners bound, the logger
+/// set up, the connection caps sized. A reload that changes one logs that
+/// it needs a restart (and applies the rest); one that changes it back to
+/// what the process started with logs nothing.
+#[derive(Debug, Clone, PartialEq)]
+struct StartOnly {
+    https: std::net::SocketAddr,
+    http: Option<std::net::SocketAddr>,
+    admin: Option<std::net::SocketAddr>,
+    log_format: crate::config::LogFormat,
+    max_connections: u32,
+    upstream_connections: usize,
+}
+
+impl StartOnly {
+    fn of(config: &Config) -> Self {
+        Self {
+            https: config.listen.https,
+            http: config.listen.http,
+            admin: config.admin,
+            log_format: config.log.format,
+            max_connections: config.limits.max_connections,
+            upstream_connections: config.limits.upstream_connections(),
+        }
+    }
+
+    /// The keys whose value in `config` differs from what the process started with.
+    fn changed_in(&self, config: &Config) -> Vec<&'static str> {
+        let now = Self::of(config);
+        [
+            ("listen.https", self.https != now.https),
+            ("listen.http", self.http != now.http),
+            ("admin.listen", self.admin != now.admin),
+            ("log.format", self.log_format != now.log_format),
+            ("limits.max_connections", self.max_connections != now.max_connections),
+            (
+                "limits.max_upstream_connections",
+                self.upstream_connections != now.upstream_connections,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
+    }
 }
 
 impl Live {
@@ -69,6 +117,7 @@ impl Live {
         let sessions: Arc<dyn StoresServerSessions + Send + Sync> = rustls::server::ServerSessionMemoryCache::new(8192);
         let acme = Arc::new(crate::acme::Certificates::default());
         crate::acme::preload(&config, &acme);
+        let started = StartOnly::of(&config);
         let active = build(config, 0, &ticketer, &sessions, &metrics, &acme)?;
         record_expiry(&metrics, &active);
         Ok(Arc::new(Self {
@@ -79,6 +128,7 @@ impl Live {
             metrics,
             ready: AtomicBool::new(false),
             acme,
+            started,
         }))
     }
 
@@ -97,17 +147,13 @@ impl Live {
             Ok(Err(e)) => return Err(self.failed(e.to_string())),
             Err(e) => return Err(self.failed(format!("reload task failed: {e}"))),
         };
-        for (what, old_value, new_value) in [
-            ("listen.https", Some(old.config.listen.https), Some(config.listen.https)),
-            ("listen.http", old.config.listen.http, config.listen.http),
-            ("admin.listen", old.config.admin, config.admin),
-        ] {
-            if old_value != new_value {
-                tracing::warn!(
-                    key = what,
-                    "listener address changed: restart linkgate to apply it; the rest of the reload applies now"
-                );
-            }
+        // Against what the process started with, not the last reload: a
+        // value changed back to the one in force logs nothing.
+        for key in self.started.changed_in(&config) {
+            tracing::warn!(
+                key,
+                "applies at start only: restart linkgate to apply the new value; the rest of the reload applies now"
+            );
         }
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let active = build(
@@ -599,6 +645,30 @@ fn folder_of(file: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn start_only_keys_are_compared_with_what_the_process_started_with() {
+        let config = |extra: &str| {
+            let text = format!("[listen]\nhttps = \"127.0.0.1:8443\"\n{extra}[acme]\ndirectory = \"https://acme.test/dir\"\nstorage = \"acme\"\n[[host]]\nname = \"a.test\"\nacme = true\n");
+            Config::from_toml(&text, Path::new("/etc/linkgate/linkgate.toml")).expect("valid")
+        };
+        let started = StartOnly::of(&config(""));
+        assert!(started.changed_in(&config("")).is_empty());
+        assert_eq!(
+            started.changed_in(&config("[log]\nformat = \"json\"\n")),
+            ["log.format"]
+        );
+        let mut other = config("[limits]\nmax_connections = 100\nmax_upstream_connections = 7\n");
+        other.listen.https = "127.0.0.1:9443".parse().expect("addr");
+        assert_eq!(
+            started.changed_in(&other),
+            [
+                "listen.https",
+                "limits.max_connections",
+                "limits.max_upstream_connections"
+            ]
+        );
+    }
 
     #[test]
     fn only_named_files_and_kubernetes_links_trigger_a_reload() {

@@ -291,3 +291,44 @@ async fn resumed_handshakes_are_counted_and_logged() {
         "{metrics}"
     );
 }
+
+/// A key that applies only at start (here log.format) is logged as needing
+/// a restart when a reload changes it, and the rest applies; changed back
+/// to what the process started with, nothing is logged.
+#[tokio::test]
+async fn a_reload_names_the_keys_that_need_a_restart_against_what_is_in_force() {
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path(), "click", &[CLICK]);
+    let up = StandIn::plain().await;
+    let path = config(dir.path(), &up, "");
+    let lg = Process::start(&path);
+    let started = std::fs::read_to_string(&path).expect("read");
+    let until_reloaded = || {
+        let mut seen = Vec::new();
+        loop {
+            let v = wait_line(&lg.lines, |_| true);
+            let done = v["message"] == "configuration reloaded";
+            seen.push(v);
+            if done {
+                return seen;
+            }
+        }
+    };
+    let restart_warnings = |seen: &[serde_json::Value]| -> Vec<String> {
+        seen.iter()
+            .filter(|v| v["message"].as_str().is_some_and(|m| m.contains("restart linkgate")))
+            .map(|v| v["key"].as_str().unwrap_or("?").to_string())
+            .collect()
+    };
+
+    std::fs::write(&path, started.replace("format = \"json\"", "format = \"text\"")).expect("write");
+    lg.signal("HUP");
+    let seen = until_reloaded();
+    assert_eq!(restart_warnings(&seen), ["log.format"], "{seen:?}");
+
+    std::fs::write(&path, &started).expect("write");
+    lg.signal("HUP");
+    let seen = until_reloaded();
+    assert!(restart_warnings(&seen).is_empty(), "changed back: {seen:?}");
+}
