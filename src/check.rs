@@ -223,17 +223,32 @@ fn acme_checks(row: &mut HostReport, acme: Option<&Acme>, host: &HostName, now: 
     }
 }
 
+/// Who besides linkgate's user can read a private key, and the fix for
+/// where it lives. Group access is fine when the group is linkgate's own
+/// (a Kubernetes Secret volume with the pod's `fsGroup` is `root:<fsGroup>`
+/// mode 0440, and linkgate runs in that group).
 #[cfg(unix)]
 fn key_file_checks(row: &mut HostReport, key: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(key) {
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            row.warning(format!(
-                "{} is readable by others (mode {mode:o}): chmod 600 it",
-                key.display()
-            ));
-        }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Ok(meta) = std::fs::metadata(key) else { return };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o006 != 0 {
+        let what = if mode & 0o004 != 0 { "readable" } else { "writable" };
+        row.warning(format!(
+            "{} is {what} by every user on this machine (mode {mode:o}): chown it to the user linkgate runs as and chmod 600 it (in a Kubernetes Secret volume: defaultMode: 0440 and the pod's fsGroup set to linkgate's group)",
+            key.display()
+        ));
+        return;
+    }
+    // The group this process runs in: /proc/self is owned by it (Linux).
+    let own_group = std::fs::metadata("/proc/self").ok().map(|m| m.gid());
+    if mode & 0o060 != 0 && own_group != Some(meta.gid()) {
+        row.warning(format!(
+            "{} is readable by group {} (mode {mode:o}), not only by linkgate's user{}: chown it to the user linkgate runs as and chmod 600 it (in a Kubernetes Secret volume: set the pod's fsGroup to linkgate's group, so the group is linkgate's own)",
+            key.display(),
+            meta.gid(),
+            own_group.map_or(String::new(), |g| format!(" (linkgate's group here is {g})"))
+        ));
     }
 }
 

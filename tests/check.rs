@@ -236,7 +236,7 @@ fn readable_keys_wrong_order_and_file_errors() {
     assert!(
         report
             .to_string()
-            .contains("is readable by others (mode 644): chmod 600 it"),
+            .contains("is readable by every user on this machine (mode 644): chown it to the user linkgate runs as and chmod 600 it"),
         "{report}"
     );
 
@@ -282,4 +282,48 @@ fn names_from_certificates_reach_no_terminal_raw() {
         !out.chars().any(|c| c.is_control() && c != '\n') && !out.contains('\u{202e}'),
         "no control character reaches the terminal:\n{out:?}"
     );
+}
+
+/// A key readable by a group is fine when the group is linkgate's own (a
+/// Kubernetes Secret volume: root:<fsGroup>, mode 0440, linkgate in that
+/// group), and named with its fix when it is another.
+#[test]
+fn a_group_readable_key_is_fine_in_linkgates_own_group_and_named_otherwise() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = TempDir::new().expect("tempdir");
+    let pki = Pki::new();
+    let leaf = pki.leaf(&["a.example.test"]);
+    // The whole chain, so the key's mode is the only thing --strict can see.
+    write_pair(dir.path(), "a", &leaf, &[&pki.ca_pem]);
+    let key = dir.path().join("a.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o440)).expect("chmod");
+    let path = config(dir.path(), &[("a.example.test", "a")]);
+    // The file's group is the test's own, as linkgate's is in the pod.
+    let (code, out) = check(&path, &["--strict"]);
+    assert_eq!(
+        code, 0,
+        "a Secret volume's 0440 in linkgate's group passes --strict: {out}"
+    );
+
+    // Another group (root can hand the file to one): named, with the fix.
+    let own = std::fs::metadata(&key).expect("meta").gid();
+    let other = own + 4242;
+    let chowned = Command::new("chgrp")
+        .arg(other.to_string())
+        .arg(&key)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !chowned {
+        eprintln!("SKIPPED the other-group half: chgrp needs root here");
+        return;
+    }
+    let (code, out) = check(&path, &["--strict"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "is readable by group {other} (mode 440), not only by linkgate's user"
+        )),
+        "{out}"
+    );
+    assert!(out.contains("set the pod's fsGroup to linkgate's group"), "{out}");
 }
