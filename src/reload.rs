@@ -483,7 +483,13 @@ impl FileWatcher {
             }))
             .map(absolute)
             .collect();
-        let wanted: BTreeSet<PathBuf> = files.iter().map(|f| folder_of(f)).collect();
+        // certs_dir itself too: a Kubernetes projected volume swaps its
+        // `..data` link there, above the hosts' folders.
+        let wanted: BTreeSet<PathBuf> = files
+            .iter()
+            .map(|f| folder_of(f))
+            .chain(config.certs_dir.as_deref().map(absolute))
+            .collect();
         let mut state = lock(&self.state);
         self.dirs.retain(|dir, wd| {
             let keep = wanted.contains(dir);

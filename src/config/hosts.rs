@@ -18,14 +18,41 @@ pub struct HostEntry {
     pub http: Option<String>,
     /// The host's own upstream settings (paths as written).
     pub upstream: RawUpstream,
+    /// `certs_dir/<host>/`, when the entry gives neither cert nor key nor
+    /// acme and the folder holds no pair linkgate knows: what it looked for.
+    pub expected_in: Option<PathBuf>,
 }
 
+/// The pairs a host's folder in `certs_dir` may hold, in the order tried:
+/// a Kubernetes TLS Secret's keys, then certbot's `live/` layout.
+pub const CERTS_DIR_PAIRS: [(&str, &str); 2] = [("tls.crt", "tls.key"), ("fullchain.pem", "privkey.pem")];
+
 impl HostEntry {
-    pub(super) fn resolve(raw: raw::RawHost, base: &Path) -> Self {
+    pub(super) fn resolve(raw: raw::RawHost, base: &Path, certs_dir: Option<&Path>) -> Self {
+        let mut cert = raw.cert.map(|p| base.join(p));
+        let mut key = raw.key.map(|p| base.join(p));
+        let mut expected_in = None;
+        if let (None, None, false, Some(certs_dir)) = (&cert, &key, raw.acme, certs_dir) {
+            // Named after the host as DNS compares names: lowercase, no final dot.
+            let folder = base
+                .join(certs_dir)
+                .join(raw.name.trim().trim_end_matches('.').to_ascii_lowercase());
+            match CERTS_DIR_PAIRS
+                .iter()
+                .find(|(c, k)| folder.join(c).exists() || folder.join(k).exists())
+            {
+                Some((c, k)) => {
+                    cert = Some(folder.join(c));
+                    key = Some(folder.join(k));
+                }
+                None => expected_in = Some(folder),
+            }
+        }
         Self {
             name: raw.name,
-            cert: raw.cert.map(|p| base.join(p)),
-            key: raw.key.map(|p| base.join(p)),
+            cert,
+            key,
+            expected_in,
             acme: raw.acme,
             hsts: raw.hsts,
             ocsp: raw.ocsp.map(|p| base.join(p)),
@@ -120,6 +147,13 @@ pub fn load_host(entry: &HostEntry, loaded: &mut LoadedPairs) -> Result<Host, St
                 ocsp: entry.ocsp.clone(),
                 certified_key,
             }
+        }
+        (false, None, None) if entry.expected_in.is_some() => {
+            let folder = entry.expected_in.as_deref().unwrap_or(Path::new("."));
+            return Err(format!(
+                "no certificate in {}: certs_dir expects tls.crt and tls.key there (a Kubernetes TLS Secret) or fullchain.pem and privkey.pem (certbot's live/ layout); or give cert and key, or acme = true",
+                folder.display()
+            ));
         }
         (false, None, _) => return Err("cert: missing: give cert and key, or acme = true".into()),
         (false, Some(_), None) => return Err("key: missing: give the private key of cert".into()),

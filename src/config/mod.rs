@@ -58,6 +58,10 @@ pub struct Config {
     pub log: Log,
     /// `[acme]`: how hosts with `acme = true` get their certificates.
     pub acme: Option<Acme>,
+    /// `certs_dir`, resolved: hosts without cert and key take theirs from
+    /// its subfolder named after them (watched for reloads as a whole, for a
+    /// Kubernetes projected volume's `..data` swap).
+    pub certs_dir: Option<PathBuf>,
 }
 
 /// `[acme]`, checked.
@@ -475,7 +479,14 @@ impl Config {
         let mut seen = HashSet::new();
         let mut loaded = LoadedPairs::new();
         let mut hosts = Vec::with_capacity(raw.hosts.len());
-        for entry in raw.hosts.into_iter().map(|h| HostEntry::resolve(h, base)) {
+        let certs_dir = raw.certs_dir.as_deref();
+        let resolved: Vec<HostEntry> = raw
+            .hosts
+            .into_iter()
+            .map(|h| HostEntry::resolve(h, base, certs_dir))
+            .collect();
+        let certs_dir = certs_dir.map(|d| base.join(d));
+        for entry in resolved {
             let host_err = |message: String| ConfigError::Host {
                 path: path.to_path_buf(),
                 host: entry.name.clone(),
@@ -513,6 +524,7 @@ impl Config {
             shutdown,
             log,
             acme,
+            certs_dir,
         })
     }
 }

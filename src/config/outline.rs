@@ -48,7 +48,7 @@ impl Outline {
         self.raw
             .hosts
             .iter()
-            .map(|h| HostEntry::resolve(h.clone(), base))
+            .map(|h| HostEntry::resolve(h.clone(), base, self.raw.certs_dir.as_deref()))
             .collect()
     }
 

@@ -10,6 +10,9 @@ use serde::Deserialize;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
+    /// A folder with one subfolder per host (named after it) holding its
+    /// certificate and key: for `[[host]]`s that give neither (nor `acme`).
+    pub certs_dir: Option<PathBuf>,
     pub listen: RawListen,
     #[serde(default)]
     pub upstream: RawUpstream,
