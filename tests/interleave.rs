@@ -22,17 +22,14 @@ use tokio::net::TcpStream;
 /// linkgate serving [`CLICK`] in front of a fresh [`Origin`], with `extra`
 /// (more sections) and `upstream` (more `[upstream]` keys).
 async fn setup(upstream: &str, extra: &str) -> (tempfile::TempDir, Pki, Origin, Linkgate) {
-    let dir = tempfile::TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
     let origin = Origin::start().await;
-    let toml = format!(
-        "{}{}{}{extra}",
-        listen_section(),
-        origin.upstream_section(upstream),
-        host_section(CLICK, "click")
-    );
-    let lg = Linkgate::start(dir.path(), &toml).await;
+    let section = origin.upstream_section(upstream);
+    let Served { dir, pki, lg, .. } = Setup::new()
+        .host(CLICK)
+        .upstream(move |_| section.clone())
+        .extra(extra)
+        .start()
+        .await;
     (dir, pki, origin, lg)
 }
 
