@@ -10,6 +10,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::process::has;
 use common::*;
 use hickory_server::proto::rr::rdata::{A, CNAME, SOA};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record};
@@ -91,11 +92,6 @@ async fn dns_server() -> SocketAddr {
     addr
 }
 
-/// True when the JSON value is a string containing `needle`.
-fn has(value: &serde_json::Value, needle: &str) -> bool {
-    value.as_str().is_some_and(|s| s.contains(needle))
-}
-
 fn doctor(config: &Path, dns: SocketAddr, args: &[&str]) -> (i32, serde_json::Value) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_linkgate"))
         .arg("doctor")
@@ -133,10 +129,6 @@ fn host<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value 
         .iter()
         .find(|h| h["name"] == name)
         .expect("host row")
-}
-
-fn days(n: i64) -> time::OffsetDateTime {
-    time::OffsetDateTime::now_utc() + time::Duration::days(n)
 }
 
 /// A config naming every test host (doctor reads only names and whether there is an http listener).

@@ -172,26 +172,6 @@ async fn running_out_of_file_descriptors_backs_off_and_recovers() {
     assert!(lg.child.try_wait().expect("try_wait").is_none(), "still running");
 }
 
-/// The value of the metric line starting with `line_start`, from the admin listener.
-async fn metric(admin: SocketAddr, line_start: &str) -> Option<f64> {
-    let text = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(HANG_GUARD)
-        .build()
-        .ok()?
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// One address (127.0.0.2) keeps far more silent TCP connections open than
 /// `max_connections`, each a new one as soon as linkgate closes the last
 /// (at `handshake_timeout`, or at once when refused): with the handshake

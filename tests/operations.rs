@@ -69,14 +69,6 @@ fn load_loop(
     (stop, ok, failed, task)
 }
 
-async fn metric(lg: &Linkgate, line_start: &str) -> Option<f64> {
-    let text = reqwest::get(lg.admin_url("/metrics")).await.ok()?.text().await.ok()?;
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// Kubernetes Secret volume layout: `tls.crt -> ..data/tls.crt`, `..data -> ..<version>`.
 fn k8s_secret(dir: &std::path::Path, version: &str, leaf: &Leaf) {
     let v = dir.join(version);
@@ -144,15 +136,21 @@ async fn certificates_swapped_under_load_are_picked_up_without_a_failed_request(
     .await;
 
     // 3. A broken replacement (key of another certificate): the running one stays, the failure is counted.
-    let failures_before = metric(&lg, "linkgate_config_reloads_total{result=\"failure\"}")
-        .await
-        .unwrap_or(0.0);
+    let failures_before = metric(
+        lg.admin.expect("admin listener"),
+        "linkgate_config_reloads_total{result=\"failure\"}",
+    )
+    .await
+    .unwrap_or(0.0);
     let fourth = pki.leaf(&[CLICK]);
     std::fs::write(live_dir.join("fullchain.pem"), &fourth.cert_pem).expect("write");
     wait_for("the failed reload to be counted", async || {
-        metric(&lg, "linkgate_config_reloads_total{result=\"failure\"}")
-            .await
-            .unwrap_or(0.0)
+        metric(
+            lg.admin.expect("admin listener"),
+            "linkgate_config_reloads_total{result=\"failure\"}",
+        )
+        .await
+        .unwrap_or(0.0)
             > failures_before
     })
     .await;
@@ -616,9 +614,12 @@ async fn admin_endpoints_and_metrics_after_known_traffic() {
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
-    let ok = metric(&lg, "linkgate_tls_handshakes_total{result=\"ok\"}")
-        .await
-        .unwrap_or(0.0);
+    let ok = metric(
+        lg.admin.expect("admin listener"),
+        "linkgate_tls_handshakes_total{result=\"ok\"}",
+    )
+    .await
+    .unwrap_or(0.0);
     assert!(ok >= 1.0, "{text}");
     assert!(!text.contains("evil.example"), "host labels take only configured names");
     lg.stop().await;
@@ -937,7 +938,7 @@ async fn behind_proxy_protocol_unfinished_handshakes_are_capped_per_client_not_p
     );
     assert_eq!(
         metric(
-            &lg,
+            lg.admin.expect("admin listener"),
             "linkgate_connections_refused_total{reason=\"handshakes_per_address\"}"
         )
         .await,
@@ -1018,7 +1019,7 @@ async fn plain_http_connections_count_as_unfinished_until_their_first_request_he
     assert_eq!(closed_within(&mut another, Duration::from_secs(1)).await, 0, "admitted");
     assert_eq!(
         metric(
-            &lg,
+            lg.admin.expect("admin listener"),
             "linkgate_connections_refused_total{reason=\"handshakes_per_address\"}"
         )
         .await,

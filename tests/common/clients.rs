@@ -1,5 +1,6 @@
 //! Clients of linkgate: rustls and reqwest clients that trust the test CA,
-//! raw HTTP/1 over TLS or plain TCP, and reading what comes back.
+//! raw HTTP/1 over TLS or plain TCP, reading what comes back, and the
+//! admin listener's metrics.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,7 +8,7 @@ use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
 
-use super::{Linkgate, Pki, HANG_GUARD};
+use super::{Linkgate, Pki, CLICK, HANG_GUARD};
 
 /// A rustls client config trusting only `pki`, offering `alpn`.
 pub fn client_tls(pki: &Pki, alpn: &[&[u8]]) -> rustls::ClientConfig {
@@ -114,4 +115,95 @@ pub fn has_alert(err: &(dyn std::error::Error + 'static), alert: rustls::AlertDe
         cur = e.source();
     }
     false
+}
+
+/// `GET <path>` for [`CLICK`] as raw HTTP/1.1, keep-alive.
+pub fn http1_get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: {CLICK}\r\n\r\n")
+}
+
+/// One raw HTTP/1 response as [`read_response`] read it.
+pub struct RawResponse {
+    /// The head, up to and including the blank line.
+    pub head: String,
+    /// The `Content-Length` the head gave, if any.
+    pub content_length: Option<usize>,
+    /// That many bytes of body (none without a `Content-Length`).
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn status(&self) -> u16 {
+        status_of(&self.head)
+    }
+
+    /// Status and body, for a response that must say its length.
+    pub fn status_and_body(self) -> (u16, Vec<u8>) {
+        self.content_length.expect("content-length");
+        (self.status(), self.body)
+    }
+
+    /// Head and body as text.
+    pub fn text(&self) -> String {
+        format!("{}{}", self.head, String::from_utf8_lossy(&self.body))
+    }
+}
+
+/// Reads one HTTP/1 response (head, then a `Content-Length` body) from `s`,
+/// never past its end, so the next response on the connection is left
+/// unread; panics if the connection closes first or after [`HANG_GUARD`].
+pub async fn read_response<S: tokio::io::AsyncRead + Unpin + ?Sized>(s: &mut S) -> RawResponse {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(HANG_GUARD, s.read(&mut b))
+            .await
+            .expect("response in time")
+            .expect("read");
+        assert_eq!(
+            n,
+            1,
+            "connection closed in the response head: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).expect("utf-8 head");
+    let content_length: Option<usize> = head.lines().find_map(|l| {
+        l.to_ascii_lowercase()
+            .strip_prefix("content-length:")
+            .map(|v| v.trim().parse().expect("length"))
+    });
+    let mut body = vec![0u8; content_length.unwrap_or(0)];
+    tokio::time::timeout(HANG_GUARD, s.read_exact(&mut body))
+        .await
+        .expect("body in time")
+        .unwrap_or_else(|e| panic!("connection closed before a full response ({e}): {head}"));
+    RawResponse {
+        head,
+        content_length,
+        body,
+    }
+}
+
+/// The value of the metric line starting with `line_start`, from the admin
+/// listener at `admin`.
+pub async fn metric(admin: SocketAddr, line_start: &str) -> Option<f64> {
+    let text = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(HANG_GUARD)
+        .build()
+        .ok()?
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }

@@ -127,3 +127,8 @@ impl Pki {
         path
     }
 }
+
+/// `n` days from now (before now when negative), for certificate validity.
+pub fn days(n: i64) -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc() + time::Duration::days(n)
+}
