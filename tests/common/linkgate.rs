@@ -372,6 +372,14 @@ pub struct Fixture {
 }
 
 impl Fixture {
+    /// Writes `setup`'s config for this fixture's stand-in as `<dir>/<name>`
+    /// (for more than one config in one dir; `setup`'s certificates are not written).
+    pub fn write_config(&self, name: &str, setup: &Setup) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, setup.text(&self.up)).expect("write config");
+        path
+    }
+
     /// Starts linkgate in-process on the config written.
     pub async fn start(self) -> Served {
         let lg = if self.watching {
