@@ -1,5 +1,6 @@
-//! linkgate started in this process on loopback ports, and the
-//! configuration text that tests give it.
+//! linkgate under test, in this process on loopback ports, and what leads
+//! up to it: the configuration text and [`Setup`], the builder for the
+//! usual fixture chain (temp dir, PKI, leaves, stand-in, config, start).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

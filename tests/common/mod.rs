@@ -3,9 +3,10 @@
 //! - [`standin`]: the well-behaved stand-in upstream that records requests;
 //! - [`origin`]: the raw-bytes upstream that misbehaves on command;
 //! - [`ca`]: the stand-in ACME CA that misbehaves on command;
-//! - [`linkgate`]: linkgate in-process and its configuration text;
-//! - [`process`]: linkgate as a child process;
-//! - [`clients`]: clients that trust the test CA.
+//! - [`linkgate`]: linkgate in-process, its configuration text, and the
+//!   [`Setup`] builder for the usual fixture chain;
+//! - [`process`]: linkgate as a child process, and the JSON it prints;
+//! - [`clients`]: clients that trust the test CA, raw HTTP/1, metrics.
 //!
 //! Everything in `pki`, `standin`, `linkgate` and `clients` is re-exported
 //! here, so tests name it `common::X`; those modules are private because a
