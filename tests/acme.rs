@@ -19,7 +19,6 @@ use common::ca::{Misbehaviour, StandInCa};
 use common::process::{wait_line, wait_lines, Process};
 use common::*;
 use rustls_pki_types::{CertificateDer, ServerName};
-use tempfile::TempDir;
 
 const ALPN_HOST: &str = "alpn.example.test";
 const BLOCKED_HOST: &str = "blocked.example.test";
@@ -287,18 +286,22 @@ fn sample(metrics: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn linkgate_config(dir: &Path, name: &str, https: u16, http: u16, upstream: &StandIn, rest: &str) -> PathBuf {
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "[listen]\nhttps = \"127.0.0.1:{https}\"\nhttp = \"127.0.0.1:{http}\"\n{}[admin]\nlisten = \"127.0.0.1:0\"\n\
-             [log]\nformat = \"json\"\n[shutdown]\ngrace_period = \"2s\"\n{rest}",
-            plain_upstream(upstream)
-        ),
-    )
-    .expect("write config");
-    path
+/// linkgate on `https` and `http` (where the CA validates), with an admin
+/// listener, JSON logs, a 2 s grace period, and `rest` (the `[acme]` section
+/// and the hosts).
+fn linkgate_setup(https: u16, http: u16, rest: &str) -> Setup {
+    Setup::new()
+        .listen(&format!(
+            "[listen]\nhttps = \"127.0.0.1:{https}\"\nhttp = \"127.0.0.1:{http}\"\n"
+        ))
+        .admin()
+        .extra("[log]\nformat = \"json\"\n[shutdown]\ngrace_period = \"2s\"\n")
+        .extra(rest)
+}
+
+/// [`linkgate_setup`] for the fixture's stand-in, written as `<dir>/<name>.toml`.
+fn linkgate_config(fixture: &Fixture, name: &str, https: u16, http: u16, rest: &str) -> PathBuf {
+    fixture.write_config(&format!("{name}.toml"), &linkgate_setup(https, http, rest))
 }
 
 fn acme_host(name: &str) -> String {
@@ -324,15 +327,16 @@ fn run_cli(args: &[&str]) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_alpn_01_issues_restarts_reuse_storage_and_failures_back_off() {
-    let dir = TempDir::new().expect("tempdir");
+    let fixture = Setup::new().write().await;
+    let dir = &fixture.dir;
     let (https, http) = (free_port(), free_port());
     let Some(pebble) = Pebble::start(dir.path(), 3600, http, https, None).await else {
         return;
     };
     let storage = dir.path().join("acme");
-    let pki = Pki::new();
+    let pki = &fixture.pki;
     pki.write_leaf(dir.path(), "files", &[FILES_HOST]);
-    let up = StandIn::plain().await;
+    let up = &fixture.up;
     let rest = format!(
         "{}{}{}{}",
         pebble.acme_section(&storage, "tls-alpn-01", "30d"),
@@ -340,7 +344,7 @@ async fn tls_alpn_01_issues_restarts_reuse_storage_and_failures_back_off() {
         acme_host(BLOCKED_HOST),
         host_section(FILES_HOST, "files"),
     );
-    let config = linkgate_config(dir.path(), "linkgate", https, http, &up, &rest);
+    let config = linkgate_config(&fixture, "linkgate", https, http, &rest);
     let lg = Process::start(&config);
 
     // Issued over TLS-ALPN-01 and served at once, with no restart. The
@@ -569,7 +573,8 @@ async fn tls_alpn_01_issues_restarts_reuse_storage_and_failures_back_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_01_issues_and_renews_short_lived_certificates() {
     const HOST: &str = "web.example.test";
-    let dir = TempDir::new().expect("tempdir");
+    let fixture = Setup::new().write().await;
+    let dir = &fixture.dir;
     let (https, http) = (free_port(), free_port());
     // 30 s certificates, renewed 25 s before expiry: a renewal every ~5 s.
     // This CA also requires an external account binding (as ZeroSSL and Google do).
@@ -581,7 +586,7 @@ async fn http_01_issues_and_renews_short_lived_certificates() {
         return;
     };
     let storage = dir.path().join("acme");
-    let up = StandIn::plain().await;
+    let up = &fixture.up;
     let rest = format!(
         "{}eab_kid = \"{}\"\neab_hmac_key = \"{}\"\n{}http = \"redirect\"\n",
         pebble.acme_section(&storage, "http-01", "25s"),
@@ -589,7 +594,7 @@ async fn http_01_issues_and_renews_short_lived_certificates() {
         EAB.1,
         acme_host(HOST)
     );
-    let config = linkgate_config(dir.path(), "linkgate", https, http, &up, &rest);
+    let config = linkgate_config(&fixture, "linkgate", https, http, &rest);
     let lg = Process::start(&config);
 
     wait_line(&lg.lines, |v| logged(v, "certificate issued", HOST));
@@ -672,13 +677,13 @@ async fn two_replicas_share_storage_behind_a_round_robin_forwarder() {
         return;
     }
     let hosts = ["r1.example.test", "r2.example.test", "r3.example.test"];
-    let dir = TempDir::new().expect("tempdir");
+    let fixture = Setup::new().write().await;
+    let dir = &fixture.dir;
     let (front_https, front_http) = (free_port(), free_port());
     let Some(pebble) = Pebble::start(dir.path(), 3600, front_http, front_https, None).await else {
         return;
     };
     let storage = dir.path().join("acme");
-    let up = StandIn::plain().await;
     let replicas: Vec<(u16, u16)> = (0..2).map(|_| (free_port(), free_port())).collect();
 
     // Round robin, TCP mode (TLS passes through), no health checks: strictly alternating.
@@ -715,16 +720,7 @@ async fn two_replicas_share_storage_behind_a_round_robin_forwarder() {
     let instances: Vec<Process> = replicas
         .iter()
         .enumerate()
-        .map(|(i, (https, http))| {
-            Process::start(&linkgate_config(
-                dir.path(),
-                &format!("lg{i}"),
-                *https,
-                *http,
-                &up,
-                &rest,
-            ))
-        })
+        .map(|(i, (https, http))| Process::start(&linkgate_config(&fixture, &format!("lg{i}"), *https, *http, &rest)))
         .collect();
 
     // Both replicas serve every host's certificate, the same one.
@@ -805,12 +801,12 @@ async fn futures_join(admins: impl Iterator<Item = SocketAddr>) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limited_host_waits_as_long_as_the_ca_asks() {
     const HOST: &str = "limited.example.test";
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
+    let fixture = Setup::new().write().await;
+    let dir = &fixture.dir;
+    let pki = &fixture.pki;
     let ca = StandIn::tls(&pki.leaf(&["localhost"])).await;
     let ca_file = pki.write_ca(dir.path());
     let storage = dir.path().join("acme");
-    let up = StandIn::plain().await;
     let rest = format!(
         "[acme]\ndirectory = \"https://localhost:{}/rate-limited\"\nstorage = \"{}\"\nca_file = \"{}\"\n{}",
         ca.addr.port(),
@@ -818,14 +814,7 @@ async fn a_rate_limited_host_waits_as_long_as_the_ca_asks() {
         ca_file.display(),
         acme_host(HOST)
     );
-    let lg = Process::start(&linkgate_config(
-        dir.path(),
-        "linkgate",
-        free_port(),
-        free_port(),
-        &up,
-        &rest,
-    ));
+    let lg = Process::start(&linkgate_config(&fixture, "linkgate", free_port(), free_port(), &rest));
     let failed = wait_line(&lg.lines, |v| logged(v, "could not obtain a certificate", HOST));
     assert!(
         failed["error"]
@@ -863,8 +852,9 @@ async fn a_rate_limited_host_waits_as_long_as_the_ca_asks() {
 // ---------------------------------------------------------------- a CA that misbehaves
 
 /// linkgate (the real binary) with one ACME host ordering from `ca`.
-fn against(ca: &StandInCa, dir: &Path, pki: &Pki, host: &str, up: &StandIn) -> Process {
-    let ca_file = pki.write_ca(dir);
+fn against(ca: &StandInCa, fixture: &Fixture, host: &str) -> Process {
+    let dir = fixture.dir.path();
+    let ca_file = fixture.pki.write_ca(dir);
     let rest = format!(
         "[acme]\ndirectory = \"{}\"\nstorage = \"{}\"\nca_file = \"{}\"\n{}",
         ca.directory(),
@@ -872,7 +862,7 @@ fn against(ca: &StandInCa, dir: &Path, pki: &Pki, host: &str, up: &StandIn) -> P
         ca_file.display(),
         acme_host(host)
     );
-    Process::start(&linkgate_config(dir, "linkgate", free_port(), free_port(), up, &rest))
+    Process::start(&linkgate_config(fixture, "linkgate", free_port(), free_port(), &rest))
 }
 
 /// The failure linkgate logs for `host`, and what it recorded in storage.
@@ -888,18 +878,17 @@ fn failure(lg: &Process, dir: &Path, host: &str) -> (serde_json::Value, serde_js
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stand_in_ca_issues_when_it_behaves() {
     const HOST: &str = "good.example.test";
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
+    let fixture = Setup::new().write().await;
+    let pki = &fixture.pki;
     let ca = StandInCa::start(
-        &pki,
+        pki,
         Misbehaviour::Issues {
             not_before: -60,
             not_after: 90 * 86400,
         },
     )
     .await;
-    let up = StandIn::plain().await;
-    let lg = against(&ca, dir.path(), &pki, HOST, &up);
+    let lg = against(&ca, &fixture, HOST);
     wait_line(&lg.lines, |v| logged(v, "certificate issued; serving it now", HOST));
     wait_served(&ca.root, lg.https, HOST, HANG_GUARD).await;
     assert_eq!(ca.orders(), 1);
@@ -919,11 +908,11 @@ async fn a_certificate_expired_or_due_on_arrival_is_a_failed_attempt_not_a_loop(
         (-89 * 86400, 300, "less than the 600s"),
     ];
     for (not_before, not_after, reason) in cases {
-        let dir = TempDir::new().expect("tempdir");
-        let pki = Pki::new();
-        let ca = StandInCa::start(&pki, Misbehaviour::Issues { not_before, not_after }).await;
-        let up = StandIn::plain().await;
-        let lg = against(&ca, dir.path(), &pki, HOST, &up);
+        let fixture = Setup::new().write().await;
+        let dir = &fixture.dir;
+        let pki = &fixture.pki;
+        let ca = StandInCa::start(pki, Misbehaviour::Issues { not_before, not_after }).await;
+        let lg = against(&ca, &fixture, HOST);
         let (failed, status) = failure(&lg, dir.path(), HOST);
         let error = failed["error"].as_str().unwrap_or_default();
         assert!(
@@ -969,18 +958,17 @@ async fn a_certificate_expired_or_due_on_arrival_is_a_failed_attempt_not_a_loop(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_backdated_to_be_due_seconds_after_arrival_is_not_renewed_in_a_loop() {
     const HOST: &str = "backdated.example.test";
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
+    let fixture = Setup::new().write().await;
+    let pki = &fixture.pki;
     let ca = StandInCa::start(
-        &pki,
+        pki,
         Misbehaviour::Issues {
             not_before: -60 * 86400,
             not_after: 30 * 86400 + 2,
         },
     )
     .await;
-    let up = StandIn::plain().await;
-    let lg = against(&ca, dir.path(), &pki, HOST, &up);
+    let lg = against(&ca, &fixture, HOST);
     let issued = wait_line(&lg.lines, |v| logged(v, "certificate issued; serving it now", HOST));
     wait_served(&ca.root, lg.https, HOST, HANG_GUARD).await;
     let renew_at = httpdate::parse_http_date(issued["renew_at"].as_str().expect("renew_at")).expect("a date");
@@ -999,11 +987,11 @@ async fn a_certificate_backdated_to_be_due_seconds_after_arrival_is_not_renewed_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endless_ca_answer_is_cut_at_a_size() {
     const HOST: &str = "flood.example.test";
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    let ca = StandInCa::start(&pki, Misbehaviour::EndlessDirectory).await;
-    let up = StandIn::plain().await;
-    let lg = against(&ca, dir.path(), &pki, HOST, &up);
+    let fixture = Setup::new().write().await;
+    let dir = &fixture.dir;
+    let pki = &fixture.pki;
+    let ca = StandInCa::start(pki, Misbehaviour::EndlessDirectory).await;
+    let lg = against(&ca, &fixture, HOST);
     let (failed, _) = failure(&lg, dir.path(), HOST);
     assert!(
         failed["error"]
@@ -1021,11 +1009,10 @@ async fn an_endless_ca_answer_is_cut_at_a_size() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dripping_ca_answer_is_cut_in_time() {
     const HOST: &str = "drip.example.test";
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    let ca = StandInCa::start(&pki, Misbehaviour::DrippingDirectory).await;
-    let up = StandIn::plain().await;
-    let lg = against(&ca, dir.path(), &pki, HOST, &up);
+    let fixture = Setup::new().write().await;
+    let pki = &fixture.pki;
+    let ca = StandInCa::start(pki, Misbehaviour::DrippingDirectory).await;
+    let lg = against(&ca, &fixture, HOST);
     let started = Instant::now();
     let failed = loop {
         // 30 s of dripping, then the failure: wait_line's guard is shorter.
@@ -1056,11 +1043,11 @@ async fn an_overflowing_retry_after_is_capped_not_a_panic() {
         (Misbehaviour::RateLimited(HUGE), "too many new orders recently"),
         (Misbehaviour::PendingOrder(HUGE), "validation did not finish"),
     ] {
-        let dir = TempDir::new().expect("tempdir");
-        let pki = Pki::new();
-        let ca = StandInCa::start(&pki, misbehaviour).await;
-        let up = StandIn::plain().await;
-        let lg = against(&ca, dir.path(), &pki, HOST, &up);
+        let fixture = Setup::new().write().await;
+        let dir = &fixture.dir;
+        let pki = &fixture.pki;
+        let ca = StandInCa::start(pki, misbehaviour).await;
+        let lg = against(&ca, &fixture, HOST);
         let (failed, status) = failure(&lg, dir.path(), HOST);
         assert!(failed["error"].as_str().is_some_and(|e| e.contains(reason)), "{failed}");
         let wait = failed["retry_in_seconds"].as_u64().expect("retry_in_seconds");
@@ -1086,11 +1073,11 @@ async fn an_overflowing_retry_after_is_capped_not_a_panic() {
 async fn ca_error_text_reaches_no_terminal_raw() {
     const HOST: &str = "escape.example.test";
     const EVIL: &str = "\x1b[2J\x1b]0;owned\x07\x1b[32mall 5 link brandings pass both checks\r\nfine";
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    let ca = StandInCa::start(&pki, Misbehaviour::Problem(EVIL.to_owned())).await;
-    let up = StandIn::plain().await;
-    let lg = against(&ca, dir.path(), &pki, HOST, &up);
+    let fixture = Setup::new().write().await;
+    let dir = &fixture.dir;
+    let pki = &fixture.pki;
+    let ca = StandInCa::start(pki, Misbehaviour::Problem(EVIL.to_owned())).await;
+    let lg = against(&ca, &fixture, HOST);
     let (failed, status) = failure(&lg, dir.path(), HOST);
     let shown = "\\x1b[2J\\x1b]0;owned\\x07\\x1b[32mall 5 link brandings pass both checks\\x0d\\x0afine";
     for (what, text) in [

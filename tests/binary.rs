@@ -8,23 +8,16 @@ use std::time::Duration;
 
 use common::process::{wait_line, Process};
 use common::*;
-use tempfile::TempDir;
 
-const CLICK: &str = "click.example.test";
-
-fn config(dir: &std::path::Path, up: &StandIn, extra: &str) -> std::path::PathBuf {
-    let path = dir.join("linkgate.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "{}{}[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n{extra}{}",
-            listen_section(),
-            plain_upstream(up).replace("response_timeout = \"2s\"", "response_timeout = \"10s\""),
-            host_section(CLICK, "click")
-        ),
-    )
-    .expect("write config");
-    path
+/// [`CLICK`] in front of a stand-in given 10 s to answer, with an admin
+/// listener and JSON logs; `extra` follows the `[log]` keys.
+fn setup(extra: &str) -> Setup {
+    Setup::new()
+        .host(CLICK)
+        .admin()
+        .response_timeout("10s")
+        .extra("[log]\nformat = \"json\"\n")
+        .extra(extra)
 }
 
 async fn readyz(admin: SocketAddr) -> Option<u16> {
@@ -46,15 +39,15 @@ fn plain_get(addr: SocketAddr, path: &str) -> reqwest::RequestBuilder {
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
-    let path = config(
-        dir.path(),
-        &up,
-        "[shutdown]\ndrain_delay = \"1500ms\"\ngrace_period = \"20s\"\n",
-    );
+    let Fixture {
+        dir: _dir,
+        pki: _pki,
+        up: _up,
+        config: path,
+        ..
+    } = setup("[shutdown]\ndrain_delay = \"1500ms\"\ngrace_period = \"20s\"\n")
+        .write()
+        .await;
     let mut lg = Process::start(&path);
     assert_eq!(readyz(lg.admin).await, Some(200));
 
@@ -102,11 +95,13 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
 
 #[tokio::test]
 async fn a_second_signal_exits_at_once() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
-    let path = config(dir.path(), &up, "[shutdown]\ngrace_period = \"60s\"\n");
+    let Fixture {
+        dir: _dir,
+        pki: _pki,
+        up: _up,
+        config: path,
+        ..
+    } = setup("[shutdown]\ngrace_period = \"60s\"\n").write().await;
     let mut lg = Process::start(&path);
     let _slow = tokio::spawn(plain_get(lg.http, "/slow").send());
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -123,11 +118,15 @@ async fn a_second_signal_exits_at_once() {
 
 #[tokio::test]
 async fn sighup_reloads_certificates_and_the_access_log_tells_what_happened() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    let first = pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
-    let path = config(dir.path(), &up, "");
+    let Fixture {
+        dir,
+        pki,
+        up,
+        config: path,
+        mut leaves,
+        ..
+    } = setup("").write().await;
+    let first = leaves.remove("click").expect("click leaf");
     let lg = Process::start(&path);
     // A fresh client each time: a resumed session would report the certificate of its first handshake.
     let fresh = || {
@@ -171,9 +170,7 @@ async fn sighup_reloads_certificates_and_the_access_log_tells_what_happened() {
 
     // Replace the certificate, turn on query logging, SIGHUP.
     let second = pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let text = std::fs::read_to_string(&path)
-        .expect("read")
-        .replace("format = \"json\"\n", "format = \"json\"\nquery = true\n");
+    let text = setup("query = true\n").text(&up);
     std::fs::write(&path, text).expect("write");
     lg.signal("HUP");
     wait_line(&lg.lines, |v| v["message"] == "configuration reloaded");
@@ -206,20 +203,18 @@ fn health(config: &std::path::Path, args: &[&str]) -> (i32, String) {
 
 #[tokio::test]
 async fn health_subcommand_probes_the_admin_listener() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
-    let path = config(dir.path(), &up, "[shutdown]\ndrain_delay = \"3s\"\n");
+    let drain = "[shutdown]\ndrain_delay = \"3s\"\n";
+    let Fixture {
+        dir,
+        pki: _pki,
+        up,
+        config: path,
+        ..
+    } = setup(drain).write().await;
     let mut lg = Process::start(&path);
     // The config says port 0; point a copy at the port actually bound.
     let probe = dir.path().join("probe.toml");
-    let text = std::fs::read_to_string(&path).expect("read");
-    std::fs::write(
-        &probe,
-        text.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{}\"", lg.admin)),
-    )
-    .expect("write");
+    std::fs::write(&probe, setup(drain).admin_listen(lg.admin).text(&up)).expect("write");
     assert_eq!(health(&probe, &[]), (0, "/healthz: 200\n".to_owned()));
     assert_eq!(health(&probe, &["--ready"]), (0, "/readyz: 200\n".to_owned()));
     // Draining: alive, not ready.
@@ -232,7 +227,7 @@ async fn health_subcommand_probes_the_admin_listener() {
     assert_eq!(health(&probe, &[]).0, 1);
     // No admin listener to probe: unusable arguments.
     let bare = dir.path().join("bare.toml");
-    std::fs::write(&bare, format!("{}{}", listen_section(), host_section(CLICK, "click"))).expect("write");
+    std::fs::write(&bare, Setup::new().host(CLICK).no_upstream().text(&up)).expect("write");
     let (code, text) = health(&bare, &[]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("no [admin] listen"), "{text}");

@@ -6,13 +6,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
+use common::process::has;
 use common::*;
 use tempfile::TempDir;
-
-/// True when the JSON value is a string containing `needle`.
-fn has(value: &serde_json::Value, needle: &str) -> bool {
-    value.as_str().is_some_and(|s| s.contains(needle))
-}
 
 fn check(config: &Path, args: &[&str]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_linkgate"))
@@ -55,10 +51,6 @@ fn config(dir: &Path, hosts: &[(&str, &str)]) -> std::path::PathBuf {
     let path = dir.join("linkgate.toml");
     std::fs::write(&path, toml).expect("write");
     path
-}
-
-fn days(n: i64) -> time::OffsetDateTime {
-    time::OffsetDateTime::now_utc() + time::Duration::days(n)
 }
 
 #[test]

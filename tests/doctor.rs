@@ -10,6 +10,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::process::has;
 use common::*;
 use hickory_server::proto::rr::rdata::{A, CNAME, SOA};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record};
@@ -91,11 +92,6 @@ async fn dns_server() -> SocketAddr {
     addr
 }
 
-/// True when the JSON value is a string containing `needle`.
-fn has(value: &serde_json::Value, needle: &str) -> bool {
-    value.as_str().is_some_and(|s| s.contains(needle))
-}
-
 fn doctor(config: &Path, dns: SocketAddr, args: &[&str]) -> (i32, serde_json::Value) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_linkgate"))
         .arg("doctor")
@@ -135,10 +131,6 @@ fn host<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value 
         .expect("host row")
 }
 
-fn days(n: i64) -> time::OffsetDateTime {
-    time::OffsetDateTime::now_utc() + time::Duration::days(n)
-}
-
 /// A config naming every test host (doctor reads only names and whether there is an http listener).
 fn doctor_config(dir: &Path, http: bool) -> std::path::PathBuf {
     let mut toml = String::from("[listen]\nhttps = \"127.0.0.1:443\"\n");
@@ -171,21 +163,8 @@ fn doctor_config(dir: &Path, http: bool) -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ready_branding_passes_and_dns_mistakes_are_named() {
     let dns = dns_server().await;
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
+    let Served { dir, pki, up, lg, .. } = Setup::new().host("ok.example.test").start().await;
     let ca = pki.write_ca(dir.path());
-    pki.write_leaf(dir.path(), "ok", &["ok.example.test"]);
-    let up = StandIn::plain().await;
-    let lg = Linkgate::start(
-        dir.path(),
-        &format!(
-            "{}{}{}",
-            listen_section(),
-            plain_upstream(&up),
-            host_section("ok.example.test", "ok")
-        ),
-    )
-    .await;
     let config = doctor_config(dir.path(), true);
     let base = |host: &str| {
         vec![
@@ -259,26 +238,14 @@ async fn a_ready_branding_passes_and_dns_mistakes_are_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_problems_read_as_your_connection_is_not_private_with_the_cause() {
     let dns = dns_server().await;
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
+    // linkgate serving an expired certificate (serve starts with it; check would have said so).
+    let Served { dir, pki, up, lg, .. } = Setup::new()
+        .cert_valid("expired", &["expired.example.test"], days(-100), days(-2))
+        .host_on("expired.example.test", "expired")
+        .start()
+        .await;
     let ca = pki.write_ca(dir.path());
     let config = doctor_config(dir.path(), false);
-
-    // linkgate serving an expired certificate (serve starts with it; check would have said so).
-    let expired = pki.leaf_valid(&["expired.example.test"], days(-100), days(-2));
-    std::fs::write(dir.path().join("expired.pem"), &expired.cert_pem).expect("write");
-    std::fs::write(dir.path().join("expired.key"), &expired.key_pem).expect("write");
-    let up = StandIn::plain().await;
-    let lg = Linkgate::start(
-        dir.path(),
-        &format!(
-            "{}{}{}",
-            listen_section(),
-            plain_upstream(&up),
-            host_section("expired.example.test", "expired")
-        ),
-    )
-    .await;
     // Misconfigured servers: a certificate for another name, a one-label wildcard for a nested
     // name, and a leaf served without its intermediate.
     let wrong = StandIn::tls(&pki.leaf(&["www.example.test"])).await;
@@ -372,27 +339,19 @@ async fn host_dropping_proxy(pki: &Pki, name: &str, upstream: SocketAddr) -> Soc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_link_and_unreachable_upstream_are_told_apart() {
     let dns = dns_server().await;
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    let ca = pki.write_ca(dir.path());
-    let config = doctor_config(dir.path(), false);
-    let up = StandIn::plain().await;
-    let bad_proxy = host_dropping_proxy(&pki, "wronglink.example.test", up.addr).await;
-
-    pki.write_leaf(dir.path(), "down", &["down.example.test"]);
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
         .expect("addr");
-    let lg = Linkgate::start(
-        dir.path(),
-        &format!(
-            "{}[upstream]\nurl = \"http://sendgrid.net\"\nconnect_to = \"{closed}\"\n{}",
-            listen_section(),
-            host_section("down.example.test", "down")
-        ),
-    )
-    .await;
+    // linkgate in front of nothing; the stand-in is behind the proxy that drops Host.
+    let Served { dir, pki, up, lg, .. } = Setup::new()
+        .host("down.example.test")
+        .upstream(move |_| format!("[upstream]\nurl = \"http://sendgrid.net\"\nconnect_to = \"{closed}\"\n"))
+        .start()
+        .await;
+    let ca = pki.write_ca(dir.path());
+    let config = doctor_config(dir.path(), false);
+    let bad_proxy = host_dropping_proxy(&pki, "wronglink.example.test", up.addr).await;
 
     let args = |name: &str, addr: SocketAddr| {
         vec![

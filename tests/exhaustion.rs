@@ -12,25 +12,19 @@ use std::time::Duration;
 
 use common::process::{wait_line, Process};
 use common::*;
-use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const CLICK: &str = "click.example.test";
-
-fn config(dir: &std::path::Path, up: &StandIn, limits: &str) -> std::path::PathBuf {
-    let path = dir.join("linkgate.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "{}{}[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\naccess = false\n[limits]\n{limits}{}",
-            listen_section(),
-            plain_upstream(up),
-            host_section(CLICK, "click")
-        ),
-    )
-    .expect("write config");
-    path
+/// [`CLICK`] with an admin listener, JSON logs without access lines, and
+/// `limits`; the config is written for [`Process`].
+async fn fixture(limits: &str) -> Fixture {
+    Setup::new()
+        .host(CLICK)
+        .admin()
+        .extra("[log]\nformat = \"json\"\naccess = false\n")
+        .limits(limits)
+        .write()
+        .await
 }
 
 async fn legit_request(pki: &Pki, https: SocketAddr) -> u16 {
@@ -56,17 +50,16 @@ async fn thousands_of_idle_and_half_open_connections_stay_bounded() {
     const IDLE_TLS: usize = 1_000;
     const SILENT: usize = 1_500;
     const PARTIAL_HELLO: usize = 1_500;
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
-    let lg = Process::start(&config(
-        dir.path(),
-        &up,
-        // All from one address: what a half-open connection costs is
-        // measured here, not the per-address cap.
-        "handshake_timeout = \"3s\"\nidle_timeout = \"120s\"\nhandshakes_per_address = 5000\n",
-    ));
+    // All from one address: what a half-open connection costs is
+    // measured here, not the per-address cap.
+    let Fixture {
+        dir: _dir,
+        pki,
+        up,
+        config,
+        ..
+    } = fixture("handshake_timeout = \"3s\"\nidle_timeout = \"120s\"\nhandshakes_per_address = 5000\n").await;
+    let lg = Process::start(&config);
     assert_eq!(legit_request(&pki, lg.https).await, 200);
     let baseline = lg.rss_bytes();
 
@@ -130,11 +123,14 @@ async fn thousands_of_idle_and_half_open_connections_stay_bounded() {
 
 #[tokio::test]
 async fn running_out_of_file_descriptors_backs_off_and_recovers() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
-    let mut lg = Process::start_with_fd_limit(&config(dir.path(), &up, "handshake_timeout = \"60s\"\n"), 64);
+    let Fixture {
+        dir: _dir,
+        pki,
+        up: _up,
+        config,
+        ..
+    } = fixture("handshake_timeout = \"60s\"\n").await;
+    let mut lg = Process::start_with_fd_limit(&config, 64);
     assert_eq!(legit_request(&pki, lg.https).await, 200);
 
     // More connections than the process has descriptors: accept fails with EMFILE.
@@ -176,26 +172,6 @@ async fn running_out_of_file_descriptors_backs_off_and_recovers() {
     assert!(lg.child.try_wait().expect("try_wait").is_none(), "still running");
 }
 
-/// The value of the metric line starting with `line_start`, from the admin listener.
-async fn metric(admin: SocketAddr, line_start: &str) -> Option<f64> {
-    let text = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(HANG_GUARD)
-        .build()
-        .ok()?
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// One address (127.0.0.2) keeps far more silent TCP connections open than
 /// `max_connections`, each a new one as soon as linkgate closes the last
 /// (at `handshake_timeout`, or at once when refused): with the handshake
@@ -207,15 +183,14 @@ async fn metric(admin: SocketAddr, line_start: &str) -> Option<f64> {
 #[tokio::test]
 async fn one_address_stalling_handshakes_does_not_lock_out_other_clients() {
     const ATTACKER_SOCKETS: usize = 300;
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
-    let lg = Process::start(&config(
-        dir.path(),
-        &up,
-        "max_connections = 50\nhandshake_timeout = \"2s\"\n",
-    ));
+    let Fixture {
+        dir: _dir,
+        pki,
+        up: _up,
+        config,
+        ..
+    } = fixture("max_connections = 50\nhandshake_timeout = \"2s\"\n").await;
+    let lg = Process::start(&config);
     // Connected before the attack, kept alive throughout.
     let established = reqwest::Client::builder()
         .tls_backend_preconfigured(client_tls(&pki, &[b"http/1.1"]))
@@ -312,14 +287,17 @@ const ADMIN_CAP: usize = 16;
 #[tokio::test]
 async fn a_flood_of_admin_connections_leaves_the_proxy_its_descriptors() {
     const FLOOD: usize = 200;
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
     // Four upstream connections are plenty here; derived from 128
     // descriptors the cap would be 1, which two workers' pools share badly.
     let limits = "max_upstream_connections = 4\n";
-    let lg = Process::start_with_fd_limit(&config(dir.path(), &up, limits), 128);
+    let Fixture {
+        dir: _dir,
+        pki,
+        up: _up,
+        config,
+        ..
+    } = fixture(limits).await;
+    let lg = Process::start_with_fd_limit(&config, 128);
     assert_eq!(legit_request(&pki, lg.https).await, 200);
 
     let mut flood = Vec::with_capacity(FLOOD);
@@ -378,12 +356,15 @@ async fn a_flood_of_admin_connections_leaves_the_proxy_its_descriptors() {
 /// kernel hands them to either worker.
 #[tokio::test]
 async fn an_idle_upstream_connection_in_one_worker_does_not_starve_another() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
     // The stand-in's upstream section sets a 2 s response timeout.
-    let lg = Process::start(&config(dir.path(), &up, "max_upstream_connections = 1\n"));
+    let Fixture {
+        dir: _dir,
+        pki: _pki,
+        up,
+        config,
+        ..
+    } = fixture("max_upstream_connections = 1\n").await;
+    let lg = Process::start(&config);
     let http = lg.http;
     let mut statuses = Vec::new();
     for _ in 0..16 {
@@ -407,15 +388,14 @@ async fn an_idle_upstream_connection_in_one_worker_does_not_starve_another() {
 /// default), so honest clients from another address are served.
 #[tokio::test]
 async fn one_address_holding_idle_connections_does_not_lock_out_other_clients() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
-    let lg = Process::start(&config(
-        dir.path(),
-        &up,
-        "max_connections = 40\nidle_timeout = \"60s\"\n",
-    ));
+    let Fixture {
+        dir: _dir,
+        pki,
+        up: _up,
+        config,
+        ..
+    } = fixture("max_connections = 40\nidle_timeout = \"60s\"\n").await;
+    let lg = Process::start(&config);
     let mut held = Vec::new();
     for _ in 0..60 {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");

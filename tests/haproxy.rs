@@ -17,9 +17,6 @@ use std::time::Duration;
 
 use common::process::Process;
 use common::*;
-use tempfile::TempDir;
-
-const CLICK: &str = "click.example.test";
 
 struct Haproxy(Child);
 
@@ -30,20 +27,15 @@ impl Drop for Haproxy {
     }
 }
 
-fn linkgate_config(dir: &std::path::Path, name: &str, up: &StandIn, https: u16, admin: u16) -> std::path::PathBuf {
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "[listen]\nhttps = \"127.0.0.1:{https}\"\nproxy_protocol = true\ntrusted_proxies = [\"127.0.0.1/32\"]\n\
-             {}[admin]\nlisten = \"127.0.0.1:{admin}\"\n[shutdown]\ndrain_delay = \"1s\"\ngrace_period = \"10s\"\n\
-             [log]\nformat = \"json\"\n{}",
-            plain_upstream(up),
-            host_section(CLICK, "click")
-        ),
-    )
-    .expect("write config");
-    path
+/// A replica on `https` and `admin`: PROXY protocol from loopback, a short drain, JSON logs.
+fn replica(https: u16, admin: u16) -> Setup {
+    Setup::new()
+        .host(CLICK)
+        .listen(&format!(
+            "[listen]\nhttps = \"127.0.0.1:{https}\"\nproxy_protocol = true\ntrusted_proxies = [\"127.0.0.1/32\"]\n"
+        ))
+        .admin_listen(format!("127.0.0.1:{admin}"))
+        .extra("[shutdown]\ndrain_delay = \"1s\"\ngrace_period = \"10s\"\n[log]\nformat = \"json\"\n")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,16 +44,14 @@ async fn three_replicas_roll_die_and_reload_behind_haproxy() {
         eprintln!("SKIPPED: haproxy is not installed (apt-get install haproxy); .ci/run installs it");
         return;
     }
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
+    let fixture = Setup::new().host(CLICK).write().await;
     let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
     let configs: Vec<_> = ports
         .iter()
         .enumerate()
-        .map(|(i, (https, admin))| linkgate_config(dir.path(), &format!("lg{i}"), &up, *https, *admin))
+        .map(|(i, (https, admin))| fixture.write_config(&format!("lg{i}.toml"), &replica(*https, *admin)))
         .collect();
+    let Fixture { dir, pki, up, .. } = fixture;
     let mut instances: Vec<Process> = configs.iter().map(|c| Process::start(c)).collect();
 
     let frontend = free_port();

@@ -757,46 +757,11 @@ async fn open(lg: &Linkgate, pki: &Pki, listener: &str) -> Box<dyn AsyncReadWrit
     }
 }
 
-/// Reads one response (head and Content-Length body) and returns it.
-async fn read_response(stream: &mut Box<dyn AsyncReadWrite>) -> String {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    tokio::time::timeout(HANG_GUARD, async {
-        loop {
-            let text = String::from_utf8_lossy(&got);
-            if let Some(end) = text.find("\r\n\r\n") {
-                let length = text[..end]
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().to_owned())
-                    })
-                    .and_then(|v| v.parse::<usize>().ok())
-                    .unwrap_or(0);
-                if got.len() >= end + 4 + length {
-                    return;
-                }
-            }
-            let n = stream.read(&mut buf).await.expect("read");
-            assert!(n > 0, "connection closed before a full response: {text}");
-            got.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .expect("a response in time");
-    String::from_utf8_lossy(&got).into_owned()
-}
-
-fn get(path: &str) -> String {
-    format!("GET {path} HTTP/1.1\r\nHost: {CLICK}\r\n\r\n")
-}
-
 /// A keep-alive connection to `listener` on which `GET /first` has been served.
 async fn after_one_request(lg: &Linkgate, pki: &Pki, listener: &str) -> Box<dyn AsyncReadWrite> {
     let mut s = open(lg, pki, listener).await;
-    s.write_all(get("/first").as_bytes()).await.expect("write");
-    assert_eq!(status_of(&read_response(&mut s).await), 200, "{listener}");
+    s.write_all(http1_get("/first").as_bytes()).await.expect("write");
+    assert_eq!(status_of(&read_response(&mut s).await.text()), 200, "{listener}");
     s
 }
 
@@ -811,22 +776,22 @@ async fn an_idle_keep_alive_connection_is_parked_and_serves_its_next_request() {
         // (bounded by idle_timeout), and its next request is served.
         tokio::time::sleep(Duration::from_secs(2)).await;
         // Its head arrives in two parts, the first of which wakes the connection.
-        let second = get("/second");
+        let second = http1_get("/second");
         let (head, rest) = second.split_at(20);
         s.write_all(head.as_bytes()).await.expect("write");
         tokio::time::sleep(Duration::from_millis(700)).await;
         s.write_all(rest.as_bytes()).await.expect("write");
-        assert_eq!(status_of(&read_response(&mut s).await), 200, "{listener}");
+        assert_eq!(status_of(&read_response(&mut s).await.text()), 200, "{listener}");
 
         // A head that started before the connection parked is handed on whole.
-        s.write_all(get("/third").as_bytes()).await.expect("write");
-        assert_eq!(status_of(&read_response(&mut s).await), 200, "{listener}");
-        let fourth = get("/fourth");
+        s.write_all(http1_get("/third").as_bytes()).await.expect("write");
+        assert_eq!(status_of(&read_response(&mut s).await.text()), 200, "{listener}");
+        let fourth = http1_get("/fourth");
         let (head, rest) = fourth.split_at(25);
         s.write_all(head.as_bytes()).await.expect("write");
         tokio::time::sleep(Duration::from_millis(800)).await;
         s.write_all(rest.as_bytes()).await.expect("write");
-        let response = read_response(&mut s).await;
+        let response = read_response(&mut s).await.text();
         assert_eq!(status_of(&response), 200, "{listener}: {response}");
         assert!(response.ends_with("\r\n\r\nok"), "{listener}: {response}");
 

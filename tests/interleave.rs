@@ -22,17 +22,14 @@ use tokio::net::TcpStream;
 /// linkgate serving [`CLICK`] in front of a fresh [`Origin`], with `extra`
 /// (more sections) and `upstream` (more `[upstream]` keys).
 async fn setup(upstream: &str, extra: &str) -> (tempfile::TempDir, Pki, Origin, Linkgate) {
-    let dir = tempfile::TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
     let origin = Origin::start().await;
-    let toml = format!(
-        "{}{}{}{extra}",
-        listen_section(),
-        origin.upstream_section(upstream),
-        host_section(CLICK, "click")
-    );
-    let lg = Linkgate::start(dir.path(), &toml).await;
+    let section = origin.upstream_section(upstream);
+    let Served { dir, pki, lg, .. } = Setup::new()
+        .host(CLICK)
+        .upstream(move |_| section.clone())
+        .extra(extra)
+        .start()
+        .await;
     (dir, pki, origin, lg)
 }
 
@@ -150,10 +147,6 @@ impl Raw {
     }
 }
 
-fn get(path: &str) -> Vec<u8> {
-    format!("GET {path} HTTP/1.1\r\nHost: {CLICK}\r\n\r\n").into_bytes()
-}
-
 /// A request line that must never reach the upstream: it hides in a body.
 fn smuggled(tag: &str) -> Vec<u8> {
     format!("GET /SMUGGLED-{tag} HTTP/1.1\r\nHost: {CLICK}\r\n\r\n").into_bytes()
@@ -224,7 +217,7 @@ async fn a_refused_request_pipelined_behind_a_large_answer_ends_the_connection()
             let big = format!("/big?n={n}&tls={tls}&small={small}");
             // The large answer, then a request for a host this connection
             // does not serve (421, close), then another.
-            let mut pipeline = get(&big);
+            let mut pipeline = http1_get(&big).into_bytes();
             pipeline.extend_from_slice(b"GET /refused HTTP/1.1\r\nHost: other.example.test\r\n\r\n");
             pipeline.extend_from_slice(&smuggled(&format!("pipelined-{step}")));
             c.send(&pipeline).await;
@@ -469,7 +462,7 @@ async fn http2_cookie_fields_reach_the_upstream_as_one_header() {
 async fn an_upstream_101_is_answered_502_and_never_tunnelled() {
     let (_dir, _pki, _origin, lg) = setup("", "").await;
     let mut c = Raw::connect(lg.http.expect("http")).await;
-    c.send(&get("/101")).await;
+    c.send(http1_get("/101").as_bytes()).await;
     let a = c.answer(HANG_GUARD).await.expect("answer");
     assert_eq!(a.status, 502);
     let metrics = lg.live.metrics.encode();
@@ -540,7 +533,7 @@ async fn a_reused_connection_the_upstream_closes_under_a_click_is_retried_once()
     origin.drop_reused(true);
     let mut c = Raw::connect(lg.http.expect("http")).await;
     for i in 0..20 {
-        c.send(&get(&format!("/click?i={i}"))).await;
+        c.send(http1_get(&format!("/click?i={i}")).as_bytes()).await;
         let a = c.answer(HANG_GUARD).await.expect("answer");
         assert_eq!(a.status, 200, "click {i}: {:?}", String::from_utf8_lossy(&a.body));
         assert_eq!(
@@ -607,7 +600,7 @@ enum Move {
 
 fn bytes_of(m: &Move, tag: &str) -> (Vec<u8>, Vec<u8>) {
     match m {
-        Move::Get(t) | Move::Big(t, _) => (get(t), Vec::new()),
+        Move::Get(t) | Move::Big(t, _) => (http1_get(t).into_bytes(), Vec::new()),
         Move::Post(t, len) => {
             let mut body = smuggled(tag);
             body.resize(*len, b'p');
@@ -636,7 +629,7 @@ fn bytes_of(m: &Move, tag: &str) -> (Vec<u8>, Vec<u8>) {
             format!("GET {t} HTTP/1.1\r\nHost: other.example.test\r\n\r\n").into_bytes(),
             Vec::new(),
         ),
-        Move::Cancel(t) => (get(t), Vec::new()),
+        Move::Cancel(t) => (http1_get(t).into_bytes(), Vec::new()),
     }
 }
 

@@ -9,10 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const CLICK: &str = "click.example.test";
 
 async fn served_cert(c: &reqwest::Client, lg: &Linkgate) -> Option<Vec<u8>> {
     let resp = c.get(lg.url(CLICK, "/")).send().await.ok()?;
@@ -72,14 +69,6 @@ fn load_loop(
     (stop, ok, failed, task)
 }
 
-async fn metric(lg: &Linkgate, line_start: &str) -> Option<f64> {
-    let text = reqwest::get(lg.admin_url("/metrics")).await.ok()?.text().await.ok()?;
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// Kubernetes Secret volume layout: `tls.crt -> ..data/tls.crt`, `..data -> ..<version>`.
 fn k8s_secret(dir: &std::path::Path, version: &str, leaf: &Leaf) {
     let v = dir.join(version);
@@ -100,22 +89,24 @@ fn k8s_secret(dir: &std::path::Path, version: &str, leaf: &Leaf) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_swapped_under_load_are_picked_up_without_a_failed_request() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    let secret = dir.path().join("secret");
+    let setup = |cert: &str, key: &str| {
+        Setup::new()
+            .admin()
+            .host_section(&format!(
+                "[[host]]\nname = \"{CLICK}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n"
+            ))
+            .watching()
+    };
+    let fixture = setup("secret/tls.crt", "secret/tls.key").write().await;
+    let pki = &fixture.pki;
+    let secret = fixture.dir.path().join("secret");
     std::fs::create_dir(&secret).expect("mkdir");
     let first = pki.leaf(&[CLICK]);
     k8s_secret(&secret, "..v1", &first);
-    let live_dir = dir.path().join("live");
+    let live_dir = fixture.dir.path().join("live");
     std::fs::create_dir(&live_dir).expect("mkdir");
     let second = pki.leaf(&[CLICK]);
-    let up = StandIn::plain().await;
-    let toml = format!(
-        "{}{}[admin]\nlisten = \"127.0.0.1:0\"\n[[host]]\nname = \"{CLICK}\"\ncert = \"secret/tls.crt\"\nkey = \"secret/tls.key\"\n",
-        listen_section(),
-        plain_upstream(&up)
-    );
-    let lg = Linkgate::start_watching(dir.path(), &toml).await;
+    let Served { dir, pki, up, lg, .. } = fixture.start().await;
     let probe = client(&pki, &lg, &[CLICK]);
     assert_eq!(served_cert(&probe, &lg).await.as_deref(), Some(first.der.as_ref()));
 
@@ -135,9 +126,7 @@ async fn certificates_swapped_under_load_are_picked_up_without_a_failed_request(
     std::fs::write(live_dir.join("key.pem.new"), &third.key_pem).expect("write");
     std::fs::rename(live_dir.join("key.pem.new"), live_dir.join("privkey.pem")).expect("rename");
     std::fs::rename(live_dir.join("cert.pem.new"), live_dir.join("fullchain.pem")).expect("rename");
-    let toml2 = toml
-        .replace("secret/tls.crt", "live/fullchain.pem")
-        .replace("secret/tls.key", "live/privkey.pem");
+    let toml2 = setup("live/fullchain.pem", "live/privkey.pem").text(&up);
     let tmp = dir.path().join("linkgate.toml.new");
     std::fs::write(&tmp, toml2).expect("write");
     std::fs::rename(&tmp, dir.path().join("linkgate.toml")).expect("rename config");
@@ -147,15 +136,21 @@ async fn certificates_swapped_under_load_are_picked_up_without_a_failed_request(
     .await;
 
     // 3. A broken replacement (key of another certificate): the running one stays, the failure is counted.
-    let failures_before = metric(&lg, "linkgate_config_reloads_total{result=\"failure\"}")
-        .await
-        .unwrap_or(0.0);
+    let failures_before = metric(
+        lg.admin.expect("admin listener"),
+        "linkgate_config_reloads_total{result=\"failure\"}",
+    )
+    .await
+    .unwrap_or(0.0);
     let fourth = pki.leaf(&[CLICK]);
     std::fs::write(live_dir.join("fullchain.pem"), &fourth.cert_pem).expect("write");
     wait_for("the failed reload to be counted", async || {
-        metric(&lg, "linkgate_config_reloads_total{result=\"failure\"}")
-            .await
-            .unwrap_or(0.0)
+        metric(
+            lg.admin.expect("admin listener"),
+            "linkgate_config_reloads_total{result=\"failure\"}",
+        )
+        .await
+        .unwrap_or(0.0)
             > failures_before
     })
     .await;
@@ -180,13 +175,12 @@ async fn certificates_swapped_under_load_are_picked_up_without_a_failed_request(
 
 #[tokio::test]
 async fn reload_adds_and_removes_hosts_and_resumption_survives() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "a", &["url1.example.test"]);
-    pki.write_leaf(dir.path(), "b", &["url2.example.test"]);
-    let up = StandIn::plain().await;
-    let base = format!("{}{}", listen_section(), plain_upstream(&up));
-    let lg = Linkgate::start(dir.path(), &format!("{base}{}", host_section("url1.example.test", "a"))).await;
+    let Served { dir, pki, up, lg, .. } = Setup::new()
+        .cert("a", &["url1.example.test"])
+        .cert("b", &["url2.example.test"])
+        .host_on("url1.example.test", "a")
+        .start()
+        .await;
     let hosts = ["url1.example.test", "url2.example.test"];
     assert!(client(&pki, &lg, &hosts)
         .get(lg.url(hosts[1], "/"))
@@ -214,7 +208,7 @@ async fn reload_adds_and_removes_hosts_and_resumption_survives() {
 
     std::fs::write(
         dir.path().join("linkgate.toml"),
-        format!("{base}{}", host_section("url2.example.test", "b")),
+        Setup::new().host_on("url2.example.test", "b").text(&up),
     )
     .expect("write");
     lg.live.reload().await.expect("reload");
@@ -231,11 +225,10 @@ async fn reload_adds_and_removes_hosts_and_resumption_survives() {
     // Bring host 1 back and resume the old session: the ticket key survived two reloads.
     std::fs::write(
         dir.path().join("linkgate.toml"),
-        format!(
-            "{base}{}{}",
-            host_section("url1.example.test", "a"),
-            host_section("url2.example.test", "b")
-        ),
+        Setup::new()
+            .host_on("url1.example.test", "a")
+            .host_on("url2.example.test", "b")
+            .text(&up),
     )
     .expect("write");
     lg.live.reload().await.expect("reload");
@@ -260,26 +253,16 @@ async fn reload_adds_and_removes_hosts_and_resumption_survives() {
     lg.stop().await;
 }
 
-fn limits_config(up: &StandIn, limits: &str) -> String {
-    format!(
-        "{}{}{}[admin]\nlisten = \"127.0.0.1:0\"\n[limits]\n{limits}",
-        listen_section(),
-        plain_upstream(up),
-        host_section(CLICK, "click")
-    )
-}
-
 #[tokio::test]
 async fn oversized_heads_and_bodies_are_refused_without_forwarding() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
-    let lg = Linkgate::start(
-        dir.path(),
-        &limits_config(&up, "max_header_bytes = 16384\nmax_request_body = \"1KiB\"\n"),
-    )
-    .await;
+    let Served {
+        dir: _dir, pki, up, lg, ..
+    } = Setup::new()
+        .host(CLICK)
+        .admin()
+        .limits("max_header_bytes = 16384\nmax_request_body = \"1KiB\"\n")
+        .start()
+        .await;
     let c = client(&pki, &lg, &[CLICK]);
     let resp = c
         .get(lg.url(CLICK, "/"))
@@ -327,11 +310,14 @@ async fn oversized_heads_and_bodies_are_refused_without_forwarding() {
 
 #[tokio::test]
 async fn slowloris_connections_are_cut_while_others_are_served() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
-    let lg = Linkgate::start(dir.path(), &limits_config(&up, "header_read_timeout = \"1s\"\n")).await;
+    let Served {
+        dir: _dir, pki, up, lg, ..
+    } = Setup::new()
+        .host(CLICK)
+        .admin()
+        .limits("header_read_timeout = \"1s\"\n")
+        .start()
+        .await;
     let http = lg.http.expect("http");
     let mut slow = Vec::new();
     for _ in 0..50 {
@@ -381,14 +367,16 @@ async fn slowloris_connections_are_cut_while_others_are_served() {
 
 #[tokio::test]
 async fn connections_above_the_cap_wait_and_existing_ones_are_unharmed() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
     // a and b are both connected before either sends its request, so both
     // are in their pre-request phase at once: the handshake budgets allow it.
     let limits = "max_connections = 2\nmax_handshakes = 2\nhandshakes_per_address = 2\nconnections_per_address = 2\n";
-    let lg = Linkgate::start(dir.path(), &limits_config(&up, limits)).await;
+    let Served {
+        dir: _dir,
+        pki: _pki,
+        up: _up,
+        lg,
+        ..
+    } = Setup::new().host(CLICK).admin().limits(limits).start().await;
     let http = lg.http.expect("http");
     let request = format!("GET /ok HTTP/1.1\r\nHost: {CLICK}\r\n\r\n");
     let mut a = tokio::net::TcpStream::connect(http).await.expect("a");
@@ -424,9 +412,6 @@ async fn connections_above_the_cap_wait_and_existing_ones_are_unharmed() {
 
 #[tokio::test]
 async fn upstream_connect_timeout_is_502() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
     // A listener that never accepts, its backlog filled: further connects hang in SYN.
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
@@ -439,12 +424,13 @@ async fn upstream_connect_timeout_is_502() {
             fillers.push(s);
         }
     }
-    let toml = format!(
-        "{}[upstream]\nurl = \"http://sendgrid.net\"\nconnect_to = \"{addr}\"\nconnect_timeout = \"500ms\"\nresponse_timeout = \"10s\"\n{}",
-        listen_section(),
-        host_section(CLICK, "click")
-    );
-    let lg = Linkgate::start(dir.path(), &toml).await;
+    let Served { dir: _dir, pki, lg, .. } = Setup::new()
+        .host(CLICK)
+        .upstream(move |_| {
+            format!("[upstream]\nurl = \"http://sendgrid.net\"\nconnect_to = \"{addr}\"\nconnect_timeout = \"500ms\"\nresponse_timeout = \"10s\"\n")
+        })
+        .start()
+        .await;
     let started = tokio::time::Instant::now();
     let resp = client(&pki, &lg, &[CLICK])
         .get(lg.url(CLICK, "/"))
@@ -463,12 +449,11 @@ async fn upstream_connect_timeout_is_502() {
     lg.stop().await;
 }
 
-fn proxy_protocol_config(up: &StandIn, trusted: &str) -> String {
-    format!(
-        "[listen]\nhttps = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\nproxy_protocol = true\ntrusted_proxies = [\"{trusted}\"]\n{}{}",
-        plain_upstream(up),
-        host_section(CLICK, "click")
-    )
+/// [`CLICK`] behind a load balancer that sends the PROXY header, trusted from `trusted`.
+fn behind_proxy_protocol(trusted: &str) -> Setup {
+    Setup::new().host(CLICK).listen(&format!(
+        "[listen]\nhttps = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\nproxy_protocol = true\ntrusted_proxies = [\"{trusted}\"]\n"
+    ))
 }
 
 /// Connects, sends `header`, then speaks TLS and one request; returns the response or the error.
@@ -492,11 +477,7 @@ async fn via_proxy_header(
 
 #[tokio::test]
 async fn proxy_protocol_sets_the_client_address_only_from_trusted_peers() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
-    let lg = Linkgate::start(dir.path(), &proxy_protocol_config(&up, "127.0.0.0/8")).await;
+    let Served { dir, pki, up, lg, .. } = behind_proxy_protocol("127.0.0.0/8").start().await;
 
     let v1 = b"PROXY TCP4 203.0.113.7 10.0.0.1 56324 443\r\n";
     let resp = via_proxy_header(&pki, lg.https, v1, "X-Forwarded-For: 6.6.6.6\r\n")
@@ -549,7 +530,7 @@ async fn proxy_protocol_sets_the_client_address_only_from_trusted_peers() {
     lg.stop().await;
 
     // From a peer that is not a trusted proxy the connection is dropped, header or not.
-    let lg = Linkgate::start(dir.path(), &proxy_protocol_config(&up, "10.0.0.0/8")).await;
+    let lg = Linkgate::start(dir.path(), &behind_proxy_protocol("10.0.0.0/8").text(&up)).await;
     assert!(via_proxy_header(&pki, lg.https, v1, "").await.is_err());
     assert_eq!(up.received().len(), before);
     lg.stop().await;
@@ -557,16 +538,13 @@ async fn proxy_protocol_sets_the_client_address_only_from_trusted_peers() {
 
 #[tokio::test]
 async fn forwarded_headers_are_kept_only_from_trusted_proxies() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
-    let toml = format!(
-        "[listen]\nhttps = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.1/32\"]\n{}{}",
-        plain_upstream(&up),
-        host_section(CLICK, "click")
-    );
-    let lg = Linkgate::start(dir.path(), &toml).await;
+    let Served {
+        dir: _dir, pki, up, lg, ..
+    } = Setup::new()
+        .host(CLICK)
+        .listen("[listen]\nhttps = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.1/32\"]\n")
+        .start()
+        .await;
     client(&pki, &lg, &[CLICK])
         .get(lg.url(CLICK, "/"))
         .header("x-forwarded-for", "203.0.113.50")
@@ -586,11 +564,13 @@ async fn forwarded_headers_are_kept_only_from_trusted_proxies() {
 
 #[tokio::test]
 async fn admin_endpoints_and_metrics_after_known_traffic() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
-    let lg = Linkgate::start(dir.path(), &limits_config(&up, "")).await;
+    let Served {
+        dir: _dir,
+        pki,
+        up: _up,
+        lg,
+        ..
+    } = Setup::new().host(CLICK).admin().limits("").start().await;
     let c = client(&pki, &lg, &[CLICK]);
     for path in ["/a", "/b", "/redirect"] {
         c.get(lg.url(CLICK, path)).send().await.expect("request");
@@ -634,9 +614,12 @@ async fn admin_endpoints_and_metrics_after_known_traffic() {
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
-    let ok = metric(&lg, "linkgate_tls_handshakes_total{result=\"ok\"}")
-        .await
-        .unwrap_or(0.0);
+    let ok = metric(
+        lg.admin.expect("admin listener"),
+        "linkgate_tls_handshakes_total{result=\"ok\"}",
+    )
+    .await
+    .unwrap_or(0.0);
     assert!(ok >= 1.0, "{text}");
     assert!(!text.contains("evil.example"), "host labels take only configured names");
     lg.stop().await;
@@ -646,25 +629,19 @@ async fn admin_endpoints_and_metrics_after_known_traffic() {
 
 const THREE: [&str; 3] = ["url1.example.test", "url2.example.test", "url3.example.test"];
 
-/// A config for `up` serving `hosts` (certificates `h0`, `h1`, … written by [`three_hosts`]).
-fn hosts_config(up: &StandIn, hosts: &[&str]) -> String {
-    let mut toml = format!("{}{}", listen_section(), plain_upstream(up));
-    for h in hosts {
-        toml.push_str(&host_section(h, &stem(h)));
-    }
-    toml
+/// Serving `hosts`, each with its own certificate (files named by [`stem_of`]).
+fn serving(hosts: &[&str]) -> Setup {
+    hosts.iter().fold(Setup::new(), |setup, h| setup.host(h))
 }
 
-fn stem(host: &str) -> String {
-    host.split('.').next().expect("label").to_owned()
+/// The config text for `up` serving `hosts` (certificates written by [`three_hosts`]).
+fn hosts_config(up: &StandIn, hosts: &[&str]) -> String {
+    serving(hosts).text(up)
 }
 
 /// linkgate with the file watcher, serving the three hosts of [`THREE`].
-async fn three_hosts(dir: &std::path::Path, pki: &Pki, up: &StandIn) -> Linkgate {
-    for h in THREE {
-        pki.write_leaf(dir, &stem(h), &[h]);
-    }
-    Linkgate::start_watching(dir, &hosts_config(up, &THREE)).await
+async fn three_hosts() -> Served {
+    serving(&THREE).watching().start().await
 }
 
 /// One TLS handshake with SNI `host`: `Err(true)` when linkgate refused the
@@ -736,10 +713,7 @@ fn generation(lg: &Linkgate) -> u64 {
 /// reload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_waits_for_a_config_written_in_parts() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    let up = StandIn::plain().await;
-    let lg = three_hosts(dir.path(), &pki, &up).await;
+    let Served { dir, pki, up, lg, .. } = three_hosts().await;
     all_three_handshake(&pki, &lg).await;
     let before = generation(&lg);
     let (stop, task) = keep_handshaking(&pki, &lg);
@@ -747,8 +721,8 @@ async fn reload_waits_for_a_config_written_in_parts() {
     let path = dir.path().join("linkgate.toml");
     let (first, second, third) = (
         hosts_config(&up, &THREE[..1]),
-        host_section(THREE[1], &stem(THREE[1])),
-        host_section(THREE[2], &stem(THREE[2])),
+        host_section(THREE[1], &stem_of(THREE[1])),
+        host_section(THREE[2], &stem_of(THREE[2])),
     );
     tokio::task::spawn_blocking(move || {
         use std::io::Write;
@@ -778,22 +752,19 @@ async fn reload_waits_for_a_config_written_in_parts() {
 /// config is read once it is closed, whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_does_not_read_a_config_still_being_written_when_a_certificate_changes() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    let up = StandIn::plain().await;
-    let lg = three_hosts(dir.path(), &pki, &up).await;
+    let Served { dir, pki, up, lg, .. } = three_hosts().await;
     all_three_handshake(&pki, &lg).await;
     let before = generation(&lg);
     let (stop, task) = keep_handshaking(&pki, &lg);
 
     let path = dir.path().join("linkgate.toml");
-    let cert = dir.path().join(format!("{}.pem", stem(THREE[0])));
+    let cert = dir.path().join(format!("{}.pem", stem_of(THREE[0])));
     let (first, rest) = (
         hosts_config(&up, &THREE[..1]),
         format!(
             "{}{}",
-            host_section(THREE[1], &stem(THREE[1])),
-            host_section(THREE[2], &stem(THREE[2]))
+            host_section(THREE[1], &stem_of(THREE[1])),
+            host_section(THREE[2], &stem_of(THREE[2]))
         ),
     );
     tokio::task::spawn_blocking(move || {
@@ -824,10 +795,7 @@ async fn reload_does_not_read_a_config_still_being_written_when_a_certificate_ch
 /// serves every host meanwhile. An empty file (closed) is not read either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_waits_until_a_deleted_config_is_rewritten_and_closed() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    let up = StandIn::plain().await;
-    let lg = three_hosts(dir.path(), &pki, &up).await;
+    let Served { dir, pki, up, lg, .. } = three_hosts().await;
     let before = generation(&lg);
     let (stop, task) = keep_handshaking(&pki, &lg);
     let path = dir.path().join("linkgate.toml");
@@ -841,8 +809,8 @@ async fn reload_waits_until_a_deleted_config_is_rewritten_and_closed() {
 
     let parts = [
         hosts_config(&up, &THREE[..1]),
-        host_section(THREE[1], &stem(THREE[1])),
-        host_section(THREE[2], &stem(THREE[2])),
+        host_section(THREE[1], &stem_of(THREE[1])),
+        host_section(THREE[2], &stem_of(THREE[2])),
     ];
     let live = lg.live.clone();
     tokio::task::spawn_blocking(move || {
@@ -873,12 +841,7 @@ async fn reload_waits_until_a_deleted_config_is_rewritten_and_closed() {
 #[tokio::test]
 async fn reload_logs_the_hosts_added_and_removed() {
     use common::process::{wait_line, Process};
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    let up = StandIn::plain().await;
-    for h in THREE {
-        pki.write_leaf(dir.path(), &stem(h), &[h]);
-    }
+    let Fixture { dir, up, .. } = serving(&THREE).write().await;
     let path = dir.path().join("linkgate.toml");
     let json = "[log]\nformat = \"json\"\naccess = false\n";
     let write = |hosts: &[&str]| {
@@ -926,16 +889,19 @@ async fn closed_within(conns: &mut [tokio::net::TcpStream], within: Duration) ->
 /// `LOCAL` health check (the balancer's own connection).
 #[tokio::test]
 async fn behind_proxy_protocol_unfinished_handshakes_are_capped_per_client_not_per_balancer() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
-    let toml = format!(
-        "[listen]\nhttps = \"127.0.0.1:0\"\nproxy_protocol = true\ntrusted_proxies = [\"127.0.0.0/8\"]\n{}{}[admin]\nlisten = \"127.0.0.1:0\"\n[limits]\nmax_connections = 50\n",
-        plain_upstream(&up),
-        host_section(CLICK, "click")
-    );
-    let lg = Linkgate::start(dir.path(), &toml).await;
+    let Served {
+        dir: _dir,
+        pki,
+        up: _up,
+        lg,
+        ..
+    } = Setup::new()
+        .host(CLICK)
+        .listen("[listen]\nhttps = \"127.0.0.1:0\"\nproxy_protocol = true\ntrusted_proxies = [\"127.0.0.0/8\"]\n")
+        .admin()
+        .limits("max_connections = 50\n")
+        .start()
+        .await;
     let stalled = b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 443\r\n";
     let mut held = Vec::new();
     for _ in 0..4 {
@@ -972,7 +938,7 @@ async fn behind_proxy_protocol_unfinished_handshakes_are_capped_per_client_not_p
     );
     assert_eq!(
         metric(
-            &lg,
+            lg.admin.expect("admin listener"),
             "linkgate_connections_refused_total{reason=\"handshakes_per_address\"}"
         )
         .await,
@@ -996,11 +962,18 @@ async fn behind_proxy_protocol_unfinished_handshakes_are_capped_per_client_not_p
 /// counting.
 #[tokio::test]
 async fn plain_http_connections_count_as_unfinished_until_their_first_request_head() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
-    let lg = Linkgate::start(dir.path(), &limits_config(&up, "max_connections = 50\n")).await;
+    let Served {
+        dir: _dir,
+        pki: _pki,
+        up: _up,
+        lg,
+        ..
+    } = Setup::new()
+        .host(CLICK)
+        .admin()
+        .limits("max_connections = 50\n")
+        .start()
+        .await;
     let http = lg.http.expect("http");
     let from_2 = || async {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
@@ -1046,7 +1019,7 @@ async fn plain_http_connections_count_as_unfinished_until_their_first_request_he
     assert_eq!(closed_within(&mut another, Duration::from_secs(1)).await, 0, "admitted");
     assert_eq!(
         metric(
-            &lg,
+            lg.admin.expect("admin listener"),
             "linkgate_connections_refused_total{reason=\"handshakes_per_address\"}"
         )
         .await,

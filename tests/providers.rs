@@ -37,14 +37,10 @@ fn endpoint_host(url: &str) -> &str {
 
 #[tokio::test]
 async fn every_preset_forwards_to_its_own_endpoint_with_the_branded_host() {
-    let dir = TempDir::new().expect("tempdir");
     let pki = Pki::new();
-    pki.write_ca(dir.path());
-    let mut toml = listen_section().to_owned();
+    let mut setup = Setup::new().no_upstream().file("ca.pem", &pki.ca_pem);
     let mut stand_ins = Vec::new();
     for (branded, provider, region, url) in PRESETS {
-        let stem = branded.split('.').next().expect("label");
-        pki.write_leaf(dir.path(), stem, &[branded]);
         // The stand-in presents a certificate for the provider's real name:
         // linkgate verifies it against that name, so the URL's host is proven.
         let up = if url.starts_with("https") {
@@ -52,17 +48,23 @@ async fn every_preset_forwards_to_its_own_endpoint_with_the_branded_host() {
         } else {
             StandIn::plain().await
         };
-        toml.push_str(&host_section(branded, stem));
-        toml.push_str(&format!("provider = \"{provider}\"\nconnect_to = \"{}\"\n", up.addr));
+        let mut keys = format!("provider = \"{provider}\"\nconnect_to = \"{}\"\n", up.addr);
         if let Some(r) = region {
-            toml.push_str(&format!("region = \"{r}\"\n"));
+            keys.push_str(&format!("region = \"{r}\"\n"));
         }
         if url.starts_with("https") {
-            toml.push_str("ca_file = \"ca.pem\"\n");
+            keys.push_str("ca_file = \"ca.pem\"\n");
         }
+        setup = setup.host_with(branded, &keys);
         stand_ins.push(up);
     }
-    let lg = Linkgate::start(dir.path(), &toml).await;
+    let Served {
+        dir: _dir,
+        pki,
+        up: _up,
+        lg,
+        ..
+    } = setup.pki(pki).start().await;
 
     // The configuration resolved each preset to its scheme, host and port.
     let active = lg.live.load();
@@ -194,18 +196,21 @@ fn bad_provider_settings_are_refused_by_check_and_serve() {
 
 #[tokio::test]
 async fn amazon_ses_request_heads_over_8_kib_get_431() {
-    let dir = TempDir::new().expect("tempdir");
     let pki = Pki::new();
-    pki.write_ca(dir.path());
-    pki.write_leaf(dir.path(), "ses", &["ses.example.test"]);
     let up = StandIn::tls(&pki.leaf(&["r.us-east-1.awstrack.me"])).await;
-    let toml = format!(
-        "{}[upstream]\nprovider = \"amazon-ses\"\nregion = \"us-east-1\"\nconnect_to = \"{}\"\nca_file = \"ca.pem\"\n{}",
-        listen_section(),
-        up.addr,
-        host_section("ses.example.test", "ses"),
-    );
-    let lg = Linkgate::start(dir.path(), &toml).await;
+    let Served { dir: _dir, pki, up, lg, .. } = Setup::new()
+        .file("ca.pem", &pki.ca_pem)
+        .pki(pki)
+        .standin(up)
+        .upstream(|up| {
+            format!(
+                "[upstream]\nprovider = \"amazon-ses\"\nregion = \"us-east-1\"\nconnect_to = \"{}\"\nca_file = \"ca.pem\"\n",
+                up.addr
+            )
+        })
+        .host("ses.example.test")
+        .start()
+        .await;
     let c = client(&pki, &lg, &["ses.example.test"]);
     let under = c
         .get(lg.url("ses.example.test", "/CL0/ok"))
@@ -232,24 +237,22 @@ const ASSETLINKS: &str = r#"[{"relation":["delegate_permission/common.handle_all
 
 #[tokio::test]
 async fn app_association_files_are_served_locally_validated_and_reloaded() {
-    let dir = TempDir::new().expect("tempdir");
+    let Served {
+        dir, pki, up, lg, toml, ..
+    } = Setup::new()
+        .file("apps/apple-app-site-association.json", AASA)
+        .file("apps/assetlinks.json", ASSETLINKS)
+        .host_with(
+            "links.example.test",
+            "[host.files]\n\
+             \"/.well-known/apple-app-site-association\" = \"apps/apple-app-site-association.json\"\n\
+             \"/apple-app-site-association\" = \"apps/apple-app-site-association.json\"\n\
+             \"/.well-known/assetlinks.json\" = \"apps/assetlinks.json\"\n",
+        )
+        .watching()
+        .start()
+        .await;
     let d = dir.path();
-    let pki = Pki::new();
-    pki.write_leaf(d, "links", &["links.example.test"]);
-    std::fs::create_dir(d.join("apps")).expect("mkdir");
-    std::fs::write(d.join("apps/apple-app-site-association.json"), AASA).expect("write");
-    std::fs::write(d.join("apps/assetlinks.json"), ASSETLINKS).expect("write");
-    let up = StandIn::plain().await;
-    let toml = format!(
-        "{}{}{}[host.files]\n\
-         \"/.well-known/apple-app-site-association\" = \"apps/apple-app-site-association.json\"\n\
-         \"/apple-app-site-association\" = \"apps/apple-app-site-association.json\"\n\
-         \"/.well-known/assetlinks.json\" = \"apps/assetlinks.json\"\n",
-        listen_section(),
-        plain_upstream(&up),
-        host_section("links.example.test", "links"),
-    );
-    let lg = Linkgate::start_watching(d, &toml).await;
     let c = client(&pki, &lg, &["links.example.test"]);
     let url = |p: &str| lg.url("links.example.test", p);
 
@@ -325,20 +328,17 @@ async fn app_association_files_are_served_locally_validated_and_reloaded() {
 
 #[tokio::test]
 async fn plain_http_forwards_by_default_and_redirects_when_asked() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "old", &["old.example.test"]);
-    pki.write_leaf(dir.path(), "new", &["new.example.test"]);
-    let up = StandIn::plain().await;
-    std::fs::write(dir.path().join("assetlinks.json"), ASSETLINKS).expect("write");
-    let toml = format!(
-        "{}{}{}{}http = \"redirect\"\n[host.files]\n\"/.well-known/assetlinks.json\" = \"assetlinks.json\"\n",
-        listen_section(),
-        plain_upstream(&up),
-        host_section("old.example.test", "old"),
-        host_section("new.example.test", "new"),
-    );
-    let lg = Linkgate::start(dir.path(), &toml).await;
+    let Served {
+        dir: _dir, pki, up, lg, ..
+    } = Setup::new()
+        .host("old.example.test")
+        .host_with(
+            "new.example.test",
+            "http = \"redirect\"\n[host.files]\n\"/.well-known/assetlinks.json\" = \"assetlinks.json\"\n",
+        )
+        .file("assetlinks.json", ASSETLINKS)
+        .start()
+        .await;
     let c = reqwest::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())

@@ -5,30 +5,10 @@ mod common;
 
 use common::*;
 use http::Version;
-use tempfile::TempDir;
-
-const CLICK: &str = "click.example.test";
-
-/// One host, a plain stand-in upstream, linkgate on loopback.
-async fn setup() -> (TempDir, Pki, StandIn, Linkgate) {
-    let up = StandIn::plain().await;
-    let upstream = plain_upstream(&up);
-    setup_with(up, &upstream).await
-}
-
-/// One host behind linkgate, `upstream` being the whole `[upstream]` section.
-async fn setup_with(up: StandIn, upstream: &str) -> (TempDir, Pki, StandIn, Linkgate) {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let toml = format!("{}{upstream}{}", listen_section(), host_section(CLICK, "click"));
-    let lg = Linkgate::start(dir.path(), &toml).await;
-    (dir, pki, up, lg)
-}
 
 #[tokio::test]
 async fn forwards_with_branded_host_and_forwarded_headers() {
-    let (_dir, pki, up, lg) = setup().await;
+    let (_dir, pki, up, lg) = serve_click("").await;
     let resp = client(&pki, &lg, &[CLICK])
         .get(lg.url(CLICK, "/wf/open?upn=abc"))
         .header("user-agent", "Mail/1.0")
@@ -65,7 +45,7 @@ async fn forwards_with_branded_host_and_forwarded_headers() {
 
 #[tokio::test]
 async fn long_query_is_forwarded_byte_exact() {
-    let (_dir, pki, up, lg) = setup().await;
+    let (_dir, pki, up, lg) = serve_click("").await;
     // A SendGrid-like click token: kilobytes of URL-safe and percent-encoded bytes that must not be touched.
     // (The client library would itself re-encode `'`, so it is left out here; the raw case below has the rest.)
     let alphabet = b"AbZz09-_.~%2F%3d+;=:@!$()*,";
@@ -100,7 +80,7 @@ async fn long_query_is_forwarded_byte_exact() {
 
 #[tokio::test]
 async fn methods_and_bodies_are_forwarded() {
-    let (_dir, pki, up, lg) = setup().await;
+    let (_dir, pki, up, lg) = serve_click("").await;
     let c = client(&pki, &lg, &[CLICK]);
     // RFC 8058 one-click unsubscribe is a POST.
     let resp = c
@@ -127,7 +107,7 @@ async fn methods_and_bodies_are_forwarded() {
 
 #[tokio::test]
 async fn redirects_pass_back_untouched() {
-    let (_dir, pki, _up, lg) = setup().await;
+    let (_dir, pki, _up, lg) = serve_click("").await;
     let resp = client(&pki, &lg, &[CLICK])
         .get(lg.url(CLICK, "/redirect"))
         .send()
@@ -144,21 +124,23 @@ async fn redirects_pass_back_untouched() {
 
 #[tokio::test]
 async fn sni_picks_the_certificate_of_each_host() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    let a = pki.write_leaf(dir.path(), "a", &["url1.example.test"]);
-    let b = pki.write_leaf(dir.path(), "b", &["url2.example.test"]);
-    let up = StandIn::plain().await;
-    let toml = format!(
-        "{}{}{}{}",
-        listen_section(),
-        plain_upstream(&up),
-        host_section("url1.example.test", "a"),
-        host_section("URL2.Example.Test.", "b"),
-    );
-    let lg = Linkgate::start(dir.path(), &toml).await;
+    let Served {
+        dir: _dir,
+        pki,
+        up,
+        lg,
+        leaves,
+        ..
+    } = Setup::new()
+        .cert("a", &["url1.example.test"])
+        .cert("b", &["url2.example.test"])
+        .host_on("url1.example.test", "a")
+        .host_on("URL2.Example.Test.", "b")
+        .start()
+        .await;
+    let (a, b) = (&leaves["a"], &leaves["b"]);
     let c = client(&pki, &lg, &["url1.example.test", "url2.example.test"]);
-    for (host, leaf) in [("url1.example.test", &a), ("url2.example.test", &b)] {
+    for (host, leaf) in [("url1.example.test", a), ("url2.example.test", b)] {
         let resp = c.get(lg.url(host, "/")).send().await.expect("request");
         assert_eq!(resp.status(), 200);
         let info = resp.extensions().get::<reqwest::tls::TlsInfo>().expect("tls info");
@@ -182,18 +164,14 @@ async fn sni_picks_the_certificate_of_each_host() {
 
 #[tokio::test]
 async fn one_wildcard_certificate_serves_several_hosts() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "wild", &["*.links.test"]);
-    let up = StandIn::plain().await;
-    let toml = format!(
-        "{}{}{}{}",
-        listen_section(),
-        plain_upstream(&up),
-        host_section("url1.links.test", "wild"),
-        host_section("url2.links.test", "wild"),
-    );
-    let lg = Linkgate::start(dir.path(), &toml).await;
+    let Served {
+        dir: _dir, pki, up, lg, ..
+    } = Setup::new()
+        .cert("wild", &["*.links.test"])
+        .host_on("url1.links.test", "wild")
+        .host_on("url2.links.test", "wild")
+        .start()
+        .await;
     let c = client(&pki, &lg, &["url1.links.test", "url2.links.test"]);
     for host in ["url1.links.test", "url2.links.test"] {
         assert_eq!(c.get(lg.url(host, "/")).send().await.expect("request").status(), 200);
@@ -204,7 +182,7 @@ async fn one_wildcard_certificate_serves_several_hosts() {
 
 #[tokio::test]
 async fn unknown_or_missing_sni_is_refused_at_the_handshake() {
-    let (_dir, pki, up, lg) = setup().await;
+    let (_dir, pki, up, lg) = serve_click("").await;
     // A name we do not serve: refused with unrecognized_name, nothing forwarded.
     let err = client(&pki, &lg, &["other.example.test"])
         .get(lg.url("other.example.test", "/"))
@@ -236,7 +214,7 @@ async fn openssl_s_client_sees_the_right_certificate_and_refusals() {
         return;
     };
     assert!(version.status.success());
-    let (dir, pki, _up, lg) = setup().await;
+    let (dir, pki, _up, lg) = serve_click("").await;
     let ca = pki.write_ca(dir.path());
     let port = lg.https.port();
     let s_client = |args: Vec<String>| async move {
@@ -286,19 +264,15 @@ async fn openssl_s_client_sees_the_right_certificate_and_refusals() {
 
 #[tokio::test]
 async fn host_that_differs_from_sni_gets_421_and_nothing_is_forwarded() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "a", &["url1.example.test"]);
-    pki.write_leaf(dir.path(), "b", &["url2.example.test"]);
-    let up = StandIn::plain().await;
-    let toml = format!(
-        "{}{}{}{}",
-        listen_section(),
-        plain_upstream(&up),
-        host_section("url1.example.test", "a"),
-        host_section("url2.example.test", "b"),
-    );
-    let lg = Linkgate::start(dir.path(), &toml).await;
+    let Served {
+        dir: _dir, pki, up, lg, ..
+    } = Setup::new()
+        .cert("a", &["url1.example.test"])
+        .cert("b", &["url2.example.test"])
+        .host_on("url1.example.test", "a")
+        .host_on("url2.example.test", "b")
+        .start()
+        .await;
     // SNI url1, Host url2 (both configured): still misdirected.
     let resp = client(&pki, &lg, &["url1.example.test"])
         .get(lg.url("url1.example.test", "/"))
@@ -362,7 +336,7 @@ async fn host_that_differs_from_sni_gets_421_and_nothing_is_forwarded() {
 
 #[tokio::test]
 async fn http2_clients_are_served() {
-    let (_dir, pki, up, lg) = setup().await;
+    let (_dir, pki, up, lg) = serve_click("").await;
     let c = h2_client(&pki, &lg, &[CLICK]);
     let resp = c.get(lg.url(CLICK, "/wf/open?upn=h2")).send().await.expect("request");
     assert_eq!(resp.version(), Version::HTTP_2);
@@ -385,7 +359,7 @@ async fn http2_clients_are_served() {
 
 #[tokio::test]
 async fn plain_http_listener_forwards_configured_hosts_only() {
-    let (_dir, _pki, up, lg) = setup().await;
+    let (_dir, _pki, up, lg) = serve_click("").await;
     let c = reqwest::Client::builder().no_proxy().build().expect("client");
     let http = lg.http.expect("http listener");
     let resp = c
@@ -415,7 +389,7 @@ async fn plain_http_listener_forwards_configured_hosts_only() {
 
 #[tokio::test]
 async fn hop_by_hop_headers_are_removed_both_ways() {
-    let (_dir, pki, up, lg) = setup().await;
+    let (_dir, pki, up, lg) = serve_click("").await;
     let raw = raw_tls(
         &pki,
         lg.https,
@@ -454,7 +428,7 @@ async fn hop_by_hop_headers_are_removed_both_ways() {
 
 #[tokio::test]
 async fn responses_stream_before_the_upstream_finishes() {
-    let (_dir, pki, up, lg) = setup().await;
+    let (_dir, pki, up, lg) = serve_click("").await;
     let mut resp = client(&pki, &lg, &[CLICK])
         .get(lg.url(CLICK, "/stream"))
         .send()
@@ -505,21 +479,21 @@ async fn large_upload_and_download_arrive_intact() {
 
 #[tokio::test]
 async fn https_upstream_is_verified_by_its_own_name_with_its_own_ca() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
     let upstream_pki = Pki::new();
-    let ca = upstream_pki.write_ca(dir.path());
-    let up = StandIn::tls(&upstream_pki.leaf(&["sendgrid.net"])).await;
-    let section = |extra: &str| {
-        format!(
-            "{}[upstream]\nurl = \"https://sendgrid.net\"\nconnect_to = \"{}\"\n{extra}{}",
-            listen_section(),
-            up.addr,
-            host_section(CLICK, "click")
-        )
+    let setup = |extra: String| {
+        Setup::new().host(CLICK).upstream(move |up| {
+            format!(
+                "[upstream]\nurl = \"https://sendgrid.net\"\nconnect_to = \"{}\"\n{extra}",
+                up.addr
+            )
+        })
     };
-    let lg = Linkgate::start(dir.path(), &section(&format!("ca_file = \"{}\"\n", ca.display()))).await;
+    let up = StandIn::tls(&upstream_pki.leaf(&["sendgrid.net"])).await;
+    let fixture = setup(String::new()).standin(up).write().await;
+    let ca = upstream_pki.write_ca(fixture.dir.path());
+    let with_ca = setup(format!("ca_file = \"{}\"\n", ca.display())).text(&fixture.up);
+    let Fixture { dir, pki, up, .. } = fixture;
+    let lg = Linkgate::start(dir.path(), &with_ca).await;
     let resp = client(&pki, &lg, &[CLICK])
         .get(lg.url(CLICK, "/ls/click?upn=tls"))
         .send()
@@ -536,7 +510,7 @@ async fn https_upstream_is_verified_by_its_own_name_with_its_own_ca() {
     lg.stop().await;
 
     // Without the upstream's CA (public roots only) the upstream certificate is not trusted: 502.
-    let lg = Linkgate::start(dir.path(), &section("")).await;
+    let lg = Linkgate::start(dir.path(), &setup(String::new()).text(&up)).await;
     let resp = client(&pki, &lg, &[CLICK])
         .get(lg.url(CLICK, "/ls/click?upn=tls"))
         .send()
@@ -549,20 +523,16 @@ async fn https_upstream_is_verified_by_its_own_name_with_its_own_ca() {
 
 #[tokio::test]
 async fn upstream_refused_is_502_and_silent_upstream_is_504() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
     // A port that was just free: nothing listens there.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
         .expect("addr");
-    let toml = format!(
-        "{}[upstream]\nurl = \"http://sendgrid.net\"\nconnect_to = \"{closed}\"\n{}",
-        listen_section(),
-        host_section(CLICK, "click")
-    );
-    let lg = Linkgate::start(dir.path(), &toml).await;
+    let Served { dir: _dir, pki, lg, .. } = Setup::new()
+        .host(CLICK)
+        .upstream(move |_| format!("[upstream]\nurl = \"http://sendgrid.net\"\nconnect_to = \"{closed}\"\n"))
+        .start()
+        .await;
     let resp = client(&pki, &lg, &[CLICK])
         .get(lg.url(CLICK, "/"))
         .send()
@@ -573,7 +543,7 @@ async fn upstream_refused_is_502_and_silent_upstream_is_504() {
     assert_eq!(resp.text().await.expect("body"), "upstream unavailable\n");
     lg.stop().await;
 
-    let (_dir, pki, up, lg) = setup().await; // response_timeout = 2s, /slow answers after 5s
+    let (_dir, pki, up, lg) = serve_click("").await; // response_timeout = 2s, /slow answers after 5s
     let resp = client(&pki, &lg, &[CLICK])
         .get(lg.url(CLICK, "/slow"))
         .send()
@@ -587,9 +557,13 @@ async fn upstream_refused_is_502_and_silent_upstream_is_504() {
 
 #[tokio::test]
 async fn upstream_connections_are_reused_then_closed_when_idle() {
-    let up = StandIn::plain().await;
-    let upstream = format!("{}pool_idle_timeout = \"1s\"\n", plain_upstream(&up));
-    let (_dir, pki, up, lg) = setup_with(up, &upstream).await;
+    let Served {
+        dir: _dir, pki, up, lg, ..
+    } = Setup::new()
+        .host(CLICK)
+        .upstream(|up| format!("{}pool_idle_timeout = \"1s\"\n", plain_upstream(up)))
+        .start()
+        .await;
     let c = client(&pki, &lg, &[CLICK]);
     // A pixel, a large body, a redirect, an empty body: each read to its end.
     for path in ["/wf/open", "/big?n=300000", "/redirect", "/echo", "/wf/open"] {
@@ -624,9 +598,13 @@ async fn upstream_connections_are_reused_then_closed_when_idle() {
 /// `pool_idle_timeout`; one stays open for the next request.
 #[tokio::test]
 async fn upstream_connections_left_over_from_a_burst_are_closed_within_seconds() {
-    let up = StandIn::plain().await;
-    let upstream = format!("{}pool_idle_timeout = \"90s\"\n", plain_upstream(&up));
-    let (_dir, pki, up, lg) = setup_with(up, &upstream).await;
+    let Served {
+        dir: _dir, pki, up, lg, ..
+    } = Setup::new()
+        .host(CLICK)
+        .upstream(|up| format!("{}pool_idle_timeout = \"90s\"\n", plain_upstream(up)))
+        .start()
+        .await;
     // One HTTP/2 connection, so one worker and one pool: 8 requests held open
     // at the same time take 8 upstream connections.
     let c = h2_client(&pki, &lg, &[CLICK]);
@@ -665,8 +643,9 @@ async fn upstream_connections_left_over_from_a_burst_are_closed_within_seconds()
 #[tokio::test]
 async fn a_connection_the_upstream_closed_while_idle_is_not_used_again() {
     let up = StandIn::plain_closing_idle_after(std::time::Duration::from_millis(200)).await;
-    let upstream = plain_upstream(&up);
-    let (_dir, pki, up, lg) = setup_with(up, &upstream).await;
+    let Served {
+        dir: _dir, pki, up, lg, ..
+    } = Setup::new().host(CLICK).standin(up).start().await;
     let c = client(&pki, &lg, &[CLICK]);
     for round in 1..=3 {
         let resp = c.get(lg.url(CLICK, "/wf/open")).send().await.expect("request");
@@ -683,7 +662,7 @@ async fn a_connection_the_upstream_closed_while_idle_is_not_used_again() {
 
 #[tokio::test]
 async fn a_download_the_client_abandons_does_not_spoil_later_requests() {
-    let (_dir, pki, up, lg) = setup().await;
+    let (_dir, pki, up, lg) = serve_click("").await;
     let c = client(&pki, &lg, &[CLICK]);
     let mut resp = c.get(lg.url(CLICK, "/big?n=20000000")).send().await.expect("request");
     assert!(resp.chunk().await.expect("first chunk").is_some());
@@ -704,9 +683,13 @@ async fn a_download_the_client_abandons_does_not_spoil_later_requests() {
 /// refused and 127.0.0.1, where the stand-in listens, answers).
 #[tokio::test]
 async fn upstream_named_by_dns_is_dialled_at_an_address_that_answers() {
-    let up = StandIn::plain().await;
-    let upstream = format!("[upstream]\nurl = \"http://localhost:{}\"\n", up.addr.port());
-    let (_dir, pki, up, lg) = setup_with(up, &upstream).await;
+    let Served {
+        dir: _dir, pki, up, lg, ..
+    } = Setup::new()
+        .host(CLICK)
+        .upstream(|up| format!("[upstream]\nurl = \"http://localhost:{}\"\n", up.addr.port()))
+        .start()
+        .await;
     let resp = client(&pki, &lg, &[CLICK])
         .get(lg.url(CLICK, "/wf/open"))
         .send()

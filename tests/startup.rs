@@ -9,8 +9,6 @@ use std::process::{Command, Stdio};
 use common::*;
 use tempfile::TempDir;
 
-const CLICK: &str = "click.example.test";
-
 fn refusal(dir: &Path, toml: &str) -> String {
     let path = dir.join("linkgate.toml");
     std::fs::write(&path, toml).expect("write config");
@@ -67,9 +65,8 @@ fn file_without_pem_content() {
     let msg = refusal(
         dir.path(),
         &format!(
-            "{}{}",
-            base(),
-            host_section(CLICK, "empty").replace("empty.key", "click.key")
+            "{}[[host]]\nname = \"{CLICK}\"\ncert = \"empty.pem\"\nkey = \"click.key\"\n",
+            base()
         ),
     );
     assert!(msg.contains("empty.pem") && msg.contains("no CERTIFICATE"), "{msg}");

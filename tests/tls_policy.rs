@@ -9,8 +9,6 @@ use std::process::{Command, Output, Stdio};
 use common::*;
 use tempfile::TempDir;
 
-const CLICK: &str = "click.example.test";
-
 fn openssl(dir: &Path, args: &[&str]) -> Output {
     let out = Command::new("openssl")
         .args(args)
@@ -36,19 +34,17 @@ fn have_openssl() -> bool {
 
 #[tokio::test]
 async fn hsts_is_sent_on_https_only_and_only_for_hosts_that_ask() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    pki.write_leaf(dir.path(), "plain", &["plain.example.test"]);
-    let up = StandIn::plain().await;
-    let toml = format!(
-        "{}{}{}hsts = \"max-age=31536000; includeSubDomains\"\n{}",
-        listen_section(),
-        plain_upstream(&up),
-        host_section(CLICK, "click"),
-        host_section("plain.example.test", "plain"),
-    );
-    let lg = Linkgate::start(dir.path(), &toml).await;
+    let Served {
+        dir: _dir,
+        pki,
+        up: _up,
+        lg,
+        ..
+    } = Setup::new()
+        .host_with(CLICK, "hsts = \"max-age=31536000; includeSubDomains\"\n")
+        .host("plain.example.test")
+        .start()
+        .await;
     let c = client(&pki, &lg, &[CLICK, "plain.example.test"]);
     let resp = c.get(lg.url(CLICK, "/wf/open")).send().await.expect("request");
     assert_eq!(resp.status(), 200);
@@ -113,12 +109,14 @@ async fn ocsp_response_is_stapled_and_replaced_on_reload() {
     if !have_openssl() {
         return;
     }
-    let dir = TempDir::new().expect("tempdir");
-    let d = dir.path();
-    let pki = Pki::new();
-    pki.write_leaf(d, "click", &[CLICK]);
-    pki.write_ca(d);
-    pki.write_ca_key(d);
+    let fixture = Setup::new()
+        .host_with(CLICK, "ocsp = \"click.ocsp.der\"\n")
+        .watching()
+        .write()
+        .await;
+    let d = &fixture.dir.path().to_owned();
+    fixture.pki.write_ca(d);
+    fixture.pki.write_ca_key(d);
     // An OCSP response for the leaf, signed by the CA, as `openssl ocsp` makes one.
     let serial = String::from_utf8(openssl(d, &["x509", "-in", "click.pem", "-noout", "-serial"]).stdout)
         .expect("utf8")
@@ -169,14 +167,9 @@ async fn ocsp_response_is_stapled_and_replaced_on_reload() {
         );
     };
     make_response("V", "click.ocsp.der");
-    let up = StandIn::plain().await;
-    let toml = format!(
-        "{}{}{}ocsp = \"click.ocsp.der\"\n",
-        listen_section(),
-        plain_upstream(&up),
-        host_section(CLICK, "click"),
-    );
-    let lg = Linkgate::start_watching(d, &toml).await;
+    let Served {
+        dir: _dir, up: _up, lg, ..
+    } = fixture.start().await;
     let port = lg.https.port().to_string();
     let stapled = |tls: &'static str| {
         let out = openssl(

@@ -57,40 +57,6 @@ async fn connect<IO: AsyncRead + AsyncWrite + Unpin>(pki: &Pki, io: IO) -> TlsSt
     connector.connect(name, io).await.expect("handshake")
 }
 
-/// Reads one HTTP/1.1 response with a Content-Length body; returns status and body.
-async fn read_response<S: AsyncRead + Unpin>(s: &mut S) -> (u16, Vec<u8>) {
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        let n = tokio::time::timeout(HANG_GUARD, s.read(&mut b))
-            .await
-            .expect("response in time")
-            .expect("read");
-        assert_eq!(
-            n,
-            1,
-            "connection closed in the response head: {}",
-            String::from_utf8_lossy(&head)
-        );
-        head.push(b[0]);
-    }
-    let head = String::from_utf8(head).expect("utf-8 head");
-    let length: usize = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length:")
-                .map(|v| v.trim().parse().expect("length"))
-        })
-        .expect("content-length");
-    let mut body = vec![0u8; length];
-    tokio::time::timeout(HANG_GUARD, s.read_exact(&mut body))
-        .await
-        .expect("body in time")
-        .expect("body");
-    (status_of(&head), body)
-}
-
 #[tokio::test]
 async fn records_arriving_a_few_bytes_at_a_time_are_served_whole() {
     let (_dir, pki, up, lg) = serve_click("").await;
@@ -115,7 +81,7 @@ async fn records_arriving_a_few_bytes_at_a_time_are_served_whole() {
     tls.write_all(head.as_bytes()).await.expect("head");
     tls.write_all(&body).await.expect("body");
     tls.flush().await.expect("flush");
-    let (status, echoed) = read_response(&mut tls).await;
+    let (status, echoed) = read_response(&mut tls).await.status_and_body();
     assert_eq!(status, 200);
     assert!(echoed == body, "the echoed body differs from the one sent");
     // The same connection then carries a large answer back.
@@ -123,7 +89,7 @@ async fn records_arriving_a_few_bytes_at_a_time_are_served_whole() {
         .await
         .expect("request");
     tls.flush().await.expect("flush");
-    let (status, big) = read_response(&mut tls).await;
+    let (status, big) = read_response(&mut tls).await.status_and_body();
     assert_eq!(status, 200);
     assert!(big == pattern(300_000), "the 300 kB answer arrived altered");
     let seen = up.received();
@@ -151,7 +117,7 @@ async fn a_key_update_from_the_client_is_answered_and_the_connection_goes_on() {
         // only decrypt if the server did.
         tls.get_mut().1.refresh_traffic_keys().expect("key update");
         tls.write_all(request.as_bytes()).await.expect("request");
-        let (status, body) = read_response(&mut tls).await;
+        let (status, body) = read_response(&mut tls).await.status_and_body();
         assert_eq!(status, 200, "round {round}");
         assert!(body == pattern(50_000), "round {round}: the answer arrived altered");
     }
@@ -185,7 +151,7 @@ async fn close_notify_from_the_client_ends_its_keep_alive_connection() {
     tls.write_all(format!("GET /wf/open HTTP/1.1\r\nHost: {CLICK}\r\n\r\n").as_bytes())
         .await
         .expect("request");
-    assert_eq!(read_response(&mut tls).await.0, 200);
+    assert_eq!(read_response(&mut tls).await.status_and_body().0, 200);
     // close_notify only (the socket stays open for reading): the server
     // answers with its own and closes.
     tls.get_mut().1.send_close_notify();

@@ -1,5 +1,5 @@
 //! linkgate as a child process (the real binary), with its JSON log lines
-//! parsed as they arrive.
+//! parsed as they arrive, and reading the JSON it prints.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -104,6 +104,11 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// True when the JSON value (a log field, a report cell) is a string containing `needle`.
+pub fn has(value: &serde_json::Value, needle: &str) -> bool {
+    value.as_str().is_some_and(|s| s.contains(needle))
 }
 
 /// The next log line that `want` accepts; panics (at the caller's line) if
