@@ -238,11 +238,14 @@ async fn health_subcommand_probes_the_admin_listener() {
 /// first visit's is a full handshake.
 #[tokio::test]
 async fn resumed_handshakes_are_counted_and_logged() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
-    let lg = Process::start(&config(dir.path(), &up, ""));
+    let Fixture {
+        dir: _dir,
+        pki,
+        up: _up,
+        config: path,
+        ..
+    } = setup("").write().await;
+    let lg = Process::start(&path);
     // One TLS configuration, so one session store: the second connection can resume.
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_tls(&pki, &[b"http/1.1"])));
     let name = rustls_pki_types::ServerName::try_from(CLICK).expect("name");
@@ -292,11 +295,12 @@ async fn resumed_handshakes_are_counted_and_logged() {
 /// to what the process started with, nothing is logged.
 #[tokio::test]
 async fn a_reload_names_the_keys_that_need_a_restart_against_what_is_in_force() {
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
-    let path = config(dir.path(), &up, "");
+    let Fixture {
+        dir: _dir,
+        up: _up,
+        config: path,
+        ..
+    } = setup("").write().await;
     let lg = Process::start(&path);
     let started = std::fs::read_to_string(&path).expect("read");
     let until_reloaded = || {

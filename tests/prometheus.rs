@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
-use tempfile::TempDir;
 
 fn installed(tool: &str) -> bool {
     Command::new(tool)
@@ -40,20 +39,9 @@ async fn prometheus_scrapes_every_series_with_its_type_and_help() {
         eprintln!("SKIPPED: prometheus or promtool is not installed (apt-get install prometheus)");
         return;
     }
-    let dir = TempDir::new().expect("tempdir");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path(), "click", &[CLICK]);
-    let up = StandIn::plain().await;
-    let lg = Linkgate::start(
-        dir.path(),
-        &format!(
-            "{}{}[admin]\nlisten = \"127.0.0.1:0\"\n{}",
-            listen_section(),
-            plain_upstream(&up),
-            host_section(CLICK, "click")
-        ),
-    )
-    .await;
+    let Served {
+        dir, pki, up: _up, lg, ..
+    } = Setup::new().host(CLICK).admin().start().await;
     let resp = client(&pki, &lg, &[CLICK])
         .get(lg.url(CLICK, "/wf/open"))
         .send()
