@@ -168,36 +168,55 @@ fn agrees(overlay: &str, docs: &[Value], sends_proxy_protocol: bool) {
     assert!(env
         .iter()
         .any(|e| e["name"] == "LINKGATE_CONFIG" && e["value"] == config_path.to_str().expect("utf8")));
-    let mounts: Vec<&str> = c["volumeMounts"]
+    let mounts: Vec<(&str, &str)> = c["volumeMounts"]
         .as_array()
         .expect("mounts")
         .iter()
-        .map(|m| m["mountPath"].as_str().expect("mountPath"))
+        .map(|m| {
+            (
+                m["mountPath"].as_str().expect("mountPath"),
+                m["name"].as_str().expect("name"),
+            )
+        })
         .collect();
-    assert!(mounts.contains(&"/etc/linkgate/config"));
-    for host in config["host"].as_array().expect("hosts") {
-        for key in ["cert", "key"] {
-            let file = config_path
-                .parent()
-                .expect("dir")
-                .join(host[key].as_str().expect("path"));
-            let folder = std::path::absolute(&file).expect("absolute");
-            let normalised: std::path::PathBuf = folder.components().fold(std::path::PathBuf::new(), |mut p, c| {
-                match c {
-                    std::path::Component::ParentDir => {
-                        p.pop();
-                    }
-                    other => p.push(other),
+    assert!(mounts.iter().any(|m| m.0 == "/etc/linkgate/config"));
+    let normalise = |relative: &str| -> std::path::PathBuf {
+        let file = config_path.parent().expect("dir").join(relative);
+        file.components().fold(std::path::PathBuf::new(), |mut p, c| {
+            match c {
+                std::path::Component::ParentDir => {
+                    p.pop();
                 }
-                p
-            });
-            assert!(
-                mounts
-                    .iter()
-                    .any(|m| normalised.starts_with(m) && *m != "/etc/linkgate/config"),
-                "{} is not under a Secret mount: {mounts:?}",
-                normalised.display()
-            );
+                other => p.push(other),
+            }
+            p
+        })
+    };
+    // certs_dir: one projected volume of every host's Secret, each at <host>/
+    // holding tls.crt and tls.key, mounted where certs_dir says.
+    let certs_dir = normalise(config["certs_dir"].as_str().expect("the base uses certs_dir"));
+    let (_, volume) = mounts
+        .iter()
+        .find(|m| std::path::Path::new(m.0) == certs_dir)
+        .unwrap_or_else(|| panic!("certs_dir {} is not a mount: {mounts:?}", certs_dir.display()));
+    let volumes = spec["volumes"].as_array().expect("volumes");
+    let projected = &volumes.iter().find(|v| v["name"] == *volume).expect("the certs volume")["projected"];
+    let paths: Vec<&str> = projected["sources"]
+        .as_array()
+        .expect("projected sources")
+        .iter()
+        .flat_map(|src| src["secret"]["items"].as_array().into_iter().flatten())
+        .map(|item| item["path"].as_str().expect("path"))
+        .collect();
+    for host in config["host"].as_array().expect("hosts") {
+        let name = host["name"].as_str().expect("name");
+        assert!(
+            host.get("cert").is_none() && host.get("key").is_none(),
+            "{name}: takes its pair from certs_dir"
+        );
+        for file in ["tls.crt", "tls.key"] {
+            let want = format!("{name}/{file}");
+            assert!(paths.contains(&want.as_str()), "{want} is not projected: {paths:?}");
         }
     }
 
@@ -298,7 +317,7 @@ fn the_eks_config_is_the_base_config_with_proxy_protocol() {
 
 /// The cert-manager examples: a DNS-01 issuer (HTTP-01 cannot reach a
 /// solver through linkgate), and the Certificate writes the Secret the
-/// Deployment mounts.
+/// Deployment mounts (a source of its projected certificate volume).
 #[test]
 fn the_certificate_example_uses_the_dns01_issuer_and_the_mounted_secret() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes/examples");
@@ -327,7 +346,8 @@ fn the_certificate_example_uses_the_dns01_issuer_and_the_mounted_secret() {
         .as_array()
         .expect("volumes")
         .iter()
-        .filter_map(|v| v.get("secret").map(|s| &s["secretName"]))
+        .flat_map(|v| v["projected"]["sources"].as_array().into_iter().flatten())
+        .filter_map(|src| src.get("secret").map(|s| &s["name"]))
         .collect();
     assert!(secrets.contains(&&cert["spec"]["secretName"]), "{secrets:?}");
 }
