@@ -19,7 +19,9 @@
 //!    HTTP-01, redirects), **where Host is set** (`rewrite_request_headers`),
 //!    the forward, and **where an error becomes a status**
 //!    (`ProxyError::status`).
-//! 6. [`upstream`]: the pooled client to the provider, upstream TLS.
+//! 6. [`upstream`] (`upstream/mod.rs`): the client to the provider, its one
+//!    retry; `upstream/pool.rs` (idle connections), `upstream/body.rs` (the
+//!    bodies of one exchange), `upstream/connect.rs` (dial, upstream TLS).
 //! 7. [`access`]: the response body as it is sent; the access log line.
 //!
 //! Beside the path:
