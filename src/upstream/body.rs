@@ -62,6 +62,16 @@ impl RequestBody {
         }
     }
 
+    /// No body at all (tests).
+    #[cfg(test)]
+    pub(super) fn empty() -> Self {
+        Self {
+            first: None,
+            rest: None,
+            exchange: None,
+        }
+    }
+
     /// A copy to send again, when the body is already complete in memory
     /// (none, or a first frame that was the whole of it).
     pub(super) fn replayable(&self) -> Option<Self> {
