@@ -12,7 +12,8 @@
 //!    HTTP or TLS.
 //! 3. `server/handshake.rs`: the ClientHello; **where SNI is chosen** (an
 //!    unknown or missing one is refused before any certificate is sent,
-//!    [`tls`]'s `SniResolver`); TLS-ALPN-01 answers; then [`tls_stream`].
+//!    [`tls`]'s `SniResolver`, `tls/mod.rs`); TLS-ALPN-01 answers; then
+//!    [`tls::stream`] (`tls/stream.rs`).
 //! 4. `server/http.rs`: HTTP/1.1 (parked between requests) or HTTP/2, with
 //!    what is known about the connection ([`connection`]).
 //! 5. [`proxy`]: the authority check, local answers ([`files`], ACME
@@ -62,5 +63,4 @@ pub mod reload;
 pub mod server;
 pub mod text;
 pub mod tls;
-pub mod tls_stream;
 pub mod upstream;
