@@ -8,14 +8,15 @@
 //! The request path, in order, with the file for each phase:
 //! 1. [`server`] (`server/mod.rs`): binding, one worker per core, drain.
 //! 2. `server/accept.rs`: a connection accepted; its slot in the handshake
-//!    budget ([`admission`]); the PROXY header ([`proxy_protocol`]); plain
-//!    HTTP or TLS.
+//!    budget ([`admission`]); the PROXY header ([`server::proxy_protocol`],
+//!    `server/proxy_protocol.rs`); plain HTTP or TLS.
 //! 3. `server/handshake.rs`: the ClientHello; **where SNI is chosen** (an
 //!    unknown or missing one is refused before any certificate is sent,
 //!    [`tls`]'s `SniResolver`, `tls/mod.rs`); TLS-ALPN-01 answers; then
 //!    [`tls::stream`] (`tls/stream.rs`).
 //! 4. `server/http.rs`: HTTP/1.1 (parked between requests) or HTTP/2, with
-//!    what is known about the connection ([`connection`]).
+//!    what is known about the connection ([`connection`]) and its I/O
+//!    wrappers (`server/io.rs`).
 //! 5. [`proxy`]: the authority check, local answers ([`files`], ACME
 //!    HTTP-01, redirects), **where Host is set** (`rewrite_request_headers`),
 //!    the forward, and **where an error becomes a status**
@@ -58,7 +59,6 @@ pub mod host;
 pub mod metrics;
 pub mod provider;
 pub mod proxy;
-pub mod proxy_protocol;
 pub mod reload;
 pub mod server;
 pub mod text;
