@@ -18,7 +18,8 @@
 //!    what is known about the connection ([`connection`]) and its I/O
 //!    wrappers (`server/io.rs`).
 //! 5. [`proxy`]: the authority check, local answers ([`files`], ACME
-//!    HTTP-01, redirects), **where Host is set** (`rewrite_request_headers`),
+//!    HTTP-01, redirects; every short answer of linkgate's own, errors and
+//!    the admin endpoints' too, is built by `response.rs`), **where Host is set** (`rewrite_request_headers`),
 //!    the forward, and **where an error becomes a status**
 //!    (`ProxyError::status`).
 //! 6. [`upstream`] (`upstream/mod.rs`): the client to the provider, its one
@@ -60,6 +61,7 @@ pub mod metrics;
 pub mod provider;
 pub mod proxy;
 pub mod reload;
+pub(crate) mod response;
 pub mod server;
 pub mod text;
 pub mod tls;
