@@ -18,10 +18,10 @@
 //!    what is known about the connection ([`connection`]) and its I/O
 //!    wrappers (`server/io.rs`).
 //! 5. [`proxy`]: the authority check, local answers ([`files`], ACME
-//!    HTTP-01, redirects; every short answer of linkgate's own, errors and
-//!    the admin endpoints' too, is built by `response.rs`), **where Host is set** (`rewrite_request_headers`),
+//!    HTTP-01, redirects), **where Host is set** (`rewrite_request_headers`),
 //!    the forward, and **where an error becomes a status**
-//!    (`ProxyError::status`).
+//!    (`ProxyError::status`). Every short answer of linkgate's own (errors,
+//!    local answers, the admin endpoints) is built by `response.rs`.
 //! 6. [`upstream`] (`upstream/mod.rs`): the client to the provider, its one
 //!    retry; `upstream/pool.rs` (idle connections), `upstream/body.rs` (the
 //!    bodies of one exchange), `upstream/connect.rs` (dial, upstream TLS).
@@ -33,7 +33,8 @@
 //! - [`acme`]: certificates over ACME: `acme/storage.rs` (shared storage, locks), `acme/challenge.rs`
 //!   (answers on the request path), `acme/task.rs` (one supervised task per host), `acme/client.rs` (the CA, bounded).
 //! - [`admin`]: /healthz, /readyz, /metrics; [`metrics`]: the Prometheus metrics.
-//! - [`check`]: `linkgate check`, the offline report; [`doctor`]: `linkgate doctor`, probes from outside.
+//! - [`check`]: `linkgate check`, the offline report; [`doctor`]: `linkgate doctor`, probes from outside
+//!   (`doctor/dns.rs`, `doctor/fetch.rs`, `doctor/verdict.rs`, `doctor/report.rs`).
 //! - [`provider`]: the provider presets (SendGrid, Amazon SES, …), as data.
 //! - [`text`]: outside text made safe to print and log; `error`: errors as one line with every cause;
 //!   `hash`: the stable hash for storage names and ETags.
