@@ -23,6 +23,7 @@ use tokio::sync::Semaphore;
 
 use crate::admission::AcceptFailures;
 use crate::reload::Live;
+use crate::response::Local;
 
 /// Admin connections open at once, at most: a prober, a scraper and an
 /// operator need a few; the descriptor reserve of the data path is counted
@@ -97,13 +98,9 @@ pub fn health(config: &std::path::Path, ready: bool, timeout: Duration) -> std::
 
 fn answer(live: &Live, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: &'static str| {
-        let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-        *r.status_mut() = status;
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        r
+        Local::new(status)
+            .text(Bytes::from_static(body.as_bytes()))
+            .map(Full::new)
     };
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
@@ -132,10 +129,10 @@ fn answer(live: &Live, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     "text/plain; version=0.0.4; charset=utf-8",
                 )
             };
-            let mut r = Response::new(Full::new(Bytes::from(body)));
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
-            r
+            Local::new(StatusCode::OK)
+                .header(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type))
+                .body(body)
+                .map(Full::new)
         }
         _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n"),
     }

@@ -64,7 +64,7 @@ impl AcceptFailures {
 pub struct Handshakes {
     total: AtomicUsize,
     /// Addresses with at least one handshake in progress, and how many.
-    by_address: Mutex<HashMap<IpAddr, u32>>,
+    by_address: PerAddress,
 }
 
 /// Why a connection was refused before its handshake.
@@ -115,15 +115,35 @@ impl Handshakes {
 
     /// Addresses with a handshake in progress now (the size of the table).
     pub fn addresses(&self) -> usize {
-        self.table().len()
+        self.by_address.len()
+    }
+}
+
+/// A count per client address (under its [`address_key`]), holding only
+/// the addresses whose count is above zero: the handshakes in progress, or
+/// the connections open, from each.
+#[derive(Debug, Default)]
+struct PerAddress(Mutex<HashMap<IpAddr, u32>>);
+
+impl PerAddress {
+    /// Counts one more for `client` if it has fewer than `max`: the key it
+    /// is counted under, to [`PerAddress::release`] later.
+    fn claim(&self, client: IpAddr, max: u32) -> Option<IpAddr> {
+        let key = address_key(client);
+        let mut table = self.table();
+        let n = table.entry(key).or_insert(0);
+        if *n >= max {
+            if *n == 0 {
+                table.remove(&key);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(key)
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, u32>> {
-        // Never held across an await; a panic while held leaves counts that are still right.
-        self.by_address.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn release_address(&self, key: IpAddr) {
+    /// Gives back one count of `key`, dropping its entry at zero.
+    fn release(&self, key: IpAddr) {
         let mut table = self.table();
         if let Some(n) = table.get_mut(&key) {
             *n -= 1;
@@ -131,6 +151,16 @@ impl Handshakes {
                 table.remove(&key);
             }
         }
+    }
+
+    /// Addresses counted now.
+    fn len(&self) -> usize {
+        self.table().len()
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, u32>> {
+        // Never held across an await; a panic while held leaves counts that are still right.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -160,20 +190,15 @@ impl Handshake {
     /// Counts this handshake against `client`'s address, if that address has
     /// fewer than `per_address` in progress.
     pub fn claim_address(&self, client: IpAddr, per_address: u32) -> Result<(), Refusal> {
-        let key = address_key(client);
         let mut slot = self.address.lock().unwrap_or_else(PoisonError::into_inner);
         if slot.is_some() {
             return Ok(());
         }
-        let mut table = self.handshakes.table();
-        let n = table.entry(key).or_insert(0);
-        if *n >= per_address {
-            if *n == 0 {
-                table.remove(&key);
-            }
-            return Err(Refusal::Address);
-        }
-        *n += 1;
+        let key = self
+            .handshakes
+            .by_address
+            .claim(client, per_address)
+            .ok_or(Refusal::Address)?;
         *slot = Some(key);
         Ok(())
     }
@@ -186,7 +211,7 @@ impl Handshake {
         }
         let key = self.address.lock().unwrap_or_else(PoisonError::into_inner).take();
         if let Some(key) = key {
-            self.handshakes.release_address(key);
+            self.handshakes.by_address.release(key);
         }
         self.handshakes.total.fetch_sub(1, Ordering::AcqRel);
     }
@@ -203,7 +228,7 @@ impl Drop for Handshake {
 /// `max_connections` either. Holds only addresses with a connection open.
 #[derive(Debug, Default)]
 pub struct Clients {
-    by_address: Mutex<HashMap<IpAddr, u32>>,
+    by_address: PerAddress,
 }
 
 impl Clients {
@@ -214,16 +239,7 @@ impl Clients {
     /// A slot for one more connection from `client` (counted like
     /// handshakes: IPv4, or the IPv6 /64), if it has fewer than `max` open.
     pub fn claim(self: &Arc<Self>, client: IpAddr, max: u32) -> Result<ClientSlot, Refusal> {
-        let key = address_key(client);
-        let mut table = self.table();
-        let n = table.entry(key).or_insert(0);
-        if *n >= max {
-            if *n == 0 {
-                table.remove(&key);
-            }
-            return Err(Refusal::Connections);
-        }
-        *n += 1;
+        let key = self.by_address.claim(client, max).ok_or(Refusal::Connections)?;
         Ok(ClientSlot {
             clients: self.clone(),
             key,
@@ -232,12 +248,7 @@ impl Clients {
 
     /// Addresses with a connection open now (the size of the table).
     pub fn addresses(&self) -> usize {
-        self.table().len()
-    }
-
-    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, u32>> {
-        // Never held across an await; a panic while held leaves counts that are still right.
-        self.by_address.lock().unwrap_or_else(PoisonError::into_inner)
+        self.by_address.len()
     }
 }
 
@@ -250,13 +261,7 @@ pub struct ClientSlot {
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
-        let mut table = self.clients.table();
-        if let Some(n) = table.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                table.remove(&self.key);
-            }
-        }
+        self.clients.by_address.release(self.key);
     }
 }
 

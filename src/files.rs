@@ -10,6 +10,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
 
+use crate::response::Local;
+
 /// One file, as served.
 #[derive(Debug, Clone)]
 pub struct StaticFile {
@@ -43,26 +45,27 @@ impl StaticFile {
     /// The answer to a request for this file: 200 (GET) or its head (HEAD),
     /// 304 when the client's validators match, 405 for other methods.
     pub fn respond(&self, method: &Method, request: &HeaderMap) -> Response<Bytes> {
-        let mut resp = Response::new(Bytes::new());
-        let headers = resp.headers_mut();
         if method != Method::GET && method != Method::HEAD {
-            *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-            resp.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-            return resp;
+            return Local::new(StatusCode::METHOD_NOT_ALLOWED)
+                .header(header::ALLOW, HeaderValue::from_static("GET, HEAD"))
+                .empty();
         }
-        headers.insert(header::ETAG, self.etag.clone());
-        headers.insert(header::LAST_MODIFIED, self.last_modified.clone());
+        let validators = |status| {
+            Local::new(status)
+                .header(header::ETAG, self.etag.clone())
+                .header(header::LAST_MODIFIED, self.last_modified.clone())
+        };
         if self.not_modified(request) {
-            *resp.status_mut() = StatusCode::NOT_MODIFIED;
-            return resp;
+            return validators(StatusCode::NOT_MODIFIED).empty();
         }
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(self.body.len()));
+        let resp = validators(StatusCode::OK)
+            .header(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header(header::CONTENT_LENGTH, HeaderValue::from(self.body.len()));
         if method == Method::GET {
-            *resp.body_mut() = self.body.clone();
+            resp.body(self.body.clone())
+        } else {
+            resp.empty()
         }
-        resp
     }
 
     /// RFC 9110 §13.1: If-None-Match (weak comparison) wins over If-Modified-Since.

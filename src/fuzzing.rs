@@ -15,7 +15,8 @@ use crate::config::Config;
 use crate::connection::ConnInfo;
 use crate::host::HostName;
 use crate::proxy::{self, HOP_BY_HOP, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
-use crate::{proxy_protocol, tls};
+use crate::server::proxy_protocol;
+use crate::tls;
 
 /// Config parsing and validation: never panics, and every refusal is one line.
 pub fn config(data: &[u8]) {

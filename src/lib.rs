@@ -8,18 +8,23 @@
 //! The request path, in order, with the file for each phase:
 //! 1. [`server`] (`server/mod.rs`): binding, one worker per core, drain.
 //! 2. `server/accept.rs`: a connection accepted; its slot in the handshake
-//!    budget ([`admission`]); the PROXY header ([`proxy_protocol`]); plain
-//!    HTTP or TLS.
+//!    budget ([`admission`]); the PROXY header ([`server::proxy_protocol`],
+//!    `server/proxy_protocol.rs`); plain HTTP or TLS.
 //! 3. `server/handshake.rs`: the ClientHello; **where SNI is chosen** (an
 //!    unknown or missing one is refused before any certificate is sent,
-//!    [`tls`]'s `SniResolver`); TLS-ALPN-01 answers; then [`tls_stream`].
+//!    [`tls`]'s `SniResolver`, `tls/mod.rs`); TLS-ALPN-01 answers; then
+//!    [`tls::stream`] (`tls/stream.rs`).
 //! 4. `server/http.rs`: HTTP/1.1 (parked between requests) or HTTP/2, with
-//!    what is known about the connection ([`connection`]).
+//!    what is known about the connection ([`connection`]) and its I/O
+//!    wrappers (`server/io.rs`).
 //! 5. [`proxy`]: the authority check, local answers ([`files`], ACME
 //!    HTTP-01, redirects), **where Host is set** (`rewrite_request_headers`),
 //!    the forward, and **where an error becomes a status**
-//!    (`ProxyError::status`).
-//! 6. [`upstream`]: the pooled client to the provider, upstream TLS.
+//!    (`ProxyError::status`). Every short answer of linkgate's own (errors,
+//!    local answers, the admin endpoints) is built by `response.rs`.
+//! 6. [`upstream`] (`upstream/mod.rs`): the client to the provider, its one
+//!    retry; `upstream/pool.rs` (idle connections), `upstream/body.rs` (the
+//!    bodies of one exchange), `upstream/connect.rs` (dial, upstream TLS).
 //! 7. [`access`]: the response body as it is sent; the access log line.
 //!
 //! Beside the path:
@@ -28,7 +33,8 @@
 //! - [`acme`]: certificates over ACME: `acme/storage.rs` (shared storage, locks), `acme/challenge.rs`
 //!   (answers on the request path), `acme/task.rs` (one supervised task per host), `acme/client.rs` (the CA, bounded).
 //! - [`admin`]: /healthz, /readyz, /metrics; [`metrics`]: the Prometheus metrics.
-//! - [`check`]: `linkgate check`, the offline report; [`doctor`]: `linkgate doctor`, probes from outside.
+//! - [`check`]: `linkgate check`, the offline report; [`doctor`]: `linkgate doctor`, probes from outside
+//!   (`doctor/dns.rs`, `doctor/fetch.rs`, `doctor/verdict.rs`, `doctor/report.rs`).
 //! - [`provider`]: the provider presets (SendGrid, Amazon SES, …), as data.
 //! - [`text`]: outside text made safe to print and log; `error`: errors as one line with every cause;
 //!   `hash`: the stable hash for storage names and ETags.
@@ -55,10 +61,9 @@ pub mod host;
 pub mod metrics;
 pub mod provider;
 pub mod proxy;
-pub mod proxy_protocol;
 pub mod reload;
+pub(crate) mod response;
 pub mod server;
 pub mod text;
 pub mod tls;
-pub mod tls_stream;
 pub mod upstream;

@@ -114,13 +114,15 @@ fn main() -> ExitCode {
             let args = *args;
             let asked = linkgate::doctor::Asked {
                 hosts: args.hosts,
-                resolver: args.resolver,
-                expect_target: args.expect_target,
-                connect: args.connect,
-                connect_http: args.connect_http,
-                ca_file: args.ca_file,
-                url: args.url,
-                timeout: args.timeout,
+                probe: linkgate::doctor::Settings {
+                    resolver: args.resolver,
+                    expect_target: args.expect_target,
+                    connect: args.connect,
+                    connect_http: args.connect_http,
+                    ca_file: args.ca_file,
+                    url: args.url,
+                    timeout: args.timeout,
+                },
                 json: matches!(args.format, Format::Json),
             };
             linkgate::doctor::command(&args.config, asked)

@@ -24,6 +24,7 @@ use crate::connection::{ClientBody, ConnInfo};
 use crate::host::HostName;
 use crate::metrics::{KindLabels, Metrics};
 use crate::reload::Active;
+use crate::response::Local;
 use crate::upstream::{RequestBody, Upstream, UpstreamBody, UpstreamError};
 
 pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -113,18 +114,13 @@ impl ProxyError {
     }
 
     fn into_response(self, version: Version) -> Response<Either<UpstreamBody, Full<Bytes>>> {
-        let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(self.body().as_bytes()))));
-        *resp.status_mut() = self.status();
-        let headers = resp.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
+        let mut resp = Local::new(self.status()).text(Bytes::from_static(self.body().as_bytes()));
         if !matches!(self, Self::Upstream(_)) && version < Version::HTTP_2 {
             // After a request we refused, do not read another from the same stream.
-            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        resp
+        local(resp)
     }
 }
 
@@ -280,25 +276,19 @@ impl Proxy {
         // Apple and Google fetch them without following redirects), ACME
         // HTTP-01 challenges on plain http, then plain http redirected to https.
         if let Some(file) = host_cfg.files.get(path_and_query.path()) {
-            let (parts, body) = file.respond(req.method(), req.headers()).into_parts();
-            return Ok((Response::from_parts(parts, Either::Right(Full::new(body))), None, None));
+            return Ok((local(file.respond(req.method(), req.headers())), None, None));
         }
         if conn.sni.is_none() && host_cfg.is_acme() {
             if let Some(token) = path_and_query.path().strip_prefix(acme::HTTP01_PREFIX) {
                 let acme = self.active.config.acme.as_ref();
                 let answer = acme::answer_http01(acme, &self.metrics, host, token, req.method()).await;
-                let (parts, body) = answer.into_parts();
-                return Ok((Response::from_parts(parts, Either::Right(Full::new(body))), None, None));
+                return Ok((local(answer), None, None));
             }
         }
         if conn.sni.is_none() && host_cfg.http == HttpMode::Redirect {
             let location = format!("https://{host}{path_and_query}");
-            let resp = Response::builder()
-                .status(StatusCode::PERMANENT_REDIRECT)
-                .header(header::LOCATION, location)
-                .body(Either::Right(Full::new(Bytes::new())))
-                .map_err(|_| ProxyError::BadRequest("invalid request target\n"))?;
-            return Ok((resp, None, None));
+            let resp = Local::redirect(&location).ok_or(ProxyError::BadRequest("invalid request target\n"))?;
+            return Ok((local(resp), None, None));
         }
         self.send(conn, req, host_cfg, path_and_query).await
     }
@@ -402,6 +392,11 @@ type Forwarded = (
     Option<Duration>,
     Option<tokio::sync::OwnedSemaphorePermit>,
 );
+
+/// A local answer ([`Local`]) as the proxy sends it.
+fn local(resp: Response<Bytes>) -> Response<Either<UpstreamBody, Full<Bytes>>> {
+    resp.map(|body| Either::Right(Full::new(body)))
+}
 
 /// True when an HTTP/1 request leaves the connection open for the next one:
 /// HTTP/1.1, no `Connection: close`, and no Transfer-Encoding (beside which

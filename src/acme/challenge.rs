@@ -15,6 +15,7 @@ use super::{pem_key, Storage};
 use crate::config::Acme;
 use crate::host::HostName;
 use crate::metrics::{ChallengeLabels, Metrics};
+use crate::response::Local;
 use crate::tls;
 
 /// The ALPN protocol a TLS-ALPN-01 validation offers (RFC 8737).
@@ -53,12 +54,11 @@ pub async fn answer_http01(
     token: &str,
     method: &Method,
 ) -> Response<Bytes> {
+    // text/plain without a charset: the key authorization is ASCII.
     let respond = |status: StatusCode, body: Bytes| {
-        let mut resp = Response::new(body);
-        *resp.status_mut() = status;
-        resp.headers_mut()
-            .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain"));
-        resp
+        Local::new(status)
+            .header(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain"))
+            .body(body)
     };
     if method != Method::GET && method != Method::HEAD {
         return respond(

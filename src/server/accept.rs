@@ -8,11 +8,11 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 
+use super::proxy_protocol;
 use crate::admission::{ClientSlot, Handshake, Refusal};
 use crate::config::Config;
 use crate::connection::ConnInfo;
 use crate::proxy::Proxy;
-use crate::proxy_protocol;
 
 use super::handshake::tls_handshake;
 use super::http::{serve, Protocol};

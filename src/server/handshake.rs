@@ -13,7 +13,7 @@ use tokio::time::{timeout_at, Instant};
 use crate::host::HostName;
 use crate::metrics::ChallengeLabels;
 use crate::reload::{Active, Live};
-use crate::tls_stream::{Hello, TlsStream};
+use crate::tls::stream::{Hello, TlsStream};
 use crate::{acme, tls};
 /// Runs the TLS handshake. A ClientHello without SNI or naming a host we do
 /// not serve gets an `unrecognized_name` alert and the connection is closed.

@@ -15,9 +15,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::io::{Resumable, WriteDeadline};
 use crate::admission::Handshake;
 use crate::config::Limits;
-use crate::connection::{ConnInfo, Quiet, Resumable, StreamExecutor, WriteDeadline};
+use crate::connection::{ConnInfo, Quiet, StreamExecutor};
 use crate::proxy::Proxy;
 
 use super::ProxyCache;

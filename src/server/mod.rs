@@ -12,15 +12,18 @@
 //!
 //! Files in request order: this one (binding, workers, the per-worker
 //! proxy for the configuration in force, drain), `accept` (admission,
-//! PROXY header, plain or TLS), `handshake` (SNI refusal, TLS-ALPN-01),
-//! `http` (HTTP/1.1 with parking, HTTP/2, closing).
+//! plain or TLS), `proxy_protocol` (the PROXY header), `handshake` (SNI
+//! refusal, TLS-ALPN-01), `http` (HTTP/1.1 with parking, HTTP/2, closing),
+//! `io` (the bound on stalled writes, the stream a parked connection
+//! resumes on).
 
 mod accept;
 mod handshake;
 mod http;
+mod io;
+pub mod proxy_protocol;
 
 use std::future::{pending, Future};
-use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -66,17 +69,17 @@ impl Listeners {
     }
 
     /// The address the https listener is bound to (useful after binding port 0).
-    pub fn https_addr(&self) -> io::Result<SocketAddr> {
+    pub fn https_addr(&self) -> std::io::Result<SocketAddr> {
         self.https.local_addr()
     }
 
     /// The address the plain-http listener is bound to, if there is one.
-    pub fn http_addr(&self) -> Option<io::Result<SocketAddr>> {
+    pub fn http_addr(&self) -> Option<std::io::Result<SocketAddr>> {
         self.http.as_ref().map(std::net::TcpListener::local_addr)
     }
 
     /// The address the admin listener is bound to, if there is one.
-    pub fn admin_addr(&self) -> Option<io::Result<SocketAddr>> {
+    pub fn admin_addr(&self) -> Option<std::io::Result<SocketAddr>> {
         self.admin.as_ref().map(std::net::TcpListener::local_addr)
     }
 }
@@ -346,7 +349,7 @@ fn current_proxy(live: &Live, shared: &upstream::Shared, cached: &mut Option<Arc
     Some(p)
 }
 
-async fn accept_optional(listener: Option<&TcpListener>) -> io::Result<(TcpStream, SocketAddr)> {
+async fn accept_optional(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
     match listener {
         Some(l) => l.accept().await,
         None => pending().await,

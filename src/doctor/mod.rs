@@ -1,0 +1,297 @@
+//! `linkgate doctor`: checks every link branding from the outside, the way
+//! SendGrid does before it enables SSL click tracking: (1) the host's CNAME
+//! no longer leads to sendgrid.net, and (2) the https version of a tracked
+//! URL loads with a valid certificate and reaches the provider with the
+//! branded Host. Also (3) the plain-http URL still answers, for emails sent
+//! before the switch. Hosts are probed concurrently, each probe bounded: up
+//! to the response head, and then the body on its own, so a stalled body is
+//! reported with the status that came before it.
+//!
+//! One job per file: this one (the command, the options, each host's probes
+//! and the summary); `dns.rs` (the CNAME chain and its verdict); `fetch.rs`
+//! (connect, TLS, one GET and its body); `verdict.rs` (what an answer
+//! means); `report.rs` (the report and its text form).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_resolver::TokioResolver;
+
+use crate::provider::{self, Preset};
+
+mod dns;
+mod fetch;
+mod report;
+mod verdict;
+
+pub use report::{render_text, HostReport, Outcome, Report};
+
+use dns::{dns, resolver};
+use fetch::{client_tls, https, plain, read_body, Head};
+use verdict::classify;
+
+/// What to probe and how.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The configured hosts to probe.
+    pub hosts: Vec<String>,
+    /// Whether the config has a plain-http listener (then probe http too).
+    pub has_http: bool,
+    /// Each host's provider preset (by lower-case name), for what "not
+    /// switched yet" and a wrong-host answer look like. SendGrid when absent.
+    pub providers: HashMap<String, &'static Preset>,
+    /// Where to look up and connect, what to trust and fetch, how long.
+    pub probe: Settings,
+    /// What `[acme] storage` says about each ACME host (lower-case name).
+    pub acme: HashMap<String, String>,
+}
+
+/// How each host is probed, as given on the command line.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Name server `IP:PORT`; the system's when `None`.
+    pub resolver: Option<SocketAddr>,
+    /// The CNAME chain must reach this name.
+    pub expect_target: Option<String>,
+    /// Connect here for https instead of the resolved address on 443.
+    pub connect: Option<SocketAddr>,
+    /// Connect here for http instead of the resolved address on 80.
+    pub connect_http: Option<SocketAddr>,
+    /// Trust these roots instead of the public web roots.
+    pub ca_file: Option<PathBuf>,
+    /// Path and query of the tracked URL to fetch.
+    pub url: String,
+    /// Bound on each probe (DNS, https, http) of each host.
+    pub timeout: Duration,
+}
+
+/// What `linkgate doctor` was asked besides the configuration file.
+pub struct Asked {
+    /// Only these hosts; every configured one when empty.
+    pub hosts: Vec<String>,
+    pub probe: Settings,
+    /// Print JSON instead of text.
+    pub json: bool,
+}
+
+/// `linkgate doctor`: reads `config` once (no certificate is loaded: it may
+/// run where the keys are not), probes, prints the report. Exit status: 0
+/// all pass, 1 a check failed, 2 unusable arguments.
+pub fn command(config: &std::path::Path, asked: Asked) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("linkgate: error: {e}");
+        ExitCode::from(2)
+    };
+    let outline = match crate::config::Outline::read(config) {
+        Ok(o) => o,
+        Err(e) => return fail(&e),
+    };
+    let providers = match outline.host_providers() {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
+    let all = outline.host_names();
+    let hosts = if asked.hosts.is_empty() {
+        all
+    } else if let Some(unknown) = asked
+        .hosts
+        .iter()
+        .find(|h| !all.iter().any(|a| a.eq_ignore_ascii_case(h)))
+    {
+        return fail(&format!("--host {unknown}: not a [[host]] in {}", config.display()));
+    } else {
+        asked.hosts
+    };
+    let acme = outline
+        .acme_storage()
+        .map_or_else(HashMap::new, |(storage, hosts)| crate::acme::describe(&storage, &hosts));
+    let opts = Options {
+        hosts,
+        has_http: outline.has_http(),
+        providers,
+        probe: asked.probe,
+        acme,
+    };
+    let report = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(opts)));
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("{e:#}")),
+    };
+    if asked.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(json) => println!("{json}"),
+            Err(e) => return fail(&e),
+        }
+    } else {
+        print!("{}", render_text(&report));
+    }
+    if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Runs every probe for every host and builds the report.
+pub async fn run(opts: Options) -> anyhow::Result<Report> {
+    let resolver = Arc::new(resolver(opts.probe.resolver)?);
+    let tls = Arc::new(client_tls(opts.probe.ca_file.as_deref())?);
+    let opts = Arc::new(opts);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, host) in opts.hosts.iter().enumerate() {
+        let (host, resolver, tls, opts) = (host.clone(), resolver.clone(), tls.clone(), opts.clone());
+        tasks.spawn(async move { (i, probe_host(&host, &resolver, &tls, &opts).await) });
+    }
+    let mut hosts: Vec<(usize, HostReport)> = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        hosts.push(done?);
+    }
+    hosts.sort_by_key(|(i, _)| *i);
+    let hosts: Vec<HostReport> = hosts.into_iter().map(|(_, h)| h).collect();
+    let failing: Vec<&HostReport> = hosts
+        .iter()
+        .filter(|h| !h.dns.passed() || !h.https.passed() || h.http.as_ref().is_some_and(|o| !o.passed()))
+        .collect();
+    let all_sendgrid = hosts.iter().all(|h| {
+        opts.providers
+            .get(&normalise(&h.name))
+            .is_none_or(|p| p.name == provider::DEFAULT)
+    });
+    let summary = if failing.is_empty() && !all_sendgrid {
+        format!(
+            "all {} link brandings pass both checks — ask each provider to switch its tracking links to https \
+             (README, \"Providers\"), and keep the CNAMEs pointing at the proxy.",
+            hosts.len()
+        )
+    } else if failing.is_empty() {
+        format!(
+            "all {} link brandings pass both checks — ask SendGrid Support to enable SSL click and open tracking. \
+             Do not re-validate these link brandings in the SendGrid UI: that validation expects the CNAME to point at \
+             sendgrid.net, fails now that it points at the proxy, and breaks the branding.",
+            hosts.len()
+        )
+    } else {
+        let list: Vec<String> = failing
+            .iter()
+            .map(|h| {
+                let mut what = Vec::new();
+                for (check, o) in [
+                    ("DNS", Some(&h.dns)),
+                    ("HTTPS", Some(&h.https)),
+                    ("HTTP", h.http.as_ref()),
+                ] {
+                    if let Some(o) = o.filter(|o| o.status == "fail") {
+                        what.push(format!("{check}: {}", o.fix.as_deref().unwrap_or(&o.message)));
+                    }
+                }
+                format!("{} ({})", h.name, what.join("; "))
+            })
+            .collect();
+        format!(
+            "{} of {} link brandings fail: {}. SendGrid enables SSL tracking only when every branding passes.",
+            failing.len(),
+            hosts.len(),
+            list.join(" | ")
+        )
+    };
+    Ok(Report {
+        ok: failing.is_empty(),
+        hosts,
+        summary,
+    })
+}
+
+async fn probe_host(
+    host: &str,
+    resolver: &TokioResolver,
+    tls: &Arc<rustls::ClientConfig>,
+    opts: &Options,
+) -> HostReport {
+    let preset = opts
+        .providers
+        .get(&normalise(host))
+        .copied()
+        .or_else(|| provider::find(provider::DEFAULT).ok());
+    let (chain, addresses, dns) =
+        match tokio::time::timeout(opts.probe.timeout, dns(host, resolver, opts, preset)).await {
+            Ok(r) => r,
+            Err(_) => (
+                Vec::new(),
+                Vec::new(),
+                Outcome::fail(
+                    format!("DNS gave no answer within {:?}", opts.probe.timeout),
+                    "check the name servers of the zone",
+                ),
+            ),
+        };
+    let https_target = opts
+        .probe
+        .connect
+        .or_else(|| addresses.first().map(|ip| SocketAddr::new(*ip, 443)));
+    let https = match https_target {
+        None => Outcome::skipped("no address to connect to (give --connect to probe anyway)"),
+        Some(addr) => {
+            answered(
+                opts.probe.timeout,
+                "https",
+                preset,
+                https(host, addr, tls, &opts.probe.url),
+            )
+            .await
+        }
+    };
+    let http = opts.has_http.then(|| {
+        opts.probe
+            .connect_http
+            .or_else(|| addresses.first().map(|ip| SocketAddr::new(*ip, 80)))
+    });
+    let http = match http {
+        None => None,
+        Some(None) => Some(Outcome::skipped(
+            "no address to connect to (give --connect-http to probe anyway)",
+        )),
+        Some(Some(addr)) => {
+            Some(answered(opts.probe.timeout, "http", preset, plain(host, addr, &opts.probe.url)).await)
+        }
+    };
+    HostReport {
+        name: host.to_owned(),
+        cname_chain: chain,
+        addresses: addresses.iter().map(ToString::to_string).collect(),
+        dns,
+        https,
+        http,
+        acme: opts.acme.get(&normalise(host)).cloned(),
+    }
+}
+
+/// Runs `probe` up to the response head (connect, TLS, request) within
+/// `limit`, then reads the body within `limit` again, on its own: an answer
+/// whose body never ends is still reported with its status.
+async fn answered(
+    limit: Duration,
+    scheme: &str,
+    preset: Option<&'static Preset>,
+    probe: impl std::future::Future<Output = Result<Head, Outcome>>,
+) -> Outcome {
+    match tokio::time::timeout(limit, probe).await {
+        Ok(Ok(head)) => classify(read_body(head, limit).await, scheme, preset),
+        Ok(Err(failed)) => failed,
+        Err(_) => Outcome::fail(
+            format!("no answer within {limit:?}"),
+            "check that linkgate runs and that the address and port are reachable",
+        ),
+    }
+}
+
+fn normalise(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}

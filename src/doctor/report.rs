@@ -1,0 +1,103 @@
+//! `linkgate doctor`'s report: each host's outcomes, and the text form.
+
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Every host passed every check.
+    pub ok: bool,
+    pub hosts: Vec<HostReport>,
+    pub summary: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HostReport {
+    pub name: String,
+    pub cname_chain: Vec<String>,
+    pub addresses: Vec<String>,
+    pub dns: Outcome,
+    pub https: Outcome,
+    /// `None` when the config has no plain-http listener.
+    pub http: Option<Outcome>,
+    /// For an `acme = true` host: its certificate in storage (valid until,
+    /// last error, next attempt).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acme: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Outcome {
+    /// `pass`, `fail` or `skipped`.
+    pub status: &'static str,
+    pub message: String,
+    /// What to do about a failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+impl Outcome {
+    pub(super) fn pass(message: String) -> Self {
+        Self {
+            status: "pass",
+            message,
+            fix: None,
+        }
+    }
+
+    pub(super) fn fail(message: String, fix: &str) -> Self {
+        Self {
+            status: "fail",
+            message,
+            fix: Some(fix.to_owned()),
+        }
+    }
+
+    pub(super) fn skipped(message: &str) -> Self {
+        Self {
+            status: "skipped",
+            message: message.to_owned(),
+            fix: None,
+        }
+    }
+
+    pub(super) fn passed(&self) -> bool {
+        self.status == "pass"
+    }
+}
+
+/// The human form: one row per host, then the details of what failed, then the summary.
+pub fn render_text(report: &Report) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let width = report.hosts.iter().map(|h| h.name.len()).max().unwrap_or(4).max(4);
+    let _ = writeln!(out, "{:<width$}  {:<7}  {:<7}  {:<7}", "HOST", "DNS", "HTTPS", "HTTP");
+    for h in &report.hosts {
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<7}  {:<7}  {:<7}",
+            h.name,
+            h.dns.status,
+            h.https.status,
+            h.http.as_ref().map_or("-", |o| o.status)
+        );
+    }
+    for h in &report.hosts {
+        for (check, o) in [
+            ("dns", Some(&h.dns)),
+            ("https", Some(&h.https)),
+            ("http", h.http.as_ref()),
+        ] {
+            let Some(o) = o else { continue };
+            let _ = write!(out, "{} {check}: {}", h.name, o.message);
+            if let Some(fix) = &o.fix {
+                let _ = write!(out, " — fix: {fix}");
+            }
+            out.push('\n');
+        }
+        if let Some(acme) = &h.acme {
+            let _ = writeln!(out, "{} acme: {acme}", h.name);
+        }
+    }
+    let _ = writeln!(out, "{}", report.summary);
+    out
+}
