@@ -136,8 +136,14 @@ impl Origin {
 
     /// An `[upstream]` section naming sendgrid.net, dialled here.
     pub fn upstream_section(&self, extra: &str) -> String {
+        // 3 s unless `extra` sets its own.
+        let timeout = if extra.contains("response_timeout") {
+            ""
+        } else {
+            "response_timeout = \"3s\"\n"
+        };
         format!(
-            "[upstream]\nurl = \"http://sendgrid.net\"\nconnect_to = \"{}\"\nresponse_timeout = \"3s\"\n{extra}",
+            "[upstream]\nurl = \"http://sendgrid.net\"\nconnect_to = \"{}\"\n{timeout}{extra}",
             self.addr
         )
     }
