@@ -29,7 +29,7 @@
 //!
 //! Beside the path:
 //! - [`config`]: the TOML file's shape and its validation into [`config::Config`]; [`host`]: host names.
-//! - [`reload`]: the live configuration, SIGHUP and file-watch reloads.
+//! - [`reload`]: the live configuration, SIGHUP and file-watch reloads (`reload/watch.rs`: the file watcher).
 //! - [`acme`]: certificates over ACME: `acme/storage.rs` (shared storage, locks), `acme/challenge.rs`
 //!   (answers on the request path), `acme/task.rs` (one supervised task per host), `acme/client.rs` (the CA, bounded).
 //! - [`admin`]: /healthz, /readyz, /metrics; [`metrics`]: the Prometheus metrics.

@@ -739,7 +739,7 @@ async fn reload_waits_for_a_config_written_in_parts() {
     wait_for("the reload", async || generation(&lg) > before).await;
     no_handshake_failed(stop, task).await;
     all_three_handshake(&pki, &lg).await;
-    // Twice the settle period (src/reload.rs, `SETTLE`): any second reload would have happened.
+    // Twice the settle period (src/reload/mod.rs, `SETTLE`): any second reload would have happened.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(generation(&lg), before + 1, "one reload, of the whole file");
     lg.stop().await;
@@ -775,7 +775,7 @@ async fn reload_does_not_read_a_config_still_being_written_when_a_certificate_ch
         // A renewal of host 1's certificate, written in place and closed.
         let pem = std::fs::read(&cert).expect("read the certificate");
         std::fs::write(&cert, pem).expect("rewrite the certificate");
-        // Longer than the settle period (src/reload.rs, `SETTLE`).
+        // Longer than the settle period (src/reload/mod.rs, `SETTLE`).
         std::thread::sleep(Duration::from_millis(2000));
         file.write_all(rest.as_bytes()).expect("the rest");
     })
@@ -799,7 +799,7 @@ async fn reload_waits_until_a_deleted_config_is_rewritten_and_closed() {
     let before = generation(&lg);
     let (stop, task) = keep_handshaking(&pki, &lg);
     let path = dir.path().join("linkgate.toml");
-    // Longer than the settle period (src/reload.rs, `SETTLE`): quiet alone must not start a reload.
+    // Longer than the settle period (src/reload/mod.rs, `SETTLE`): quiet alone must not start a reload.
     let pause = Duration::from_millis(800);
 
     // Emptied and closed: nothing to read, the running configuration stays.
