@@ -27,10 +27,102 @@ pub(crate) struct AccessRecord {
     pub(crate) method: Method,
     pub(crate) target: String,
     pub(crate) version: Version,
+    /// The client's User-Agent, at most [`MAX_USER_AGENT`] bytes of it.
+    pub(crate) user_agent: Option<String>,
     pub(crate) host: Option<HostName>,
     pub(crate) status: u16,
     pub(crate) upstream: Option<Duration>,
     pub(crate) error: Option<&'static str>,
+}
+
+/// How much of a User-Agent the access log keeps: enough for any browser's
+/// or link scanner's (Safe Links, Mimecast, Proofpoint), not a client's
+/// 8 KiB of padding on every line.
+pub(crate) const MAX_USER_AGENT: usize = 256;
+
+/// `value` as the access log keeps it: at most [`MAX_USER_AGENT`] bytes,
+/// cut at a character boundary; bytes that are not UTF-8 become U+FFFD.
+pub(crate) fn user_agent(value: &http::HeaderValue) -> String {
+    let raw = value.as_bytes();
+    let text = String::from_utf8_lossy(&raw[..raw.len().min(MAX_USER_AGENT)]);
+    let mut end = text.len().min(MAX_USER_AGENT);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+/// One request's access line, written exactly once: with the response when
+/// its body ends or is dropped ([`ProxyBody`]), or, when the request is
+/// dropped before any answer (the client went away, or the grace period
+/// ended), by this guard's own drop, with `status=0` and `cut`.
+pub(crate) struct AccessLine {
+    record: AccessRecord,
+    started: Instant,
+    conn: Arc<ConnInfo>,
+    /// Set when the server cuts what is left at the end of the grace period.
+    grace_over: Arc<AtomicBool>,
+    written: bool,
+}
+
+impl AccessLine {
+    pub(crate) fn new(
+        record: AccessRecord,
+        started: Instant,
+        conn: Arc<ConnInfo>,
+        grace_over: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            record,
+            started,
+            conn,
+            grace_over,
+            written: false,
+        }
+    }
+
+    pub(crate) fn record(&mut self) -> &mut AccessRecord {
+        &mut self.record
+    }
+
+    /// Writes the line: `sent` body bytes; `complete` when the whole answer went out.
+    fn write(&mut self, sent: u64, complete: bool) {
+        self.written = true;
+        let (r, conn) = (&self.record, &self.conn);
+        let cut = if complete {
+            None
+        } else if self.grace_over.load(Ordering::Relaxed) {
+            Some("shutdown")
+        } else {
+            Some("client")
+        };
+        tracing::info!(
+            target: "linkgate::access",
+            client = %conn.peer,
+            host = r.host.as_ref().map_or("-", HostName::as_str),
+            method = %r.method,
+            path = %Escaped(&r.target),
+            status = r.status,
+            bytes = sent,
+            upstream_ms = r.upstream.map_or(-1, |d| d.as_millis() as i64),
+            total_ms = self.started.elapsed().as_millis() as u64,
+            protocol = ?r.version,
+            tls = conn.tls_version.unwrap_or("-"),
+            resumed = if conn.tls_version.is_none() { "-" } else if conn.tls_resumed { "yes" } else { "no" },
+            user_agent = %Quoted(r.user_agent.as_deref().unwrap_or("-")),
+            refused = r.error,
+            cut,
+        );
+    }
+}
+
+impl Drop for AccessLine {
+    fn drop(&mut self) {
+        if !self.written {
+            self.record.status = 0;
+            self.write(0, false);
+        }
+    }
 }
 
 /// The body of every response linkgate sends: the upstream's, streamed, or a
@@ -39,23 +131,26 @@ pub(crate) struct AccessRecord {
 pub struct ProxyBody {
     inner: Either<UpstreamBody, Full<Bytes>>,
     sent: u64,
-    log: Option<(AccessRecord, Instant)>,
+    /// The body's last frame has been handed to the client connection.
+    ended: bool,
+    log: Option<AccessLine>,
     conn: Arc<ConnInfo>,
     /// The connection's upstream slot this response holds (HTTP/2), freed with it.
     _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl ProxyBody {
-    /// Wraps `inner`; `log` is the access record and when the request started (`None`: no access line).
+    /// Wraps `inner`; `log` is the request's access line (`None`: no access log).
     pub(crate) fn new(
         inner: Either<UpstreamBody, Full<Bytes>>,
-        log: Option<(AccessRecord, Instant)>,
+        log: Option<AccessLine>,
         conn: Arc<ConnInfo>,
         slot: Option<OwnedSemaphorePermit>,
     ) -> Self {
         Self {
             inner,
             sent: 0,
+            ended: false,
             log,
             conn,
             _slot: slot,
@@ -106,11 +201,15 @@ impl Body for ProxyBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                self.sent += data.len() as u64;
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.sent += data.len() as u64;
+                }
+                crate::connection::progressed();
             }
-            crate::connection::progressed();
+            Poll::Ready(None) => self.ended = true,
+            _ => {}
         }
         polled
     }
@@ -126,30 +225,38 @@ impl Body for ProxyBody {
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
-        let conn = &self.conn;
-        conn.activity.end();
-        let Some((r, started)) = self.log.take() else { return };
-        tracing::info!(
-            target: "linkgate::access",
-            client = %conn.peer,
-            host = r.host.as_ref().map_or("-", HostName::as_str),
-            method = %r.method,
-            path = %Escaped(&r.target),
-            status = r.status,
-            bytes = self.sent,
-            upstream_ms = r.upstream.map_or(-1, |d| d.as_millis() as i64),
-            total_ms = started.elapsed().as_millis() as u64,
-            protocol = ?r.version,
-            tls = conn.tls_version.unwrap_or("-"),
-            resumed = if conn.tls_version.is_none() { "-" } else if conn.tls_resumed { "yes" } else { "no" },
-            refused = r.error.unwrap_or(""),
-        );
+        self.conn.activity.end();
+        if let Some(mut line) = self.log.take() {
+            // hyper stops polling once the body says it is at its end.
+            let complete = self.ended || self.inner.is_end_stream();
+            line.write(self.sent, complete);
+        }
+    }
+}
+
+/// A value from the client shown in double quotes: as [`Escaped`], except
+/// that spaces stay as they are (a User-Agent is words). In JSON, as it is.
+pub struct Quoted<'a>(pub &'a str);
+
+impl fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !ESCAPE_TEXT.load(Ordering::Relaxed) {
+            return f.write_str(self.0);
+        }
+        f.write_str("\"")?;
+        for (i, word) in self.0.split(' ').enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            Escaped(word).fmt(f)?;
+        }
+        f.write_str("\"")
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Escaped;
+    use super::{user_agent, Escaped, Quoted, MAX_USER_AGENT};
 
     #[test]
     fn text_log_values_cannot_end_the_line_or_forge_a_field() {
@@ -161,5 +268,23 @@ mod tests {
         );
         assert!(shown.chars().all(|c| c.is_ascii_graphic()), "{shown}");
         assert_eq!(Escaped("/c/abc?q=1&r=%20").to_string(), "/c/abc?q=1&r=%20");
+    }
+
+    #[test]
+    fn a_user_agent_keeps_its_spaces_inside_quotes_and_nothing_else_unescaped() {
+        let ua = "Mozilla/5.0 (Windows NT 10.0) \"x\"\nstatus=200 \u{202e}";
+        assert_eq!(
+            Quoted(ua).to_string(),
+            "\"Mozilla/5.0 (Windows NT 10.0) \\\"x\\\"\\x0astatus=200 \\u{202e}\""
+        );
+    }
+
+    #[test]
+    fn a_user_agent_is_cut_at_a_character_boundary() {
+        let long = format!("{}{}", "a".repeat(MAX_USER_AGENT - 1), "é".repeat(10));
+        let kept = user_agent(&http::HeaderValue::from_str(&long).expect("value"));
+        assert_eq!(kept, "a".repeat(MAX_USER_AGENT - 1));
+        let raw = http::HeaderValue::from_bytes(b"curl/8 \xff").expect("obs-text");
+        assert_eq!(user_agent(&raw), "curl/8 \u{fffd}");
     }
 }

@@ -17,7 +17,7 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
-use crate::access::{AccessRecord, ProxyBody};
+use crate::access::{self as access_log, AccessLine, AccessRecord, ProxyBody};
 use crate::acme;
 use crate::config::{Host, HttpMode};
 use crate::connection::{ClientBody, ConnInfo};
@@ -131,6 +131,8 @@ pub struct Proxy {
     /// One pooled client per entry of `active.config.upstreams`, same order.
     pub upstreams: Vec<Upstream>,
     pub metrics: Arc<Metrics>,
+    /// Set when the end of the grace period cuts what is still open (for the access log).
+    pub grace_over: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Proxy {
@@ -156,11 +158,13 @@ impl Proxy {
                     req.uri().path().to_owned()
                 },
                 version: req.version(),
+                user_agent: req.headers().get(header::USER_AGENT).map(access_log::user_agent),
                 host: None,
                 status: 0,
                 upstream: None,
                 error: None,
             })
+            .map(|r| AccessLine::new(r, started, conn.clone(), self.grace_over.clone()))
         } else {
             None
         };
@@ -170,8 +174,10 @@ impl Proxy {
         }
         let req = req.map(|body| ClientBody::new(body, &conn));
         let (host, route) = self.route(&conn, &req);
+        // When the request went upstream: a failed one logs how long it waited.
+        let mut sent_upstream = None;
         let result = match route {
-            Ok((host_cfg, target)) => self.forward(&conn, req, host_cfg, target).await,
+            Ok((host_cfg, target)) => self.forward(&conn, req, host_cfg, target, &mut sent_upstream).await,
             Err(e) => Err(e),
         };
         let (resp, upstream_time, slot, error) = match result {
@@ -205,10 +211,11 @@ impl Proxy {
         self.metrics.request_duration.observe(started.elapsed().as_secs_f64());
         let known_host = host.filter(|h| self.active.hosts.contains_key(h));
         self.active.counters(known_host.as_ref()).count(status);
-        if let Some(r) = record.as_mut() {
+        if let Some(r) = record.as_mut().map(AccessLine::record) {
             r.host = known_host;
             r.status = status;
-            r.upstream = upstream_time;
+            // A failed upstream request logs how long it waited.
+            r.upstream = upstream_time.or_else(|| sent_upstream.map(|t: Instant| t.elapsed()));
             r.error = error;
         }
         let (mut parts, body) = resp.into_parts();
@@ -217,10 +224,7 @@ impl Proxy {
             parts.headers.insert(header::STRICT_TRANSPORT_SECURITY, hsts);
         }
         crate::connection::responding();
-        Ok(Response::from_parts(
-            parts,
-            ProxyBody::new(body, record.map(|r| (r, started)), conn, slot),
-        ))
+        Ok(Response::from_parts(parts, ProxyBody::new(body, record, conn, slot)))
     }
 
     /// Which configured host `req` is for, and its target in origin form,
@@ -270,6 +274,7 @@ impl Proxy {
         req: Request<ClientBody>,
         host_cfg: &Host,
         path_and_query: PathAndQuery,
+        sent_upstream: &mut Option<Instant>,
     ) -> Result<Forwarded, ProxyError> {
         let host = &host_cfg.name;
         // Answered here, never forwarded: the host's own files (never redirected:
@@ -290,7 +295,7 @@ impl Proxy {
             let resp = Local::redirect(&location).ok_or(ProxyError::BadRequest("invalid request target\n"))?;
             return Ok((local(resp), None, None));
         }
-        self.send(conn, req, host_cfg, path_and_query).await
+        self.send(conn, req, host_cfg, path_and_query, sent_upstream).await
     }
 
     /// Sends a routed request to its host's upstream: the size caps, the
@@ -301,6 +306,7 @@ impl Proxy {
         req: Request<ClientBody>,
         host_cfg: &Host,
         path_and_query: PathAndQuery,
+        sent_upstream: &mut Option<Instant>,
     ) -> Result<Forwarded, ProxyError> {
         let host = &host_cfg.name;
         let upstream = &self.upstreams[host_cfg.upstream];
@@ -346,6 +352,7 @@ impl Proxy {
         let body = RequestBody::new(first, body);
 
         let sent = Instant::now();
+        *sent_upstream = Some(sent);
         let timeout = upstream.response_timeout();
         let deadline = tokio::time::Instant::now() + timeout;
         let timed_out = || ProxyError::Upstream(UpstreamError::Timeout(timeout));

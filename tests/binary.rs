@@ -331,3 +331,149 @@ async fn a_reload_names_the_keys_that_need_a_restart_against_what_is_in_force() 
     let seen = until_reloaded();
     assert!(restart_warnings(&seen).is_empty(), "changed back: {seen:?}");
 }
+
+/// Requests still waiting for the upstream when the grace period ends, over
+/// HTTP/1.1 and HTTP/2, each get their access line (`status` 0, `cut`
+/// `shutdown`) before linkgate exits; one whose client gave up says so.
+// Multi-threaded: the stand-in and the clients' connections keep running while this waits for log lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_cut_at_the_end_of_the_grace_period_still_get_their_line() {
+    let Fixture {
+        dir: _dir,
+        pki,
+        up: _up,
+        config: path,
+        ..
+    } = setup("[shutdown]\ndrain_delay = \"0s\"\ngrace_period = \"1s\"\n")
+        .write()
+        .await;
+    let mut lg = Process::start(&path);
+    assert_eq!(readyz(lg.admin).await, Some(200));
+    let h1 = tokio::spawn(plain_get(lg.http, "/slow?one").send());
+    let h2 = reqwest::Client::builder()
+        .tls_backend_preconfigured(client_tls(&pki, &[b"h2"]))
+        .resolve(CLICK, lg.https)
+        .http2_prior_knowledge()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let url = format!("https://{CLICK}:{}/slow?two", lg.https.port());
+    // A client that gives up first resets its stream: its line says `cut` `client`.
+    let gave_up = h2.get(&url).timeout(Duration::from_millis(300)).send().await;
+    assert!(gave_up.is_err_and(|e| e.is_timeout()));
+    let line = wait_line(&lg.lines, |v| v["target"] == "linkgate::access");
+    assert_eq!((&line["status"], &line["cut"]), (&0.into(), &"client".into()), "{line}");
+    let h2 = tokio::spawn(h2.get(url).send());
+    // Both are at the upstream (it answers /slow after 5 s).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    lg.signal("TERM");
+    assert_eq!(lg.wait(), 0);
+    for cut in [h1, h2] {
+        let outcome = tokio::time::timeout(HANG_GUARD, cut)
+            .await
+            .expect("client ends")
+            .expect("join");
+        assert!(outcome.is_err(), "a cut request has no answer: {outcome:?}");
+    }
+    let mut lines = Vec::new();
+    while let Ok(v) = lg.lines.try_recv() {
+        lines.push(v);
+    }
+    let access: Vec<_> = lines.iter().filter(|v| v["target"] == "linkgate::access").collect();
+    assert_eq!(access.len(), 2, "{lines:#?}");
+    let mut protocols: Vec<_> = access
+        .iter()
+        .map(|v| {
+            assert_eq!(v["status"], 0, "{v}");
+            assert_eq!(v["cut"], "shutdown", "{v}");
+            assert_eq!(v["path"], "/slow", "{v}");
+            assert!(v["total_ms"].as_u64().is_some_and(|ms| ms >= 1000), "{v}");
+            v["protocol"].as_str().expect("protocol").to_owned()
+        })
+        .collect();
+    protocols.sort();
+    assert_eq!(protocols, ["HTTP/1.1", "HTTP/2.0"]);
+    // Written before linkgate said it had stopped.
+    let stopped = lines
+        .iter()
+        .position(|v| v["message"] == "shut down")
+        .expect("shut down line");
+    assert!(
+        lines
+            .iter()
+            .rposition(|v| v["target"] == "linkgate::access")
+            .is_some_and(|i| i < stopped),
+        "{lines:#?}"
+    );
+}
+
+/// The access line carries the user agent (truncated), leaves out `refused`
+/// and `cut` when there is nothing to say, and a 504 logs how long linkgate
+/// waited for the upstream.
+#[tokio::test]
+async fn access_lines_carry_the_user_agent_and_a_504_its_wait() {
+    let Fixture {
+        dir: _dir,
+        up: _up,
+        config: path,
+        ..
+    } = Setup::new()
+        .host(CLICK)
+        .admin()
+        .response_timeout("1s")
+        .extra("[log]\nformat = \"json\"\n")
+        .write()
+        .await;
+    let lg = Process::start(&path);
+    let scanner = "Mozilla/5.0 (compatible; Safe Links scanner) \"x\"";
+    let resp = plain_get(lg.http, "/ls/click")
+        .header("user-agent", scanner)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let line = wait_line(&lg.lines, |v| v["target"] == "linkgate::access");
+    assert_eq!(line["user_agent"], scanner, "{line}");
+    assert!(line.get("refused").is_none() && line.get("cut").is_none(), "{line}");
+
+    let padded = format!("{}{}", "a".repeat(250), "é".repeat(400));
+    plain_get(lg.http, "/ls/click")
+        .header("user-agent", padded.as_str())
+        .send()
+        .await
+        .expect("request");
+    let line = wait_line(&lg.lines, |v| v["target"] == "linkgate::access");
+    let logged = line["user_agent"].as_str().expect("user_agent");
+    assert!(
+        logged.len() <= 256 && padded.starts_with(logged) && logged.len() >= 254,
+        "{logged}"
+    );
+
+    // No User-Agent: "-"; a request for another host: refused, with the reason.
+    let raw = reqwest::Client::builder().no_proxy().build().expect("client");
+    let resp = raw
+        .get(format!("http://{}/", lg.http))
+        .header("host", "other.example.test")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 421);
+    let line = wait_line(&lg.lines, |v| v["target"] == "linkgate::access");
+    assert_eq!(line["user_agent"], "-", "{line}");
+    assert!(
+        line["refused"].as_str().is_some_and(|r| r.contains("misdirected")),
+        "{line}"
+    );
+
+    // The upstream answers /slow after 5 s: a 504 after the 1 s response timeout.
+    let resp = plain_get(lg.http, "/slow").send().await.expect("request");
+    assert_eq!(resp.status(), 504);
+    let line = wait_line(&lg.lines, |v| v["target"] == "linkgate::access");
+    assert_eq!(line["status"], 504, "{line}");
+    assert!(
+        line["upstream_ms"]
+            .as_i64()
+            .is_some_and(|ms| (1000..5000).contains(&ms)),
+        "{line}"
+    );
+}

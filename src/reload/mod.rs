@@ -62,6 +62,8 @@ pub struct Live {
     pub metrics: Arc<Metrics>,
     /// What /readyz says: set once the listeners are up, cleared when draining.
     pub ready: AtomicBool,
+    /// Set when the grace period is over and what is still open is cut.
+    pub grace_over: Arc<AtomicBool>,
     /// Certificates obtained over ACME, kept across reloads.
     pub acme: Arc<crate::acme::Certificates>,
     /// What the process applied at start and cannot change until a restart.
@@ -130,6 +132,7 @@ impl Live {
             sessions,
             metrics,
             ready: AtomicBool::new(false),
+            grace_over: Arc::new(AtomicBool::new(false)),
             acme,
             started,
         }))

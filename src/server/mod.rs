@@ -29,7 +29,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
 
 use crate::admission::{AcceptFailures, Clients, Handshakes};
 use crate::config::{Config, Limits};
@@ -156,6 +157,10 @@ pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Ou
             .name(format!("linkgate-{id}"))
             .spawn(move || {
                 runtime.block_on(worker(shared, https, http));
+                // Dropping the runtime drops what is left on it (HTTP/2 streams
+                // of connections cut at the end of the grace period), writing
+                // their access lines before the server reports it has stopped.
+                drop(runtime);
                 let _ = finished.send(());
             })?;
         done.push(on_finish);
@@ -237,14 +242,16 @@ async fn worker(shared: Arc<Shared>, https: std::net::TcpListener, http: Option<
             return;
         }
     };
-    // Every connection task holds a sender; when all are dropped, the worker is drained.
-    let (open, mut drained) = mpsc::channel::<()>(1);
     let proxies = Arc::new(ProxyCache::new(shared.live.clone(), shared.upstream.clone()));
     let mut stopping = shared.stopping.clone();
     let mut failures = AcceptFailures::default();
+    // This worker's connection tasks: drained when it stops, cut when the grace period is over.
+    let mut tasks = JoinSet::new();
     loop {
+        while tasks.try_join_next().is_some() {}
         let permit = tokio::select! {
             _ = stopping.wait_for(|s| *s) => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             permit = shared.connections.clone().acquire_owned() => match permit {
                 Ok(p) => p,
                 Err(_) => break,
@@ -254,6 +261,7 @@ async fn worker(shared: Arc<Shared>, https: std::net::TcpListener, http: Option<
             _ = stopping.wait_for(|s| *s) => break,
             accepted = https.accept() => (accepted, true),
             accepted = accept_optional(http.as_ref()) => (accepted, false),
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
@@ -274,20 +282,25 @@ async fn worker(shared: Arc<Shared>, https: std::net::TcpListener, http: Option<
                 continue;
             }
         };
-        let (open, shared, proxies) = (open.clone(), shared.clone(), proxies.clone());
-        tokio::spawn(async move {
+        let (shared, proxies) = (shared.clone(), proxies.clone());
+        tasks.spawn(async move {
             let metrics = &shared.live.metrics;
             metrics.open_connections.inc();
             connection(&shared, current, proxies, stream, peer, is_tls, admitted).await;
             metrics.open_connections.dec();
             drop(permit);
-            drop(open);
         });
     }
-    drop((https, http, open));
+    drop((https, http));
     let grace = shared.live.load().config.shutdown.grace_period;
-    if tokio::time::timeout(grace, drained.recv()).await.is_err() {
+    let drained = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!("grace period over, closing remaining connections");
+        // Cut, and wait until each is dropped: every request still open
+        // writes its access line (`cut="shutdown"`) before the server stops.
+        shared.live.grace_over.store(true, Ordering::SeqCst);
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
     }
 }
 
@@ -344,6 +357,7 @@ fn current_proxy(live: &Live, shared: &upstream::Shared, cached: &mut Option<Arc
         active,
         upstreams,
         metrics: live.metrics.clone(),
+        grace_over: live.grace_over.clone(),
     });
     *cached = Some(p.clone());
     Some(p)
