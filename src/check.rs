@@ -109,7 +109,13 @@ pub fn check(path: &Path) -> Report {
             problems: Vec::new(),
         };
         match config::load_host(entry, &mut loaded) {
-            Err(message) => row.error(message),
+            Err(message) => {
+                row.error(config::explain_key_mismatch(message, entry, &entries));
+                // What the certificate says, when it parses on its own (a key that does not match, say).
+                if let Some(chain) = entry.cert.as_deref().and_then(|c| tls::load_certs(c).ok()) {
+                    certificate_checks(&mut row, &chain, now);
+                }
+            }
             Ok(host) => {
                 if !seen.insert(host.name.clone()) {
                     row.error("duplicate host: each name may appear once".into());

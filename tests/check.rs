@@ -319,3 +319,66 @@ fn a_group_readable_key_is_fine_in_linkgates_own_group_and_named_otherwise() {
     );
     assert!(out.contains("set the pod's fsGroup to linkgate's group"), "{out}");
 }
+
+/// Two hosts' keys swapped: each row says so in plain words, names the host
+/// whose certificate the key belongs to, still shows the certificate's
+/// issuer and expiry, and the compare command it gives works as written.
+#[test]
+fn swapped_keys_are_named_with_the_host_they_belong_to_and_a_command_that_shows_it() {
+    let dir = TempDir::new().expect("tempdir");
+    let root = Pki::new();
+    let one = root.leaf_valid(&["url1.example.test"], days(-1), days(60));
+    let two = root.leaf_valid(&["url2.example.test"], days(-1), days(60));
+    write_pair(dir.path(), "one", &one, &[]);
+    write_pair(dir.path(), "two", &two, &[]);
+    let toml = "[listen]\nhttps = \"127.0.0.1:443\"\n\
+        [[host]]\nname = \"url1.example.test\"\ncert = \"one.pem\"\nkey = \"two.key\"\n\
+        [[host]]\nname = \"url2.example.test\"\ncert = \"two.pem\"\nkey = \"one.key\"\n";
+    let path = dir.path().join("linkgate.toml");
+    std::fs::write(&path, toml).expect("write");
+    let (code, report) = json(&path);
+    assert_eq!(code, 1, "{report}");
+    let hosts = report["hosts"].as_array().expect("hosts");
+    for (row, other, key) in [
+        (&hosts[0], "url2.example.test", "two.key"),
+        (&hosts[1], "url1.example.test", "one.key"),
+    ] {
+        assert_eq!(row["status"], "error", "{row}");
+        let problem = row["problems"][0]["message"].as_str().expect("message");
+        assert!(
+            problem.contains(&format!("{key} is not the private key of the certificate")),
+            "{problem}"
+        );
+        assert!(
+            problem.contains(&format!("it is the key of the certificate for {other}")),
+            "{problem}"
+        );
+        assert!(!problem.contains("KeyMismatch"), "{problem}");
+        assert!(row["issuer"].as_str().is_some_and(|i| !i.is_empty()), "{row}");
+        assert!(
+            row["expires_in_days"].as_i64().is_some_and(|d| (58..=60).contains(&d)),
+            "{row}"
+        );
+
+        // The two commands it gives print different digests here, and the same for a matching pair.
+        if Command::new("openssl").arg("version").output().is_err() {
+            eprintln!("skipping the compare commands: openssl not installed");
+            continue;
+        }
+        let commands: Vec<&str> = problem.split('`').skip(1).step_by(2).collect();
+        assert_eq!(commands.len(), 2, "{problem}");
+        let run = |cmd: &str| {
+            let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+            assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert_ne!(run(commands[0]), run(commands[1]), "{problem}");
+        let key_path = dir.path().join(key).display().to_string();
+        let own_key = dir.path().join(if key == "two.key" { "one.key" } else { "two.key" });
+        assert_eq!(
+            run(commands[0]),
+            run(&commands[1].replace(&key_path, &own_key.display().to_string())),
+            "{problem}"
+        );
+    }
+}

@@ -112,6 +112,35 @@ pub type LoadedPairs = BTreeMap<(PathBuf, PathBuf, Option<PathBuf>), Arc<Certifi
 
 /// Validates one host entry as `serve` does: its name, its files, that the
 /// key matches the certificate and that the certificate covers the name.
+/// For a host whose key is not its certificate's: the mismatch message,
+/// plus which other configured host's certificate the key does belong to
+/// (two files swapped between hosts is the usual cause).
+pub fn explain_key_mismatch(message: String, entry: &HostEntry, entries: &[HostEntry]) -> String {
+    let (Some(key), true) = (&entry.key, message.starts_with(tls::KEY_MISMATCH)) else {
+        return message;
+    };
+    let Some(spki) = tls::key_spki(key) else {
+        return message;
+    };
+    let mut others = entries
+        .iter()
+        .filter(|other| other.name != entry.name)
+        .filter_map(|other| Some((other, other.cert.as_ref()?)))
+        .peekable();
+    if others.peek().is_none() {
+        return message;
+    }
+    let owner = others.find(|(_, cert)| tls::cert_spki(cert).as_ref() == Some(&spki));
+    match owner {
+        Some((other, cert)) => format!(
+            "{message}; it is the key of the certificate for {} ({}): were the two hosts' files swapped?",
+            other.name,
+            cert.display()
+        ),
+        None => format!("{message}; it is not the key of any other configured host's certificate either"),
+    }
+}
+
 pub fn load_host(entry: &HostEntry, loaded: &mut LoadedPairs) -> Result<Host, String> {
     let name = HostName::parse(&entry.name).map_err(|e| e.to_string())?;
     let hsts = entry

@@ -27,7 +27,7 @@ use rustls::sign::CertifiedKey;
 
 pub use build::preset_of;
 use build::*;
-pub use hosts::{load_host, HostEntry, LoadedPairs};
+pub use hosts::{explain_key_mismatch, load_host, HostEntry, LoadedPairs};
 pub use outline::Outline;
 pub use units::{parse_duration, parse_size, IpNet};
 
@@ -486,13 +486,14 @@ impl Config {
             .map(|h| HostEntry::resolve(h, base, certs_dir))
             .collect();
         let certs_dir = certs_dir.map(|d| base.join(d));
-        for entry in resolved {
+        for entry in &resolved {
             let host_err = |message: String| ConfigError::Host {
                 path: path.to_path_buf(),
                 host: entry.name.clone(),
                 message,
             };
-            let mut host = load_host(&entry, &mut loaded).map_err(host_err)?;
+            let mut host = load_host(entry, &mut loaded)
+                .map_err(|m| host_err(hosts::explain_key_mismatch(m, entry, &resolved)))?;
             let own = build_upstream(entry.upstream_settings(&default_upstream), base)
                 .map_err(|(key, m)| host_err(format!("{}: {m}", key.trim_start_matches("upstream."))))?;
             host.upstream = match upstreams.iter().position(|u| *u == own) {

@@ -102,14 +102,42 @@ pub fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<Certified
         .load_private_key(key)
         .map_err(|e| format!("{}: unusable private key: {e}", key_path.display()))?;
     let certified = CertifiedKey::new(chain, signing_key);
-    certified.keys_match().map_err(|e| {
-        format!(
-            "{} does not match the certificate in {} ({e})",
+    certified.keys_match().map_err(|e| match e {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => key_mismatch(cert_path, key_path),
+        other => format!(
+            "{}: cannot check that it is the private key of the certificate in {}: {other}",
             key_path.display(),
             cert_path.display()
-        )
+        ),
     })?;
     Ok(certified)
+}
+
+/// The words for a key that is not its certificate's: what is wrong, and
+/// the command that shows it. Starts with [`KEY_MISMATCH`].
+pub fn key_mismatch(cert_path: &Path, key_path: &Path) -> String {
+    let (cert, key) = (cert_path.display(), key_path.display());
+    format!(
+        "{KEY_MISMATCH}: {key} is not the private key of the certificate in {cert} (their public keys differ); \
+         compare them with `openssl x509 -noout -pubkey -in {cert} | sha256sum` and \
+         `openssl pkey -pubout -in {key} | sha256sum`, which print the same for a matching pair"
+    )
+}
+
+/// How every key-mismatch message begins.
+pub const KEY_MISMATCH: &str = "key does not match the certificate";
+
+/// The public key (SubjectPublicKeyInfo DER) of the private key in `path`.
+pub fn key_spki(path: &Path) -> Option<Vec<u8>> {
+    let key = provider().key_provider.load_private_key(load_key(path).ok()?).ok()?;
+    Some(key.public_key()?.as_ref().to_vec())
+}
+
+/// The public key (SubjectPublicKeyInfo DER) of the first certificate in `path`.
+pub fn cert_spki(path: &Path) -> Option<Vec<u8>> {
+    let chain = load_certs(path).ok()?;
+    let parsed = ParsedCertificate::try_from(chain.first()?).ok()?;
+    Some(parsed.subject_public_key_info().as_ref().to_vec())
 }
 
 /// Reads a DER OCSP response to staple. Only its envelope is checked (a
