@@ -72,7 +72,10 @@ async fn a_ready_branding_passes_and_dns_mistakes_are_named() {
         assert_eq!(ok[check]["status"], "pass", "{check}: {ok}");
     }
     let summary = report["summary"].as_str().expect("summary");
-    assert!(summary.contains("all 1 link brandings pass both checks"), "{summary}");
+    assert!(
+        summary.contains("all 1 link brandings (SendGrid ×1) pass both checks — SendGrid: ask SendGrid Support"),
+        "{summary}"
+    );
     assert!(summary.contains("Do not re-validate"), "{summary}");
     assert!(up
         .received()
@@ -109,7 +112,7 @@ async fn a_ready_branding_passes_and_dns_mistakes_are_named() {
         ),
         "{stale}"
     );
-    assert!(has(&stale["dns"]["fix"], "step 4 not done"), "{stale}");
+    assert!(has(&stale["dns"]["fix"], "step 5 not done"), "{stale}");
 
     let (code, report) = doctor_async(&config, dns, base("missing.example.test")).await;
     assert_eq!(code, 1);
@@ -290,7 +293,7 @@ async fn wrong_link_and_unreachable_upstream_are_told_apart() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1));
     assert!(text.starts_with("HOST"), "{text}");
-    assert!(text.contains("2 of 2 link brandings fail"), "{text}");
+    assert!(text.contains("2 of 2 link brandings (SendGrid ×2) fail"), "{text}");
     let unknown = std::process::Command::new(env!("CARGO_BIN_EXE_linkgate"))
         .args(["doctor", "--config"])
         .arg(&config)
