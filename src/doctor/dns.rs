@@ -13,7 +13,7 @@ use crate::provider::Preset;
 
 /// The fix when a CNAME still leads to the provider: the README's step (in
 /// "Enabling SSL click tracking with linkgate, step by step") that points it,
-/// by its number and heading; `tests/doctor.rs` checks both against the README.
+/// by its number and heading; `tests/doctor_providers.rs` checks both against the README.
 const POINT_THE_CNAME: &str = "step 5 not done: point each CNAME at linkgate (your load balancer's name)";
 
 pub(super) fn resolver(server: Option<SocketAddr>) -> anyhow::Result<TokioResolver> {
