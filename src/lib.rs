@@ -34,7 +34,7 @@
 //!   (answers on the request path), `acme/task.rs` (one supervised task per host), `acme/client.rs` (the CA, bounded).
 //! - [`admin`]: /healthz, /readyz, /metrics; [`metrics`]: the Prometheus metrics.
 //! - [`check`]: `linkgate check`, the offline report; [`doctor`]: `linkgate doctor`, probes from outside
-//!   (`doctor/dns.rs`, `doctor/fetch.rs`, `doctor/verdict.rs`, `doctor/report.rs`).
+//!   (`doctor/dns.rs`, `doctor/fetch.rs`, `doctor/verdict.rs`, `doctor/report.rs`, `doctor/summary.rs`).
 //! - [`provider`]: the provider presets (SendGrid, Amazon SES, …), as data.
 //! - [`text`]: outside text made safe to print and log; `error`: errors as one line with every cause;
 //!   `hash`: the stable hash for storage names and ETags.

@@ -25,8 +25,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Probe every link branding from the outside, as SendGrid does: DNS (the
-    /// CNAME no longer answers sendgrid.net), HTTPS (valid certificate, tracked
-    /// URL reaches the provider with the branded Host) and plain HTTP.
+    /// CNAME no longer leads to the provider), HTTPS (valid certificate, the
+    /// provider's probe path reaches it with the branded Host) and plain HTTP.
     /// Exit status: 0 all pass, 1 a check failed, 2 unusable arguments.
     Doctor(Box<DoctorArgs>),
     /// Check a configuration offline, as `serve` would at start-up, plus warnings
@@ -90,9 +90,11 @@ struct DoctorArgs {
     /// Verify certificates against these roots (PEM) instead of the public web roots.
     #[arg(long)]
     ca_file: Option<PathBuf>,
-    /// Path and query of a tracked URL to fetch (use one from a real test email).
-    #[arg(long, default_value = "/wf/open?upn=linkgate-doctor")]
-    url: String,
+    /// Path and query to fetch from every host (use a tracked link from a real
+    /// test email); default: each host's provider's own probe path (README,
+    /// "Providers"), `/` for a plain `url` upstream.
+    #[arg(long)]
+    url: Option<String>,
     /// Bound on each probe.
     #[arg(long, default_value = "10s", value_parser = |s: &str| config::parse_duration(s, false))]
     timeout: std::time::Duration,

@@ -19,12 +19,26 @@ pub struct Preset {
     /// linkgate answers 431 above it instead of forwarding.
     pub max_header_bytes: Option<usize>,
     /// What the provider answers when the Host header is not a branded name
-    /// it knows (lower case text in the body; empty when unknown), for `doctor`.
+    /// it knows (lower case text in the body), for `doctor`: only a body with
+    /// it reads "Host not forwarded". Empty when no source says what the
+    /// provider answers; then `doctor` never blames the Host header for it.
     pub wrong_host_marker: &'static str,
     /// How `doctor` names that answer.
     pub wrong_host_page: &'static str,
     /// Where this is documented.
     pub source: &'static str,
+    /// The path and query `doctor` fetches when `--url` is not given: the
+    /// shape of an open pixel or tracked link the provider serves on a
+    /// branded host, with a token it never issued.
+    pub probe_path: &'static str,
+    /// Where that shape is shown.
+    pub probe_source: &'static str,
+    /// What switches the provider's tracking links to https once every
+    /// branding passes, for `doctor`'s summary; empty when its documentation
+    /// does not say for a proxy (then [`Preset::https_source`] is the place to read).
+    pub https_switch: &'static str,
+    /// Where the provider documents https tracking behind a proxy or CDN.
+    pub https_source: &'static str,
 }
 
 /// The default when `[upstream]` names neither `provider` nor `url`.
@@ -40,6 +54,12 @@ pub static PRESETS: &[Preset] = &[
         wrong_host_marker: "wrong link",
         wrong_host_page: "SendGrid's \"Wrong Link\" page",
         source: "https://www.twilio.com/docs/sendgrid/ui/account-and-settings/custom-ssl-configurations",
+        probe_path: "/wf/open?upn=linkgate-doctor",
+        // Open pixels `/wf/open?upn=<token>`, as a tracker blocker lists them.
+        probe_source: "https://github.com/apparition47/MailTrackerBlocker/blob/master/Source/MTBBlockedMessage.m",
+        https_switch: "ask SendGrid Support to enable SSL click and open tracking",
+        https_source:
+            "https://support.sendgrid.com/hc/en-us/articles/4447646844187-Enabling-SSL-for-Click-and-Open-Tracking-for-Your-Account",
     },
     Preset {
         name: "amazon-ses",
@@ -50,6 +70,12 @@ pub static PRESETS: &[Preset] = &[
         wrong_host_marker: "",
         wrong_host_page: "the provider's answer for an unknown tracking host",
         source: "https://docs.aws.amazon.com/ses/latest/dg/configure-custom-open-click-domains.html",
+        probe_path: "/I0/linkgate-doctor",
+        // Open pixels `r.<region>.awstrack.me/I0/<message id>/<signature>`, as
+        // a tracker blocker lists them.
+        probe_source: "https://github.com/apparition47/MailTrackerBlocker/blob/master/Source/MTBBlockedMessage.m",
+        https_switch: "set HttpsPolicy = REQUIRE in the configuration set's tracking options",
+        https_source: "https://docs.aws.amazon.com/ses/latest/APIReference-V2/API_PutConfigurationSetTrackingOptions.html",
     },
     Preset {
         name: "sparkpost",
@@ -60,6 +86,11 @@ pub static PRESETS: &[Preset] = &[
         wrong_host_marker: "",
         wrong_host_page: "the provider's answer for an unknown tracking host",
         source: "https://support.sparkpost.com/docs/tech-resources/enabling-https-engagement-tracking-on-sparkpost",
+        probe_path: "/q/linkgate-doctor~~/",
+        // "The paths /f/ and /q/ are SparkPost tracked clicks and opens", tokens ending in `~~/`.
+        probe_source: "https://support.sparkpost.com/docs/tech-resources/deep-links-self-serve",
+        https_switch: "set the tracking domain to \"secure\": true (Tracking Domains API)",
+        https_source: "https://support.sparkpost.com/docs/tech-resources/using-proxy-https-tracking-domain",
     },
     Preset {
         name: "mailgun",
@@ -71,6 +102,12 @@ pub static PRESETS: &[Preset] = &[
         wrong_host_page: "the provider's answer for an unknown tracking host",
         source:
             "https://documentation.mailgun.com/docs/mailgun/user-manual/tracking-messages/#secure-tracking-with-https",
+        probe_path: "/o/linkgate-doctor",
+        // Open pixels `/o/<token>`, as a tracker blocker lists them; Mailgun
+        // does not document the shape.
+        probe_source: "https://github.com/apparition47/MailTrackerBlocker/blob/master/Source/MTBBlockedMessage.m",
+        https_switch: "",
+        https_source: "https://help.mailgun.com/hc/en-us/articles/360011566033-HTTPS-Tracking-Links",
     },
     Preset {
         name: "iterable",
@@ -84,6 +121,13 @@ pub static PRESETS: &[Preset] = &[
         wrong_host_marker: "",
         wrong_host_page: "the provider's answer for an unknown tracking host",
         source: "https://support.iterable.com/hc/en-us/articles/115002651226-Configuring-Link-Tracking-Domains",
+        probe_path: "/u/linkgate-doctor",
+        // Tracked links `/u/<id>?_e=...&_m=...` (`/a/` when rewritten as deep
+        // links), from Iterable's own SDK tests.
+        probe_source:
+            "https://github.com/Iterable/iterable-swift-sdk/blob/master/Tests/swift-sdk-swift-tests/DeepLinkTests.swift",
+        https_switch: "",
+        https_source: "https://support.iterable.com/hc/en-us/articles/115000427446-Configuring-HTTPS-for-Link-Tracking-Domains",
     },
     Preset {
         name: "customer-io",
@@ -97,6 +141,11 @@ pub static PRESETS: &[Preset] = &[
         wrong_host_marker: "",
         wrong_host_page: "the provider's answer for an unknown tracking host",
         source: "https://docs.customer.io/journeys/link-tracking-ssl/",
+        probe_path: "/e/o/linkgate-doctor",
+        // Open pixels `/e/o/<token>`, as a tracker blocker lists them.
+        probe_source: "https://github.com/apparition47/MailTrackerBlocker/blob/master/Source/MTBBlockedMessage.m",
+        https_switch: "",
+        https_source: "https://docs.customer.io/journeys/https-link-verification/",
     },
 ];
 
@@ -105,6 +154,26 @@ pub fn find(name: &str) -> Result<&'static Preset, String> {
     PRESETS.iter().find(|p| p.name == name).ok_or_else(|| {
         let known: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
         format!("unknown provider {name:?} (known: {})", known.join(", "))
+    })
+}
+
+/// The preset whose tracking endpoint `url` names (same host), for a
+/// `[upstream] url` written out instead of a preset: `http://sendgrid.net`
+/// is SendGrid to `doctor`.
+pub fn by_endpoint(url: &str) -> Option<&'static Preset> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let host = rest.split(['/', ':', '?']).next()?.to_ascii_lowercase();
+    PRESETS.iter().find(|p| {
+        p.regions.iter().any(|(_, endpoint)| {
+            let endpoint = endpoint.split_once("://").map_or(*endpoint, |(_, h)| h);
+            match endpoint.split_once("{region}") {
+                Some((before, after)) => host
+                    .strip_prefix(before)
+                    .and_then(|h| h.strip_suffix(after))
+                    .is_some_and(|region| !region.is_empty() && !region.contains('.')),
+                None => host == endpoint,
+            }
+        })
     })
 }
 
@@ -193,5 +262,37 @@ mod tests {
             find("mailgun").map(Preset::cname_suffixes),
             Ok(vec!["mailgun.org".to_owned(), "eu.mailgun.org".to_owned()])
         );
+    }
+
+    #[test]
+    fn a_url_naming_a_preset_endpoint_is_that_provider() {
+        let cases = [
+            ("http://sendgrid.net", Some("sendgrid")),
+            ("https://SendGrid.net:443", Some("sendgrid")),
+            ("http://eu.mailgun.org", Some("mailgun")),
+            ("https://r.eu-west-1.awstrack.me", Some("amazon-ses")),
+            ("https://x.r.eu-west-1.awstrack.me", None),
+            ("https://r.awstrack.me", None),
+            ("https://sendgrid.net.example.com", None),
+            ("http://upstream.example.test", None),
+        ];
+        for (url, name) in cases {
+            assert_eq!(by_endpoint(url).map(|p| p.name), name, "{url}");
+        }
+    }
+
+    #[test]
+    fn every_preset_has_its_own_probe_path_and_sources() {
+        let mut paths: Vec<&str> = PRESETS.iter().map(|p| p.probe_path).collect();
+        paths.sort_unstable();
+        paths.dedup();
+        assert_eq!(paths.len(), PRESETS.len(), "{paths:?}");
+        for p in PRESETS {
+            assert!(p.probe_path.starts_with('/'), "{}", p.name);
+            assert!(p.probe_path.parse::<http::Uri>().is_ok(), "{}", p.name);
+            assert!(p.probe_source.starts_with("https://"), "{}", p.name);
+            assert!(p.https_source.starts_with("https://"), "{}", p.name);
+            assert!(p.wrong_host_marker == p.wrong_host_marker.to_lowercase(), "{}", p.name);
+        }
     }
 }

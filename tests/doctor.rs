@@ -1,135 +1,18 @@
-//! `linkgate doctor` against an in-test DNS server (hickory-server, UDP and
-//! TCP on loopback), linkgate in-process, and deliberately misconfigured
-//! servers for each failure SendGrid users meet.
+//! `linkgate doctor` against an in-test DNS server (`common::doctor`),
+//! linkgate in-process, and deliberately misconfigured servers for each
+//! failure SendGrid users meet. What doctor does per provider (probe paths,
+//! wrong-host pages, the summary, the README's step numbers) is in
+//! `tests/doctor_providers.rs`.
 
 mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::str::FromStr;
-use std::sync::Arc;
-use std::time::Duration;
 
+use common::doctor::{dns_server, doctor_async, host};
 use common::process::has;
 use common::*;
-use hickory_server::proto::rr::rdata::{A, CNAME, SOA};
-use hickory_server::proto::rr::{LowerName, Name, RData, Record};
-use hickory_server::store::in_memory::InMemoryZoneHandler;
-use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
 use tempfile::TempDir;
-
-/// An authoritative server for `example.test` on a loopback port (UDP and TCP).
-async fn dns_server() -> SocketAddr {
-    let origin = Name::from_str("example.test.").expect("name");
-    let mut zone: InMemoryZoneHandler = InMemoryZoneHandler::empty(origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
-    let name = |s: &str| Name::from_str(s).expect("name");
-    let soa = SOA::new(
-        name("ns.example.test."),
-        name("hostmaster.example.test."),
-        1,
-        3600,
-        600,
-        86400,
-        60,
-    );
-    zone.upsert_mut(Record::from_rdata(origin.clone(), 60, RData::SOA(soa)), 1);
-    zone.upsert_mut(
-        Record::from_rdata(name("lb.example.test."), 60, RData::A(A::new(127, 0, 0, 1))),
-        1,
-    );
-    for host in [
-        "ok",
-        "expired",
-        "wrongname",
-        "a.b",
-        "nochain",
-        "wronglink",
-        "down",
-        "stalled",
-    ] {
-        zone.upsert_mut(
-            Record::from_rdata(
-                name(&format!("{host}.example.test.")),
-                60,
-                RData::CNAME(CNAME(name("lb.example.test."))),
-            ),
-            1,
-        );
-    }
-    zone.upsert_mut(
-        Record::from_rdata(
-            name("stale.example.test."),
-            60,
-            RData::CNAME(CNAME(name("u1234.wl.sendgrid.net."))),
-        ),
-        1,
-    );
-    zone.upsert_mut(
-        Record::from_rdata(
-            name("mgstale.example.test."),
-            60,
-            RData::CNAME(CNAME(name("email.eu.mailgun.org."))),
-        ),
-        1,
-    );
-    let mut catalog = Catalog::new();
-    catalog.upsert(LowerName::new(&origin), vec![Arc::new(zone)]);
-    let mut server = hickory_server::Server::new(catalog);
-    // UDP and TCP on the same port number.
-    let (udp, tcp) = loop {
-        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("udp");
-        let port = udp.local_addr().expect("addr").port();
-        if let Ok(tcp) = tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
-            break (udp, tcp);
-        }
-    };
-    let addr = udp.local_addr().expect("addr");
-    server.register_socket(udp);
-    server.register_listener(tcp, Duration::from_secs(5), 4096);
-    tokio::spawn(async move {
-        let _ = server.block_until_done().await;
-    });
-    addr
-}
-
-fn doctor(config: &Path, dns: SocketAddr, args: &[&str]) -> (i32, serde_json::Value) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_linkgate"))
-        .arg("doctor")
-        .arg("--config")
-        .arg(config)
-        .args(["--resolver", &dns.to_string(), "--format", "json", "--timeout", "5s"])
-        .args(args)
-        .output()
-        .expect("run doctor");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let json = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {stdout}\nstderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.code().unwrap_or(-1), json)
-}
-
-/// Runs doctor in a blocking task (it is a child process) so the in-process servers keep running.
-async fn doctor_async(config: &Path, dns: SocketAddr, args: Vec<String>) -> (i32, serde_json::Value) {
-    let config = config.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        doctor(&config, dns, &args)
-    })
-    .await
-    .expect("join")
-}
-
-fn host<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    report["hosts"]
-        .as_array()
-        .expect("hosts")
-        .iter()
-        .find(|h| h["name"] == name)
-        .expect("host row")
-}
 
 /// A config naming every test host (doctor reads only names and whether there is an http listener).
 fn doctor_config(dir: &Path, http: bool) -> std::path::PathBuf {
@@ -189,7 +72,10 @@ async fn a_ready_branding_passes_and_dns_mistakes_are_named() {
         assert_eq!(ok[check]["status"], "pass", "{check}: {ok}");
     }
     let summary = report["summary"].as_str().expect("summary");
-    assert!(summary.contains("all 1 link brandings pass both checks"), "{summary}");
+    assert!(
+        summary.contains("all 1 link brandings (SendGrid ×1) pass both checks — SendGrid: ask SendGrid Support"),
+        "{summary}"
+    );
     assert!(summary.contains("Do not re-validate"), "{summary}");
     assert!(up
         .received()
@@ -226,7 +112,7 @@ async fn a_ready_branding_passes_and_dns_mistakes_are_named() {
         ),
         "{stale}"
     );
-    assert!(has(&stale["dns"]["fix"], "step 4 not done"), "{stale}");
+    assert!(has(&stale["dns"]["fix"], "step 5 not done"), "{stale}");
 
     let (code, report) = doctor_async(&config, dns, base("missing.example.test")).await;
     assert_eq!(code, 1);
@@ -407,7 +293,7 @@ async fn wrong_link_and_unreachable_upstream_are_told_apart() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1));
     assert!(text.starts_with("HOST"), "{text}");
-    assert!(text.contains("2 of 2 link brandings fail"), "{text}");
+    assert!(text.contains("2 of 2 link brandings (SendGrid ×2) fail"), "{text}");
     let unknown = std::process::Command::new(env!("CARGO_BIN_EXE_linkgate"))
         .args(["doctor", "--config"])
         .arg(&config)

@@ -77,17 +77,19 @@ impl Outline {
             })
     }
 
-    /// Each host's provider preset (lower-case name → preset). Hosts with a
-    /// bare `url` have none.
+    /// Each host's provider preset (lower-case name → preset), for `doctor`.
+    /// A bare `url` naming a preset's endpoint (`http://sendgrid.net`) is that
+    /// provider; any other bare `url` has none.
     pub fn host_providers(&self) -> Result<HashMap<String, &'static Preset>, ConfigError> {
         let mut out = HashMap::new();
         for entry in self.host_entries() {
-            let preset =
-                preset_of(&entry.upstream_settings(&self.raw.upstream)).map_err(|(_, message)| ConfigError::Host {
-                    path: self.path.clone(),
-                    host: entry.name.clone(),
-                    message,
-                })?;
+            let settings = entry.upstream_settings(&self.raw.upstream);
+            let preset = preset_of(&settings).map_err(|(_, message)| ConfigError::Host {
+                path: self.path.clone(),
+                host: entry.name.clone(),
+                message,
+            })?;
+            let preset = preset.or_else(|| settings.url.as_deref().and_then(crate::provider::by_endpoint));
             if let Some(p) = preset {
                 out.insert(entry.name.to_ascii_lowercase(), p);
             }

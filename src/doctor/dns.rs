@@ -11,6 +11,11 @@ use hickory_resolver::TokioResolver;
 use super::{normalise, Options, Outcome};
 use crate::provider::Preset;
 
+/// The fix when a CNAME still leads to the provider: the README's step (in
+/// "Enabling SSL click tracking with linkgate, step by step") that points it,
+/// by its number and heading; `tests/doctor_providers.rs` checks both against the README.
+const POINT_THE_CNAME: &str = "step 5 not done: point each CNAME at linkgate (your load balancer's name)";
+
 pub(super) fn resolver(server: Option<SocketAddr>) -> anyhow::Result<TokioResolver> {
     let builder = match server {
         Some(addr) => {
@@ -85,7 +90,7 @@ pub(super) async fn dns(
                 "{shown}: still points at {} ({target})",
                 preset.map_or("the provider", |p| p.display)
             ),
-            "step 4 not done: point the CNAME at the proxy (your linkgate load balancer's name)",
+            POINT_THE_CNAME,
         )
     } else if let Some(target) = opts
         .probe
@@ -105,8 +110,9 @@ pub(super) async fn dns(
         )
     } else if chain.is_empty() {
         Outcome::pass(format!(
-            "no CNAME; A/AAAA {} (an A record works for SendGrid only if it reaches linkgate)",
-            join(&addresses)
+            "no CNAME; A/AAAA {} (an A record works for {} only if it reaches linkgate)",
+            join(&addresses),
+            preset.map_or("the provider", |p| p.display)
         ))
     } else {
         Outcome::pass(format!("{shown}; addresses {}", join(&addresses)))

@@ -1,16 +1,21 @@
 //! `linkgate doctor`: checks every link branding from the outside, the way
 //! SendGrid does before it enables SSL click tracking: (1) the host's CNAME
-//! no longer leads to sendgrid.net, and (2) the https version of a tracked
-//! URL loads with a valid certificate and reaches the provider with the
-//! branded Host. Also (3) the plain-http URL still answers, for emails sent
+//! no longer leads to its provider (sendgrid.net, mailgun.org, ...), and (2)
+//! the https version of a tracked URL loads with a valid certificate and
+//! reaches the provider with the branded Host. Also (3) the plain-http URL still answers, for emails sent
 //! before the switch. Hosts are probed concurrently, each probe bounded: up
 //! to the response head, and then the body on its own, so a stalled body is
 //! reported with the status that came before it.
 //!
-//! One job per file: this one (the command, the options, each host's probes
-//! and the summary); `dns.rs` (the CNAME chain and its verdict); `fetch.rs`
-//! (connect, TLS, one GET and its body); `verdict.rs` (what an answer
-//! means); `report.rs` (the report and its text form).
+//! Each host is probed as its provider expects: the provider's own probe
+//! path (an open pixel or tracked link shape, [`Preset::probe_path`]) unless
+//! `--url` gives one for every host, and its own wrong-host page.
+//!
+//! One job per file: this one (the command, the options, each host's
+//! probes); `dns.rs` (the CNAME chain and its verdict); `fetch.rs` (connect,
+//! TLS, one GET and its body); `verdict.rs` (what an answer means);
+//! `report.rs` (the report and its text form); `summary.rs` (the last line:
+//! the providers involved and what to ask each).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,14 +25,15 @@ use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
 
-use crate::provider::{self, Preset};
+use crate::provider::Preset;
 
 mod dns;
 mod fetch;
 mod report;
+mod summary;
 mod verdict;
 
-pub use report::{render_text, HostReport, Outcome, Report};
+pub use report::{render_text, HostReport, Outcome, ProviderCount, Report};
 
 use dns::{dns, resolver};
 use fetch::{client_tls, https, plain, read_body, Head};
@@ -40,8 +46,10 @@ pub struct Options {
     pub hosts: Vec<String>,
     /// Whether the config has a plain-http listener (then probe http too).
     pub has_http: bool,
-    /// Each host's provider preset (by lower-case name), for what "not
-    /// switched yet" and a wrong-host answer look like. SendGrid when absent.
+    /// Each host's provider preset (by lower-case name), for its probe path
+    /// and what "not switched yet" and a wrong-host answer look like. Absent
+    /// for a plain `url` upstream: then the probe path is `/` and no answer
+    /// is read as a wrong-host page.
     pub providers: HashMap<String, &'static Preset>,
     /// Where to look up and connect, what to trust and fetch, how long.
     pub probe: Settings,
@@ -62,8 +70,8 @@ pub struct Settings {
     pub connect_http: Option<SocketAddr>,
     /// Trust these roots instead of the public web roots.
     pub ca_file: Option<PathBuf>,
-    /// Path and query of the tracked URL to fetch.
-    pub url: String,
+    /// Path and query to fetch from every host instead of each provider's probe path.
+    pub url: Option<String>,
     /// Bound on each probe (DNS, https, http) of each host.
     pub timeout: Duration,
 }
@@ -86,6 +94,12 @@ pub fn command(config: &std::path::Path, asked: Asked) -> std::process::ExitCode
         eprintln!("linkgate: error: {e}");
         ExitCode::from(2)
     };
+    if let Some(url) = asked.probe.url.as_deref().filter(|u| !is_path_and_query(u)) {
+        return fail(&format!(
+            "--url {}: not a path and query (like /wf/open?upn=...)",
+            crate::text::printable(url)
+        ));
+    }
     let outline = match crate::config::Outline::read(config) {
         Ok(o) => o,
         Err(e) => return fail(&e),
@@ -160,51 +174,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         .iter()
         .filter(|h| !h.dns.passed() || !h.https.passed() || h.http.as_ref().is_some_and(|o| !o.passed()))
         .collect();
-    let all_sendgrid = hosts.iter().all(|h| {
-        opts.providers
-            .get(&normalise(&h.name))
-            .is_none_or(|p| p.name == provider::DEFAULT)
-    });
-    let summary = if failing.is_empty() && !all_sendgrid {
-        format!(
-            "all {} link brandings pass both checks — ask each provider to switch its tracking links to https \
-             (README, \"Providers\"), and keep the CNAMEs pointing at the proxy.",
-            hosts.len()
-        )
-    } else if failing.is_empty() {
-        format!(
-            "all {} link brandings pass both checks — ask SendGrid Support to enable SSL click and open tracking. \
-             Do not re-validate these link brandings in the SendGrid UI: that validation expects the CNAME to point at \
-             sendgrid.net, fails now that it points at the proxy, and breaks the branding.",
-            hosts.len()
-        )
-    } else {
-        let list: Vec<String> = failing
-            .iter()
-            .map(|h| {
-                let mut what = Vec::new();
-                for (check, o) in [
-                    ("DNS", Some(&h.dns)),
-                    ("HTTPS", Some(&h.https)),
-                    ("HTTP", h.http.as_ref()),
-                ] {
-                    if let Some(o) = o.filter(|o| o.status == "fail") {
-                        what.push(format!("{check}: {}", o.fix.as_deref().unwrap_or(&o.message)));
-                    }
-                }
-                format!("{} ({})", h.name, what.join("; "))
-            })
-            .collect();
-        format!(
-            "{} of {} link brandings fail: {}. SendGrid enables SSL tracking only when every branding passes.",
-            failing.len(),
-            hosts.len(),
-            list.join(" | ")
-        )
-    };
+    let providers = summary::providers(&hosts);
+    let summary = summary::summary(&hosts, &failing, &providers);
+    let ok = failing.is_empty();
     Ok(Report {
-        ok: failing.is_empty(),
+        ok,
         hosts,
+        providers,
         summary,
     })
 }
@@ -215,11 +191,12 @@ async fn probe_host(
     tls: &Arc<rustls::ClientConfig>,
     opts: &Options,
 ) -> HostReport {
-    let preset = opts
-        .providers
-        .get(&normalise(host))
-        .copied()
-        .or_else(|| provider::find(provider::DEFAULT).ok());
+    let preset = opts.providers.get(&normalise(host)).copied();
+    let path = opts
+        .probe
+        .url
+        .clone()
+        .unwrap_or_else(|| preset.map_or("/", |p| p.probe_path).to_owned());
     let (chain, addresses, dns) =
         match tokio::time::timeout(opts.probe.timeout, dns(host, resolver, opts, preset)).await {
             Ok(r) => r,
@@ -241,9 +218,9 @@ async fn probe_host(
         Some(addr) => {
             answered(
                 opts.probe.timeout,
-                "https",
+                ("https", &path),
                 preset,
-                https(host, addr, tls, &opts.probe.url),
+                https(host, addr, tls, &path),
             )
             .await
         }
@@ -258,12 +235,13 @@ async fn probe_host(
         Some(None) => Some(Outcome::skipped(
             "no address to connect to (give --connect-http to probe anyway)",
         )),
-        Some(Some(addr)) => {
-            Some(answered(opts.probe.timeout, "http", preset, plain(host, addr, &opts.probe.url)).await)
-        }
+        Some(Some(addr)) => Some(answered(opts.probe.timeout, ("http", &path), preset, plain(host, addr, &path)).await),
     };
     HostReport {
         name: host.to_owned(),
+        provider: preset.map(|p| p.name),
+        probe_path: path,
+        preset,
         cname_chain: chain,
         addresses: addresses.iter().map(ToString::to_string).collect(),
         dns,
@@ -273,17 +251,17 @@ async fn probe_host(
     }
 }
 
-/// Runs `probe` up to the response head (connect, TLS, request) within
+/// Runs `probe` (a GET of `path`) up to the response head (connect, TLS, request) within
 /// `limit`, then reads the body within `limit` again, on its own: an answer
 /// whose body never ends is still reported with its status.
 async fn answered(
     limit: Duration,
-    scheme: &str,
+    (scheme, path): (&str, &str),
     preset: Option<&'static Preset>,
     probe: impl std::future::Future<Output = Result<Head, Outcome>>,
 ) -> Outcome {
     match tokio::time::timeout(limit, probe).await {
-        Ok(Ok(head)) => classify(read_body(head, limit).await, scheme, preset),
+        Ok(Ok(head)) => classify(read_body(head, limit).await, scheme, preset, path),
         Ok(Err(failed)) => failed,
         Err(_) => Outcome::fail(
             format!("no answer within {limit:?}"),
@@ -294,4 +272,9 @@ async fn answered(
 
 fn normalise(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Whether `url` is an origin-form request target: a path and optional query.
+fn is_path_and_query(url: &str) -> bool {
+    url.starts_with('/') && url.parse::<http::uri::PathAndQuery>().is_ok()
 }

@@ -1,18 +1,46 @@
-//! `linkgate doctor`'s report: each host's outcomes, and the text form.
+//! `linkgate doctor`'s report: each host's outcomes, the providers
+//! involved, and the text form.
 
 use serde::Serialize;
+
+use crate::provider::Preset;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
     /// Every host passed every check.
     pub ok: bool,
     pub hosts: Vec<HostReport>,
+    /// The providers of the hosts probed, in the order they first appear.
+    pub providers: Vec<ProviderCount>,
     pub summary: String,
+}
+
+/// How many of the hosts probed go to one provider, and what switches its
+/// tracking links to https.
+#[derive(Debug, Serialize)]
+pub struct ProviderCount {
+    /// The preset's name (`provider = "..."`); `None` for hosts with a plain `url` upstream.
+    pub provider: Option<&'static str>,
+    /// The provider's name as people write it ("url upstream" for a plain `url`).
+    pub display: &'static str,
+    pub hosts: usize,
+    /// What switches the provider's tracking links to https, when its
+    /// documentation says (see `https_source` otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub https_switch: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub https_source: Option<&'static str>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct HostReport {
     pub name: String,
+    /// The host's provider preset (`provider = "..."`); `None` for a plain `url` upstream.
+    pub provider: Option<&'static str>,
+    /// The path and query fetched: `--url`, or the provider's probe path.
+    pub probe_path: String,
+    #[serde(skip)]
+    pub(super) preset: Option<&'static Preset>,
     pub cname_chain: Vec<String>,
     pub addresses: Vec<String>,
     pub dns: Outcome,
@@ -70,18 +98,24 @@ pub fn render_text(report: &Report) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let width = report.hosts.iter().map(|h| h.name.len()).max().unwrap_or(4).max(4);
-    let _ = writeln!(out, "{:<width$}  {:<7}  {:<7}  {:<7}", "HOST", "DNS", "HTTPS", "HTTP");
+    let _ = writeln!(
+        out,
+        "{:<width$}  {:<7}  {:<7}  {:<7}  PROVIDER",
+        "HOST", "DNS", "HTTPS", "HTTP"
+    );
     for h in &report.hosts {
         let _ = writeln!(
             out,
-            "{:<width$}  {:<7}  {:<7}  {:<7}",
+            "{:<width$}  {:<7}  {:<7}  {:<7}  {}",
             h.name,
             h.dns.status,
             h.https.status,
-            h.http.as_ref().map_or("-", |o| o.status)
+            h.http.as_ref().map_or("-", |o| o.status),
+            display(h.preset)
         );
     }
     for h in &report.hosts {
+        let _ = writeln!(out, "{} probe: GET {}", h.name, crate::text::printable(&h.probe_path));
         for (check, o) in [
             ("dns", Some(&h.dns)),
             ("https", Some(&h.https)),
@@ -100,4 +134,9 @@ pub fn render_text(report: &Report) -> String {
     }
     let _ = writeln!(out, "{}", report.summary);
     out
+}
+
+/// How a host's provider is named in the report.
+pub(super) fn display(preset: Option<&'static Preset>) -> &'static str {
+    preset.map_or("url upstream", |p| p.display)
 }

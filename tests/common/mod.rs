@@ -6,6 +6,7 @@
 //! - [`linkgate`]: linkgate in-process, its configuration text, and the
 //!   [`Setup`] builder for the usual fixture chain;
 //! - [`process`]: linkgate as a child process, and the JSON it prints;
+//! - [`doctor`]: a DNS server for `example.test`, and `linkgate doctor` run against it;
 //! - [`clients`]: clients that trust the test CA, raw HTTP/1, metrics.
 //!
 //! Everything in `pki`, `standin`, `linkgate` and `clients` is re-exported
@@ -16,6 +17,7 @@
 
 pub mod ca;
 mod clients;
+pub mod doctor;
 mod linkgate;
 pub mod origin;
 mod pki;

@@ -40,6 +40,8 @@ impl Recorded {
 }
 
 /// A stand-in for sendgrid.net. Routes:
+/// - first, the answer [`StandIn::plain_answering`]'s function picks for a
+///   request's Host header and target, when it picks one;
 /// - `/stream`: sends `first-chunk\n`, waits for [`StandIn::release`], then `rest\n`;
 /// - `/big?n=N`: N bytes of a known pattern;
 /// - `/echo`: the request body back;
@@ -59,24 +61,37 @@ pub struct StandIn {
 
 type UpBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
+/// A test's own answer (status, body) to a request, from its Host header and
+/// target; `None` leaves the request to the usual routes.
+type Answers = Arc<dyn Fn(&str, &str) -> Option<(u16, &'static str)> + Send + Sync>;
+
 impl StandIn {
     /// A plain-http stand-in.
     pub async fn plain() -> Self {
-        Self::start(None, None).await
+        Self::start(None, None, None).await
+    }
+
+    /// A plain-http stand-in that answers what `answer(host, target)` picks,
+    /// and what the usual routes say where it picks nothing: a provider's
+    /// 404 or its page for an unknown Host, for chosen brandings.
+    pub async fn plain_answering(
+        answer: impl Fn(&str, &str) -> Option<(u16, &'static str)> + Send + Sync + 'static,
+    ) -> Self {
+        Self::start(None, None, Some(Arc::new(answer))).await
     }
 
     /// A plain-http stand-in that closes a keep-alive connection, without a
     /// word, once it has been idle for `idle` (as upstreams do).
     pub async fn plain_closing_idle_after(idle: Duration) -> Self {
-        Self::start(None, Some(idle)).await
+        Self::start(None, Some(idle), None).await
     }
 
     /// An https stand-in presenting `leaf`.
     pub async fn tls(leaf: &Leaf) -> Self {
-        Self::start(Some(leaf.acceptor()), None).await
+        Self::start(Some(leaf.acceptor()), None, None).await
     }
 
-    async fn start(tls: Option<tokio_rustls::TlsAcceptor>, idle: Option<Duration>) -> Self {
+    async fn start(tls: Option<tokio_rustls::TlsAcceptor>, idle: Option<Duration>, answers: Option<Answers>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind stand-in");
         let addr = listener.local_addr().expect("addr");
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -94,9 +109,10 @@ impl StandIn {
                 accepted += 1;
                 let conn = accepted;
                 let (reqs, rel, tls, open) = (reqs.clone(), rel.clone(), tls.clone(), open_conns.clone());
+                let answers = answers.clone();
                 open.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| handle(req, reqs.clone(), rel.clone(), conn));
+                    let svc = service_fn(move |req| handle(req, reqs.clone(), rel.clone(), conn, answers.clone()));
                     let mut builder = hyper::server::conn::http1::Builder::new();
                     if let Some(idle) = idle {
                         // hyper's head timer runs from the end of each response.
@@ -152,6 +168,7 @@ async fn handle(
     requests: Arc<Mutex<Vec<Recorded>>>,
     release: Arc<Notify>,
     conn: usize,
+    answers: Option<Answers>,
 ) -> Result<Response<UpBody>, Infallible> {
     let (parts, body) = req.into_parts();
     // Only complete requests are recorded: a body that fails to arrive is an
@@ -174,6 +191,10 @@ async fn handle(
         body: body.clone(),
         conn,
     });
+    let host = parts.headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("");
+    if let Some((status, body)) = answers.and_then(|answer| answer(host, &target)) {
+        return Ok(Response::builder().status(status).body(full(body)).expect("response"));
+    }
     let path = parts.uri.path();
     let resp = match path {
         "/stream" => {

@@ -1,0 +1,95 @@
+//! `linkgate doctor`'s last line: how many link brandings pass, of which
+//! providers, and what to ask each provider next; or which hosts fail which
+//! check and what to do.
+
+use super::report::{display, HostReport, ProviderCount};
+use crate::provider;
+
+/// The providers of `hosts`, counted, in the order they first appear.
+pub(super) fn providers(hosts: &[HostReport]) -> Vec<ProviderCount> {
+    let mut out: Vec<ProviderCount> = Vec::new();
+    for h in hosts {
+        let name = h.preset.map(|p| p.name);
+        if let Some(seen) = out.iter_mut().find(|c| c.provider == name) {
+            seen.hosts += 1;
+            continue;
+        }
+        out.push(ProviderCount {
+            provider: name,
+            display: display(h.preset),
+            hosts: 1,
+            https_switch: h.preset.map(|p| p.https_switch).filter(|s| !s.is_empty()),
+            https_source: h.preset.map(|p| p.https_source),
+        });
+    }
+    out
+}
+
+/// The summary line for `hosts`, of whom `failing` fail a check.
+pub(super) fn summary(hosts: &[HostReport], failing: &[&HostReport], providers: &[ProviderCount]) -> String {
+    let counts = providers
+        .iter()
+        .map(|c| format!("{} ×{}", c.display, c.hosts))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sendgrid = providers.iter().any(|c| c.provider == Some(provider::DEFAULT));
+    if failing.is_empty() {
+        let next: Vec<String> = providers.iter().map(next_step).collect();
+        let mut line = format!(
+            "all {} link brandings ({counts}) pass both checks — {}; keep the CNAMEs pointing at the proxy.",
+            hosts.len(),
+            next.join("; ")
+        );
+        if sendgrid {
+            line.push_str(
+                " Do not re-validate the SendGrid link brandings in the SendGrid UI: that validation expects the \
+                 CNAME to point at sendgrid.net, fails now that it points at the proxy, and breaks the branding.",
+            );
+        }
+        return line;
+    }
+    let mixed = providers.len() > 1;
+    let list: Vec<String> = failing
+        .iter()
+        .map(|h| {
+            let mut what = Vec::new();
+            for (check, o) in [
+                ("DNS", Some(&h.dns)),
+                ("HTTPS", Some(&h.https)),
+                ("HTTP", h.http.as_ref()),
+            ] {
+                if let Some(o) = o.filter(|o| o.status == "fail") {
+                    what.push(format!("{check}: {}", o.fix.as_deref().unwrap_or(&o.message)));
+                }
+            }
+            let provider = if mixed {
+                format!(" [{}]", display(h.preset))
+            } else {
+                String::new()
+            };
+            format!("{}{provider} ({})", h.name, what.join("; "))
+        })
+        .collect();
+    let mut line = format!(
+        "{} of {} link brandings ({counts}) fail: {}.",
+        failing.len(),
+        hosts.len(),
+        list.join(" | ")
+    );
+    if sendgrid {
+        line.push_str(" SendGrid enables SSL tracking only when every branding of the account passes.");
+    }
+    line
+}
+
+/// What to do at one provider once its brandings pass.
+fn next_step(c: &ProviderCount) -> String {
+    match (c.provider, c.https_switch) {
+        (Some(_), Some(switch)) => format!("{}: {switch}", c.display),
+        (Some(_), None) => format!(
+            "{}: switch its tracking links to https as it describes for a proxy (README, \"Providers\")",
+            c.display
+        ),
+        (None, _) => "url upstream: switch its tracking links to https where they are made".to_owned(),
+    }
+}
