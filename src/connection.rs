@@ -106,6 +106,9 @@ pub struct Activity {
     /// Set once anything has happened after which the bytes that follow on
     /// the connection must not be read as a request: see [`Activity::must_close`].
     must_close: AtomicBool,
+    /// Set with `must_close` unless only the client's own close asked for
+    /// it ([`Activity::client_closes`]): the client may still be sending.
+    unsettled: AtomicBool,
 }
 
 impl Activity {
@@ -117,6 +120,7 @@ impl Activity {
             epoch: tokio::time::Instant::now(),
             open_bodies: AtomicU32::new(0),
             must_close: AtomicBool::new(false),
+            unsettled: AtomicBool::new(false),
         }
     }
 
@@ -129,6 +133,23 @@ impl Activity {
     /// must not hand what follows to a new parser.
     pub(crate) fn must_close(&self) {
         self.must_close.store(true, Ordering::Relaxed);
+        self.unsettled.store(true, Ordering::Relaxed);
+    }
+
+    /// Marks the connection as one the client itself is closing: its plain
+    /// request (HTTP/1.0, or `Connection: close`) is its last, and nothing
+    /// follows it (RFC 9112 §9.6). Not resumable either; but once that
+    /// request's body has been read, closing needs no lingering.
+    pub(crate) fn client_closes(&self) {
+        self.must_close.store(true, Ordering::Relaxed);
+    }
+
+    /// True when the client may still be sending after the last answer: a
+    /// refusal, an ambiguous request or an unread body (see
+    /// [`Activity::must_close`]); false when the connection is between
+    /// messages or the client closes it after a request read to its end.
+    pub fn client_may_send(&self) -> bool {
+        self.unsettled.load(Ordering::Relaxed) || self.open_bodies.load(Ordering::Relaxed) > 0
     }
 
     /// True when every request has been answered, every request body read

@@ -169,8 +169,12 @@ impl Proxy {
             None
         };
         let version = req.version();
-        if version < Version::HTTP_2 && !keeps_alive(&req) {
-            conn.activity.must_close();
+        if version < Version::HTTP_2 {
+            match close_asked(&req) {
+                None => {}
+                Some(Closes::ClientDone) => conn.activity.client_closes(),
+                Some(Closes::Unsettled) => conn.activity.must_close(),
+            }
         }
         let req = req.map(|body| ClientBody::new(body, &conn));
         let (host, route) = self.route(&conn, &req);
@@ -405,18 +409,32 @@ fn local(resp: Response<Bytes>) -> Response<Either<UpstreamBody, Full<Bytes>>> {
     resp.map(|body| Either::Right(Full::new(body)))
 }
 
-/// True when an HTTP/1 request leaves the connection open for the next one:
-/// HTTP/1.1, no `Connection: close`, and no Transfer-Encoding (beside which
-/// hyper drops a Content-Length and then closes the connection after the
-/// answer). Anything else must not be resumed after parking.
-fn keeps_alive<B>(req: &Request<B>) -> bool {
+/// Why an HTTP/1 request ends its connection after its answer.
+enum Closes {
+    /// The client asked (HTTP/1.0, `Connection: close`): this request is its last.
+    ClientDone,
+    /// Transfer-Encoding: hyper may have dropped a Content-Length beside it
+    /// and then closes; what the client sends next is unknown.
+    Unsettled,
+}
+
+/// `None` when an HTTP/1 request leaves the connection open for the next
+/// one: HTTP/1.1, no `Connection: close`, and no Transfer-Encoding. Anything
+/// else must not be resumed after parking.
+fn close_asked<B>(req: &Request<B>) -> Option<Closes> {
     let headers = req.headers();
-    req.version() == Version::HTTP_11
-        && !headers.contains_key(header::TRANSFER_ENCODING)
-        && !headers
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        Some(Closes::Unsettled)
+    } else if req.version() != Version::HTTP_11
+        || headers
             .get_all(header::CONNECTION)
             .iter()
             .any(|v| has_token(v, "close"))
+    {
+        Some(Closes::ClientDone)
+    } else {
+        None
+    }
 }
 
 /// True when a comma-separated header value lists `token` (case-insensitive).

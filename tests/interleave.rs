@@ -187,6 +187,60 @@ async fn a_body_the_upstream_did_not_wait_for_is_never_read_as_a_request() {
     assert_eq!(targets, ["/early?close=1500"]);
 }
 
+/// A client that announced `Connection: close` and goes on sending a body
+/// the upstream answered without reading: linkgate lingers before its
+/// close, reading and discarding the rest, so the client's sending ends
+/// without a reset (a reset would throw away any of the answer the client
+/// has not read yet) and the close is a clean one. (A last request the
+/// client sent whole is closed at once, without lingering.)
+#[tokio::test]
+async fn a_closing_client_still_sending_a_body_nobody_waited_for_is_not_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_dir, _pki, origin, lg) = setup("", "").await;
+    let mut c = tokio::net::TcpStream::connect(lg.http.expect("http"))
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /early HTTP/1.1\r\nHost: {CLICK}\r\nConnection: close\r\nContent-Length: 1000000\r\n\r\n0123456789"
+    );
+    c.write_all(head.as_bytes()).await.expect("send");
+    // The upstream answers at once, before the body.
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !answer.ends_with(b"early") {
+        let n = tokio::time::timeout(HANG_GUARD, c.read(&mut chunk))
+            .await
+            .expect("the early answer")
+            .expect("read");
+        assert!(n > 0, "closed before the answer: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(
+        text.starts_with("http/1.1 200") && text.contains("connection: close"),
+        "{text}"
+    );
+    // The client goes on with its body (896 KiB, under the 1 MiB cap), then closes its side.
+    let body = vec![b'x'; 64 * 1024];
+    for i in 0..14 {
+        let sent = tokio::time::timeout(HANG_GUARD, c.write_all(&body))
+            .await
+            .expect("not stalled");
+        assert!(
+            sent.is_ok(),
+            "chunk {i}: {sent:?}: linkgate closed into the client's data"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    c.shutdown().await.expect("shutdown");
+    let end = tokio::time::timeout(HANG_GUARD, c.read(&mut chunk))
+        .await
+        .expect("closed");
+    assert!(matches!(end, Ok(0)), "a clean close, not a reset: {end:?}");
+    let targets: Vec<String> = origin.requests().into_iter().map(|r| r.target).collect();
+    assert_eq!(targets, ["/early"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_request_pipelined_behind_a_large_answer_ends_the_connection() {
     // 124 clients asking for up to 7.7 MB each at once: on a loaded machine

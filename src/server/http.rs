@@ -163,10 +163,14 @@ where
         if draining || !parking || !activity.resumable() {
             // Drained, idle too long, hyper closed it (the client asked, or
             // a request left it midway), or it stopped being resumable
-            // while hyper finished. Only the last two follow an answer the
-            // client may still be sending into; at a message boundary there
-            // is nothing to linger for (and a drain must not wait).
-            let linger = if activity.resumable() { Linger::No } else { Linger::Yes };
+            // while hyper finished. Lingering is for a client that may still
+            // be sending into the close: after a refusal, an ambiguous
+            // request or an unread body, or with bytes hyper had read and
+            // not parsed. At a message boundary there is nothing to linger
+            // for (and a drain must not wait), nor after a last request the
+            // client announced and sent whole (as nginx's `lingering_close on`).
+            let settled = activity.resumable() || (!activity.client_may_send() && read_buf.is_empty());
+            let linger = if settled { Linger::No } else { Linger::Yes };
             close(io.into_inner(), linger).await;
             return;
         }
