@@ -21,7 +21,9 @@
 //!    HTTP-01, redirects), **where Host is set** (`rewrite_request_headers`),
 //!    the forward, and **where an error becomes a status**
 //!    (`ProxyError::status`). Every short answer of linkgate's own (errors,
-//!    local answers, the admin endpoints) is built by `response.rs`.
+//!    local answers, the admin endpoints) is built by `response.rs`; what a
+//!    browser sees when the upstream fails (the HTML page, `error_page`) by
+//!    [`error_page`] (`error_page/accept.rs`: what the Accept header asks for).
 //! 6. [`upstream`] (`upstream/mod.rs`): the client to the provider, its one
 //!    retry; `upstream/pool.rs` (idle connections), `upstream/body.rs` (the
 //!    bodies of one exchange), `upstream/connect.rs` (dial, upstream TLS).
@@ -53,6 +55,7 @@ pub mod config;
 pub mod connection;
 pub mod doctor;
 pub(crate) mod error;
+pub mod error_page;
 pub mod files;
 #[doc(hidden)]
 pub mod fuzzing;

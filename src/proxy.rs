@@ -21,6 +21,7 @@ use crate::access::{self as access_log, AccessLine, AccessRecord, ProxyBody};
 use crate::acme;
 use crate::config::{Host, HttpMode};
 use crate::connection::{ClientBody, ConnInfo};
+use crate::error_page::{self, ErrorPage};
 use crate::host::HostName;
 use crate::metrics::{KindLabels, Metrics};
 use crate::reload::Active;
@@ -113,14 +114,48 @@ impl ProxyError {
         }
     }
 
-    fn into_response(self, version: Version) -> Response<Either<UpstreamBody, Full<Bytes>>> {
-        let mut resp = Local::new(self.status()).text(Bytes::from_static(self.body().as_bytes()));
-        if !matches!(self, Self::Upstream(_)) && version < Version::HTTP_2 {
-            // After a request we refused, do not read another from the same stream.
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    /// The answer: an upstream failure as [`error_page::upstream_failure`]
+    /// shows it (HTML when the client asked for it, with its host's `page`);
+    /// a refusal as short text, closing an HTTP/1 connection. A HEAD gets
+    /// the head alone, with the length the body would have.
+    fn into_response(self, asked: &Asked, page: Option<&ErrorPage>) -> Response<Either<UpstreamBody, Full<Bytes>>> {
+        let mut resp = if matches!(self, Self::Upstream(_)) {
+            error_page::upstream_failure(self.status(), self.body(), asked.html, page)
+        } else {
+            let mut resp = Local::new(self.status()).text(Bytes::from_static(self.body().as_bytes()));
+            if asked.version < Version::HTTP_2 {
+                // After a request we refused, do not read another from the same stream.
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
+        };
+        if asked.head {
+            // hyper leaves out a HEAD answer's body over HTTP/1 only; over HTTP/2 it would be sent.
+            let length = HeaderValue::from(resp.body().len());
+            resp.headers_mut().insert(header::CONTENT_LENGTH, length);
+            *resp.body_mut() = Bytes::new();
         }
         local(resp)
+    }
+}
+
+/// What the answer to a failed request depends on, read from the request
+/// before it is forwarded (it is gone by the time the upstream fails).
+struct Asked {
+    version: Version,
+    head: bool,
+    /// The Accept header prefers HTML ([`error_page::prefers_html`]).
+    html: bool,
+}
+
+impl Asked {
+    fn of<B>(req: &Request<B>) -> Self {
+        Self {
+            version: req.version(),
+            head: req.method() == Method::HEAD,
+            html: error_page::prefers_html(req.headers()),
+        }
     }
 }
 
@@ -168,8 +203,8 @@ impl Proxy {
         } else {
             None
         };
-        let version = req.version();
-        if version < Version::HTTP_2 {
+        let asked = Asked::of(&req);
+        if asked.version < Version::HTTP_2 {
             match close_asked(&req) {
                 None => {}
                 Some(Closes::ClientDone) => conn.activity.client_closes(),
@@ -198,7 +233,8 @@ impl Proxy {
                 } else {
                     Some(message)
                 };
-                (e.into_response(version), None, None, message)
+                let page = host.as_ref().and_then(|h| self.active.host(h)?.error_page.as_deref());
+                (e.into_response(&asked, page), None, None, message)
             }
         };
         if resp

@@ -1,7 +1,8 @@
 //! linkgate's own short answers, built one way: refusals and errors
-//! (`proxy`), redirects to https, a host's local files (`files`), ACME
-//! HTTP-01 answers (`acme/challenge.rs`) and the admin endpoints (`admin`).
-//! Headers go out in the order they are added.
+//! (`proxy`; upstream failures, with their HTML page, in `error_page`),
+//! redirects to https, a host's local files (`files`), ACME HTTP-01 answers
+//! (`acme/challenge.rs`) and the admin endpoints (`admin`). Headers go out
+//! in the order they are added.
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};

@@ -229,8 +229,12 @@ async fn wrong_link_and_unreachable_upstream_are_told_apart() {
         .expect("bind")
         .local_addr()
         .expect("addr");
-    // linkgate in front of nothing; the stand-in is behind the proxy that drops Host.
+    // linkgate in front of nothing, with a brand's page for browsers (doctor
+    // still gets the text it recognises); the stand-in is behind the proxy
+    // that drops Host.
     let Served { dir, pki, up, lg, .. } = Setup::new()
+        .listen(&format!("error_page = \"brand.html\"\n{}", listen_section()))
+        .file("brand.html", "<p>Back soon</p>")
         .host("down.example.test")
         .upstream(move |_| format!("[upstream]\nurl = \"http://sendgrid.net\"\nconnect_to = \"{closed}\"\n"))
         .start()

@@ -16,6 +16,8 @@ pub struct HostEntry {
     /// URL path → file, resolved.
     pub files: Vec<(String, PathBuf)>,
     pub http: Option<String>,
+    /// `error_page`, resolved.
+    pub error_page: Option<PathBuf>,
     /// The host's own upstream settings (paths as written).
     pub upstream: RawUpstream,
     /// `certs_dir/<host>/`, when the entry gives neither cert nor key nor
@@ -62,6 +64,7 @@ impl HostEntry {
                 .map(|(url, file)| (url, base.join(file)))
                 .collect(),
             http: raw.http,
+            error_page: raw.error_page.map(|p| base.join(p)),
             upstream: RawUpstream {
                 provider: raw.provider,
                 region: raw.region,
@@ -110,8 +113,6 @@ impl HostEntry {
 /// Certificate/key(/OCSP) files already loaded, so hosts sharing them load them once.
 pub type LoadedPairs = BTreeMap<(PathBuf, PathBuf, Option<PathBuf>), Arc<CertifiedKey>>;
 
-/// Validates one host entry as `serve` does: its name, its files, that the
-/// key matches the certificate and that the certificate covers the name.
 /// For a host whose key is not its certificate's: the mismatch message,
 /// plus which other configured host's certificate the key does belong to
 /// (two files swapped between hosts is the usual cause).
@@ -141,6 +142,9 @@ pub fn explain_key_mismatch(message: String, entry: &HostEntry, entries: &[HostE
     }
 }
 
+/// Validates one host entry as `serve` does: its name, its files (and its
+/// own `error_page`), that the key matches the certificate and that the
+/// certificate covers the name.
 pub fn load_host(entry: &HostEntry, loaded: &mut LoadedPairs) -> Result<Host, String> {
     let name = HostName::parse(&entry.name).map_err(|e| e.to_string())?;
     let hsts = entry
@@ -192,6 +196,13 @@ pub fn load_host(entry: &HostEntry, loaded: &mut LoadedPairs) -> Result<Host, St
         files::check_url_path(url_path).map_err(|m| format!("files: {m}"))?;
         files.insert(url_path.clone(), Arc::new(StaticFile::load(file)?));
     }
+    let error_page = entry
+        .error_page
+        .as_deref()
+        .map(ErrorPage::load)
+        .transpose()
+        .map_err(|m| format!("error_page: {m}"))?
+        .map(Arc::new);
     let http = match entry.http.as_deref() {
         None | Some("forward") => HttpMode::Forward,
         Some("redirect") => HttpMode::Redirect,
@@ -204,6 +215,7 @@ pub fn load_host(entry: &HostEntry, loaded: &mut LoadedPairs) -> Result<Host, St
         upstream: 0,
         files,
         http,
+        error_page,
     })
 }
 
@@ -228,4 +240,64 @@ fn parse_hsts(value: &str) -> Result<HeaderValue, String> {
         return Err(format!("{value:?}: max-age=<seconds> is required"));
     }
     HeaderValue::from_str(value).map_err(|_| format!("{value:?} is not a valid header value"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str =
+        "[listen]\nhttps = \"127.0.0.1:1\"\n[acme]\ndirectory = \"https://acme.test/dir\"\nstorage = \"acme\"\n";
+
+    fn host(name: &str, keys: &str) -> String {
+        format!("[[host]]\nname = \"{name}\"\nacme = true\n{keys}")
+    }
+
+    #[test]
+    fn a_hosts_error_page_beats_the_top_level_one() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        std::fs::create_dir(dir.path().join("pages")).expect("mkdir");
+        std::fs::write(dir.path().join("pages/all.html"), "<p>all</p>").expect("write");
+        std::fs::write(dir.path().join("pages/b.html"), "<p>b</p>").expect("write");
+        let path = dir.path().join("linkgate.toml");
+        let text = format!(
+            "error_page = \"pages/all.html\"\n{BASE}{}{}",
+            host("a.test", ""),
+            host("b.test", "error_page = \"pages/b.html\"\n")
+        );
+        let config = Config::from_toml(&text, &path).expect("valid");
+        let page_of = |i: usize| config.hosts[i].error_page.as_ref().map(|p| p.path.clone());
+        assert_eq!(
+            page_of(0),
+            Some(dir.path().join("pages/all.html")),
+            "relative to the config file"
+        );
+        assert_eq!(page_of(1), Some(dir.path().join("pages/b.html")));
+        assert_eq!(
+            config.error_page.as_ref().map(|p| p.path.clone()),
+            Some(dir.path().join("pages/all.html"))
+        );
+
+        let config = Config::from_toml(&format!("{BASE}{}", host("a.test", "")), &path).expect("valid");
+        assert!(config.hosts[0].error_page.is_none(), "the built-in page");
+    }
+
+    #[test]
+    fn a_bad_error_page_names_the_key_or_the_host_and_the_file() {
+        let path = Path::new("/nonexistent/linkgate.toml");
+        let err = |text: String| Config::from_toml(&text, path).expect_err("refused").to_string();
+        let e = err(format!("error_page = \"brand.html\"\n{BASE}{}", host("a.test", "")));
+        assert!(
+            e.starts_with("/nonexistent/linkgate.toml: error_page: /nonexistent/brand.html: cannot read: "),
+            "{e}"
+        );
+        let e = err(format!("{BASE}{}", host("a.test", "error_page = \"a.html\"\n")));
+        assert!(
+            e.starts_with(
+                "/nonexistent/linkgate.toml: host \"a.test\": error_page: /nonexistent/a.html: cannot read: "
+            ),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
+    }
 }

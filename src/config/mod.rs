@@ -31,6 +31,7 @@ pub use hosts::{explain_key_mismatch, load_host, HostEntry, LoadedPairs};
 pub use outline::Outline;
 pub use units::{parse_duration, parse_size, IpNet};
 
+use crate::error_page::ErrorPage;
 use crate::files::{self, StaticFile};
 use crate::host::HostName;
 use crate::provider::{self, Preset};
@@ -62,6 +63,10 @@ pub struct Config {
     /// its subfolder named after them (watched for reloads as a whole, for a
     /// Kubernetes projected volume's `..data` swap).
     pub certs_dir: Option<PathBuf>,
+    /// The top-level `error_page`, read: the page of every host that names
+    /// none of its own (kept here too so that it is watched and checked
+    /// even when every host names its own).
+    pub error_page: Option<Arc<ErrorPage>>,
 }
 
 /// `[acme]`, checked.
@@ -305,6 +310,9 @@ pub struct Host {
     pub files: HashMap<String, Arc<StaticFile>>,
     /// What the plain-http listener does for this host.
     pub http: HttpMode,
+    /// The HTML page a browser gets when the upstream fails: the host's
+    /// `error_page`, else the top-level one; `None`: the built-in page.
+    pub error_page: Option<Arc<ErrorPage>>,
 }
 
 /// Where a host's certificate comes from.
@@ -361,6 +369,10 @@ impl fmt::Debug for Host {
             .field("upstream", &self.upstream)
             .field("files", &self.files.keys().collect::<Vec<_>>())
             .field("http", &self.http)
+            .field(
+                "error_page",
+                &self.error_page.as_ref().map(|p| p.path.display().to_string()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -470,6 +482,13 @@ impl Config {
             .transpose()
             .map_err(|(key, m)| key_err(key, m))?;
 
+        let error_page = raw
+            .error_page
+            .map(|file| ErrorPage::load(&base.join(file)))
+            .transpose()
+            .map_err(|m| key_err("error_page", m))?
+            .map(Arc::new);
+
         if raw.hosts.is_empty() {
             return Err(key_err(
                 "host",
@@ -494,6 +513,9 @@ impl Config {
             };
             let mut host = load_host(entry, &mut loaded)
                 .map_err(|m| host_err(hosts::explain_key_mismatch(m, entry, &resolved)))?;
+            if host.error_page.is_none() {
+                host.error_page.clone_from(&error_page);
+            }
             let own = build_upstream(entry.upstream_settings(&default_upstream), base)
                 .map_err(|(key, m)| host_err(format!("{}: {m}", key.trim_start_matches("upstream."))))?;
             host.upstream = match upstreams.iter().position(|u| *u == own) {
@@ -526,6 +548,7 @@ impl Config {
             log,
             acme,
             certs_dir,
+            error_page,
         })
     }
 }

@@ -13,6 +13,9 @@ pub struct RawConfig {
     /// A folder with one subfolder per host (named after it) holding its
     /// certificate and key: for `[[host]]`s that give neither (nor `acme`).
     pub certs_dir: Option<PathBuf>,
+    /// The HTML page a browser gets when the upstream fails, for every
+    /// host that names none of its own.
+    pub error_page: Option<PathBuf>,
     pub listen: RawListen,
     #[serde(default)]
     pub upstream: RawUpstream,
@@ -88,6 +91,8 @@ pub struct RawHost {
     pub files: BTreeMap<String, PathBuf>,
     /// `forward` or `redirect`: what the plain-http listener does for this host.
     pub http: Option<String>,
+    /// This host's page for a browser when the upstream fails (else the top-level one).
+    pub error_page: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1,5 +1,6 @@
 //! The file watcher behind file-triggered reloads: inotify on the folders
-//! of the config file and of every file it names (and `certs_dir`), writes
+//! of the config file and of every file it names (certificates, keys, OCSP
+//! responses, host files, error pages; and `certs_dir`), writes
 //! watched on the files themselves, and which events ask for a reload or
 //! hold one back (see [`FileWatcher`]).
 
@@ -113,7 +114,9 @@ impl FileWatcher {
                     .into_iter()
                     .flatten()
                     .chain(h.files.values().map(|f| f.path.as_path()))
+                    .chain(h.error_page.as_deref().map(|p| p.path.as_path()))
             }))
+            .chain(config.error_page.as_deref().map(|p| p.path.as_path()))
             .map(absolute)
             .collect();
         // certs_dir itself too: a Kubernetes projected volume swaps its
