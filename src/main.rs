@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use clap::{Parser, Subcommand};
 use linkgate::config::{self, Config, LogFormat};
@@ -168,16 +169,19 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     init_logging(config.log.format);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
+        // Signal handlers first: a SIGHUP or SIGTERM that arrives once the
+        // listeners are up must never meet the default action (exit).
+        let Signals { hup, mut term } = Signals::install();
         let listeners = Listeners::bind(&config).await?;
         let live = Live::new(config, Metrics::new())?;
         let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(reload::run(live.clone(), reload_tx.clone(), reload_rx));
-        tokio::spawn(forward_sighup(reload_tx));
-        server::run(live, listeners, async {
-            let which = termination_signal().await;
+        tokio::spawn(forward_sighup(hup, reload_tx));
+        server::run(live, listeners, async move {
+            let which = term.next().await;
             tracing::info!(signal = which, "draining; a second SIGINT or SIGTERM exits at once");
-            tokio::spawn(async {
-                let which = termination_signal().await;
+            tokio::spawn(async move {
+                let which = term.next().await;
                 eprintln!("linkgate: second {which}: exiting now");
                 std::process::exit(1);
             });
@@ -186,52 +190,62 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     })
 }
 
-/// Turns every SIGHUP into a reload request.
-async fn forward_sighup(reload: tokio::sync::mpsc::UnboundedSender<Trigger>) {
-    #[cfg(unix)]
-    {
-        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGHUP");
-                return;
-            }
-        };
-        while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP received");
-            if reload.send(Trigger::Signal).is_err() {
-                return;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    drop(reload);
+/// The process's signal handlers, installed before anything is bound.
+struct Signals {
+    hup: Option<Signal>,
+    term: Termination,
 }
 
-/// Completes on the next SIGINT or SIGTERM and says which.
-async fn termination_signal() -> &'static str {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
+impl Signals {
+    fn install() -> Self {
+        let listen = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(s) => Some(s),
             Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
+                tracing::error!(error = %e, "cannot listen for {name}");
+                None
+            }
+        };
+        Self {
+            hup: listen(SignalKind::hangup(), "SIGHUP"),
+            term: Termination {
+                int: listen(SignalKind::interrupt(), "SIGINT"),
+                term: listen(SignalKind::terminate(), "SIGTERM"),
+            },
+        }
+    }
+}
+
+/// SIGINT and SIGTERM, each time either arrives.
+struct Termination {
+    int: Option<Signal>,
+    term: Option<Signal>,
+}
+
+impl Termination {
+    /// Completes on the next SIGINT or SIGTERM and says which.
+    async fn next(&mut self) -> &'static str {
+        async fn one(s: &mut Option<Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
             }
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => "SIGINT",
-        () = term => "SIGTERM",
+        tokio::select! {
+            () = one(&mut self.int) => "SIGINT",
+            () = one(&mut self.term) => "SIGTERM",
+        }
+    }
+}
+
+/// Turns every SIGHUP into a reload request.
+async fn forward_sighup(hup: Option<Signal>, reload: tokio::sync::mpsc::UnboundedSender<Trigger>) {
+    let Some(mut hup) = hup else { return };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP received");
+        if reload.send(Trigger::Signal).is_err() {
+            return;
+        }
     }
 }

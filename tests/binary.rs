@@ -477,3 +477,23 @@ async fn access_lines_carry_the_user_agent_and_a_504_its_wait() {
         "{line}"
     );
 }
+
+/// A SIGHUP or SIGTERM sent the moment linkgate says it is listening meets
+/// its handlers, never the default action (which would kill the process):
+/// the handlers are installed before anything is bound.
+#[tokio::test]
+async fn signals_right_after_start_are_handled() {
+    let Fixture {
+        dir: _dir,
+        up: _up,
+        config: path,
+        ..
+    } = setup("[shutdown]\ndrain_delay = \"0s\"\n").write().await;
+    for _ in 0..5 {
+        let mut lg = Process::start(&path);
+        lg.signal("HUP");
+        wait_line(&lg.lines, |v| v["message"] == "SIGHUP received");
+        lg.signal("TERM");
+        assert_eq!(lg.wait(), 0, "a clean exit, not killed by the signal");
+    }
+}
