@@ -11,7 +11,7 @@
 //! listed, and each [`Branding`] with its DNS records and which of them
 //! moves to the proxy), [`Ask`] (the key, whose brandings, where, how long),
 //! [`AccountError`] (one line each, never the key). A provider is one file
-//! that turns its API into that shape: `sendgrid.rs` (the only one so far;
+//! that turns its API into that shape: `sendgrid/` (the only one so far;
 //! Mailgun's domains API, which lists each domain's tracking settings, would
 //! be another), over the bounded HTTPS client in `https.rs`.
 
