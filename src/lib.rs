@@ -36,8 +36,8 @@
 //! - [`check`]: `linkgate check`, the offline report; [`doctor`]: `linkgate doctor`, probes from outside
 //!   (`doctor/dns.rs`, `doctor/fetch.rs`, `doctor/verdict.rs`, `doctor/report.rs`, `doctor/summary.rs`).
 //! - [`provider`]: the provider presets (SendGrid, Amazon SES, …), as data.
-//! - [`account`]: every branding on the provider's account, from its API (`account/sendgrid.rs`; the bounded
-//!   HTTPS client in `account/https.rs`), for `doctor`'s account audit and `linkgate import`.
+//! - [`account`]: every branding on the provider's account, from its API (`account/sendgrid/`; the bounded
+//!   HTTPS client in `account/https.rs`), for `doctor`'s account audit and `linkgate import` ([`import`]).
 //! - [`text`]: outside text made safe to print and log; `error`: errors as one line with every cause;
 //!   `hash`: the stable hash for storage names and ETags.
 //! - `fuzzing`: entry points for the fuzz targets in `fuzz/` (hidden).
@@ -61,6 +61,7 @@ pub mod files;
 pub mod fuzzing;
 pub(crate) mod hash;
 pub mod host;
+pub mod import;
 pub mod metrics;
 pub mod provider;
 pub mod proxy;
