@@ -281,7 +281,7 @@ fn steps_named(text: &str) -> Vec<(u32, String)> {
 async fn every_step_doctor_names_is_the_readmes_step() {
     let steps = readme_steps();
     let numbers: Vec<u32> = steps.iter().map(|(n, _)| *n).collect();
-    assert_eq!(numbers, (1..=6).collect::<Vec<_>>(), "{steps:?}");
+    assert_eq!(numbers, (1..=7).collect::<Vec<_>>(), "{steps:?}");
 
     let dns = dns_server().await;
     let dir = tempfile::TempDir::new().expect("tempdir");
