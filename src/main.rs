@@ -102,7 +102,7 @@ struct DoctorArgs {
     /// "Providers"), `/` for a plain `url` upstream.
     #[arg(long)]
     url: Option<String>,
-    /// Bound on each probe.
+    /// Bound on each probe, and on each request to the provider API (with its answer).
     #[arg(long, default_value = "10s", value_parser = |s: &str| config::parse_duration(s, false))]
     timeout: std::time::Duration,
     /// Output format.
