@@ -11,7 +11,7 @@ mod common;
 use common::doctor::{dns_server, linkgate, API_KEY_ENV};
 use common::process::has;
 use common::provider_api::{
-    doctor_config, link, no_key, sample_account, strings, Account, ProviderApi, TEST_KEY as KEY,
+    doctor_config, link, no_key, sample_account, strings, Account, Paging, ProviderApi, TEST_KEY as KEY,
 };
 use common::*;
 use serde_json::Value;
@@ -256,6 +256,7 @@ async fn an_account_whose_every_branding_is_served_and_valid_passes() {
                 vec![link(11, "ok.example.test", "parent", 7, true, true, "sendgrid.net")],
             )],
             throttle: Vec::new(),
+            paging: Paging::AsDocumented,
         },
     )
     .await;

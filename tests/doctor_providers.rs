@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use common::doctor::{dns_server, doctor_async, doctor_text, host, linkgate, API_KEY_ENV};
 use common::process::has;
-use common::provider_api::{link, Account, ProviderApi};
+use common::provider_api::{link, Account, Paging, ProviderApi};
 use common::*;
 
 /// Each branding, its `[[host]]` upstream keys in doctor's config, and the
@@ -316,6 +316,7 @@ async fn every_step_doctor_names_is_the_readmes_step() {
                 )],
             )],
             throttle: Vec::new(),
+            paging: Paging::AsDocumented,
         },
     )
     .await;

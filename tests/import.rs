@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::doctor::{linkgate, Run, API_KEY_ENV};
 use common::process::has;
 use common::provider_api::{
-    doctor_config, link, no_key, sample_account, strings, Account, ProviderApi, TEST_KEY as KEY,
+    doctor_config, link, no_key, sample_account, strings, Account, Paging, ProviderApi, TEST_KEY as KEY,
 };
 use common::*;
 use serde_json::Value;
@@ -62,6 +62,7 @@ async fn import_prints_entries_the_config_loader_takes() {
                 ),
             ],
             throttle: Vec::new(),
+            paging: Paging::AsDocumented,
         },
     )
     .await;
@@ -258,4 +259,46 @@ async fn api_refusals_and_rate_limits_are_one_line_without_the_key() {
         "{run:?}"
     );
     assert_eq!(api.received().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paging_that_would_never_end_is_stopped() {
+    let pki = Pki::new();
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    let ca = pki.write_ca(dir.path()).display().to_string();
+    let run = |api: &ProviderApi| {
+        let args = strings(&[
+            "import",
+            "sendgrid",
+            "--provider-api",
+            &api.url(),
+            "--provider-api-ca",
+            &ca,
+            "--api-page-size",
+            "2",
+        ]);
+        linkgate(args, vec![(API_KEY_ENV, KEY.into())])
+    };
+    // An API that ignores offset: the second page holds nothing new, and ends it.
+    let mut ignores = sample_account();
+    ignores.paging = Paging::IgnoresOffset;
+    let api = ProviderApi::start(&pki, ignores).await;
+    let out = run(&api).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let offsets: Vec<Option<usize>> = api.received().iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, [Some(0), Some(2)]);
+    assert_eq!(out.stdout.matches("[[host]]").count(), 2, "{out:?}");
+    // One with new brandings on every page: stopped after 100 pages, saying so.
+    let mut endless = sample_account();
+    endless.paging = Paging::Endless;
+    let api = ProviderApi::start(&pki, endless).await;
+    let out = run(&api).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("still more brandings after 100 pages of 2: stopped"),
+        "{out:?}"
+    );
+    assert_eq!(api.received().len(), 100);
+    no_key(&out, KEY);
 }

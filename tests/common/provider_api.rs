@@ -47,6 +47,19 @@ pub struct Account {
     /// The first N requests for a user (`None`: the account's own) answer
     /// 429 with this `Retry-After`.
     pub throttle: Vec<(Option<String>, usize, &'static str)>,
+    pub paging: Paging,
+}
+
+/// How the stand-in pages.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+pub enum Paging {
+    /// `limit` links from `offset`, as documented.
+    #[default]
+    AsDocumented,
+    /// The first `limit` links whatever the `offset`.
+    IgnoresOffset,
+    /// A full page of links never seen before, for every `offset`.
+    Endless,
 }
 
 /// The stand-in API, running.
@@ -163,9 +176,28 @@ fn answer(
     let Some((_, links)) = account.links.iter().find(|(u, _)| *u == user) else {
         return errors(StatusCode::FORBIDDEN, "access forbidden");
     };
-    let offset = request.offset.unwrap_or(0).min(links.len());
     let limit = request.limit.unwrap_or(50);
-    let page: Vec<&Value> = links[offset..].iter().take(limit).collect();
+    let offset = match account.paging {
+        Paging::AsDocumented => request.offset.unwrap_or(0).min(links.len()),
+        Paging::IgnoresOffset | Paging::Endless => 0,
+    };
+    let mut page: Vec<Value> = links[offset..].iter().take(limit).cloned().collect();
+    if account.paging == Paging::Endless {
+        let from = request.offset.unwrap_or(0) as u64;
+        page = (from..from + limit as u64)
+            .map(|id| {
+                link(
+                    1000 + id,
+                    &format!("e{id}.example.test"),
+                    "parent",
+                    7,
+                    false,
+                    true,
+                    "sendgrid.net",
+                )
+            })
+            .collect();
+    }
     Response::builder()
         .header("content-type", "application/json")
         .header("x-ratelimit-limit", "500")
@@ -234,6 +266,7 @@ pub fn sample_account() -> Account {
             ),
         ],
         throttle: Vec::new(),
+        paging: Paging::AsDocumented,
     }
 }
 

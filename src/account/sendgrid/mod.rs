@@ -63,8 +63,9 @@ pub const API_KEY_ENV: &str = "SENDGRID_API_KEY";
 const PATH: &str = "/v3/whitelabel/links";
 /// The scope "Retrieve all branded links" needs.
 const PERMISSION: &str = "whitelabel.read";
-/// Pages per listing at most: 100 pages of 50 are well over SendGrid's
-/// 3,000 link brandings per user.
+/// Pages per listing at most: 100 pages of 50 are well over the 3,000 link
+/// brandings a user may have (the description of SendGrid's Domain
+/// Authentication API).
 const MAX_PAGES: usize = 100;
 /// Rate-limit waits per page at most.
 const MAX_RETRIES: u32 = 3;
@@ -164,8 +165,10 @@ async fn list_one(
     let limit = ask.page_size.max(1);
     let mut links: Vec<RawLink> = Vec::new();
     let mut seen = HashSet::new();
+    // Counts what the API returned, repeats included: the next page starts after them.
+    let mut offset = 0;
     for page in 1..=MAX_PAGES {
-        let target = format!("{PATH}?limit={limit}&offset={}", links.len());
+        let target = format!("{PATH}?limit={limit}&offset={offset}");
         let answer = get_page(api, &target, headers.clone(), ask, user, waited).await?;
         let got: Vec<RawLink> = parse(&answer.body).map_err(|e| {
             AccountError::Answer(format!(
@@ -174,6 +177,7 @@ async fn list_one(
             ))
         })?;
         let full = got.len() >= limit;
+        offset += got.len();
         let before = links.len();
         links.extend(got.into_iter().filter(|l| seen.insert(l.id)));
         if !full || links.len() == before {
@@ -222,7 +226,7 @@ async fn get_page(
             }
             StatusCode::TOO_MANY_REQUESTS => {
                 let wait = wait_asked(&answer.headers, SystemTime::now()).unwrap_or(DEFAULT_WAIT);
-                if retry == MAX_RETRIES || *waited + wait > MAX_WAIT {
+                if retry == MAX_RETRIES || beyond_budget(*waited, wait) {
                     return Err(AccountError::RateLimited(format!(
                         "SendGrid rate-limited the API key (429 from GET {url}{whose}): it asks to wait {}s; \
                          linkgate waits at most {}s in all and {MAX_RETRIES} times per page, and has waited {}s: \
@@ -246,6 +250,12 @@ async fn get_page(
     Err(AccountError::RateLimited(format!(
         "GET {url}: rate-limited {MAX_RETRIES} times"
     )))
+}
+
+/// Whether waiting `wait` more, after `waited`, passes [`MAX_WAIT`]; a
+/// figure that would overflow the clock does too.
+fn beyond_budget(waited: Duration, wait: Duration) -> bool {
+    waited.checked_add(wait).is_none_or(|total| total > MAX_WAIT)
 }
 
 /// `: <SendGrid's error messages>`, from its documented `{"errors":
@@ -302,6 +312,13 @@ mod tests {
         assert_eq!(wait_asked(&headers, now), Some(Duration::from_secs(7)));
         headers.insert("retry-after", HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"));
         assert_eq!(wait_asked(&headers, now), Some(Duration::ZERO));
+        // An hour, or 2^64-1 seconds, is beyond the budget, not an overflow.
+        let mut huge = HeaderMap::new();
+        huge.insert("retry-after", HeaderValue::from_static("18446744073709551615"));
+        let asked = wait_asked(&huge, now).expect("a wait");
+        assert!(beyond_budget(Duration::from_secs(1), asked));
+        assert!(beyond_budget(Duration::ZERO, Duration::from_secs(3600)));
+        assert!(!beyond_budget(Duration::from_secs(30), Duration::from_secs(30)));
         let mut past = HeaderMap::new();
         past.insert("x-ratelimit-reset", HeaderValue::from_static("10"));
         assert_eq!(wait_asked(&past, now), Some(Duration::ZERO));
