@@ -8,7 +8,6 @@
 use std::process::ExitCode;
 
 use crate::account::{self, Branding, Brandings};
-use crate::doctor::host_entry;
 use crate::host::HostName;
 use crate::text::printable;
 
@@ -116,4 +115,74 @@ fn entry(display: &str, b: &Branding) -> String {
         );
     }
     format!("{comment}{}", host_entry(b))
+}
+
+/// The `[[host]]` entry for `branding`: its name, and its region when it
+/// is not the default one (doctor prints it too, for a branding it lacks).
+pub fn host_entry(branding: &Branding) -> String {
+    let mut entry = format!("[[host]]\nname = {}\n", toml_string(&branding.host));
+    if branding.region != "global" {
+        entry.push_str(&format!("region = {}\n", toml_string(branding.region)));
+    }
+    entry
+}
+
+/// `s` as a one-line TOML basic string: quotes, backslashes and every
+/// character a terminal acts on (controls, line separators, bidirectional
+/// controls) escaped, so the entry is one line per key however odd the name.
+fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c if crate::text::acts_on_display(c) => {
+                out.push_str(&format!("\\u{:04X}", u32::from(c)));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn branding(host: &str, region: &'static str) -> Branding {
+        Branding {
+            id: 1,
+            host: host.to_owned(),
+            user: "u".to_owned(),
+            user_id: None,
+            listed_for: None,
+            region,
+            default: false,
+            valid: true,
+            legacy: false,
+            records: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_entry_is_its_name_and_its_region_quoted_as_toml() {
+        assert_eq!(
+            host_entry(&branding("url1.example.com", "global")),
+            "[[host]]\nname = \"url1.example.com\"\n"
+        );
+        assert_eq!(
+            host_entry(&branding("url2.example.eu", "eu")),
+            "[[host]]\nname = \"url2.example.eu\"\nregion = \"eu\"\n"
+        );
+        // Whatever the name holds stays inside its one-line string.
+        let name = "a\"\\\n[[host]]\u{1b}[2J\u{202e}";
+        let odd = host_entry(&branding(name, "global"));
+        assert_eq!(odd, "[[host]]\nname = \"a\\\"\\\\\\n[[host]]\\u001B[2J\\u202E\"\n");
+        let parsed: toml::Table = toml::from_str(&odd).expect("TOML");
+        assert_eq!(parsed["host"][0]["name"].as_str(), Some(name));
+    }
 }

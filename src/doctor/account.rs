@@ -9,6 +9,7 @@
 use serde::Serialize;
 
 use crate::account::{AccountError, Branding, Brandings, Listed};
+use crate::import::host_entry;
 use crate::provider::Preset;
 use crate::text::printable;
 
@@ -218,20 +219,6 @@ fn dns_advice(provider: &Preset, branding: &Branding) -> String {
         })
         .collect();
     parts.join("; ")
-}
-
-/// The `[[host]]` entry for `branding`, as `linkgate import` prints it.
-pub fn host_entry(branding: &Branding) -> String {
-    let mut entry = format!("[[host]]\nname = {}\n", toml_string(&branding.host));
-    if branding.region != "global" {
-        entry.push_str(&format!("region = {}\n", toml_string(branding.region)));
-    }
-    entry
-}
-
-/// `s` as a TOML basic string, every special character escaped.
-pub fn toml_string(s: &str) -> String {
-    toml::Value::String(s.to_owned()).to_string()
 }
 
 /// "an EU regional", "a global": a region with its article.

@@ -40,7 +40,7 @@ mod report;
 mod summary;
 mod verdict;
 
-pub use account::{host_entry, toml_string, AccountReport, BrandingReport, Problem, Served};
+pub use account::{AccountReport, BrandingReport, Problem, Served};
 pub use report::{render_text, HostReport, Outcome, ProviderCount, Report};
 
 use dns::{dns, resolver};
@@ -146,7 +146,7 @@ pub fn command(config: &std::path::Path, asked: Asked) -> std::process::ExitCode
         .acme_storage()
         .map_or_else(HashMap::new, |(storage, hosts)| crate::acme::describe(&storage, &hosts));
     // SendGrid is the one provider whose account API linkgate reads.
-    let account = match crate::provider::find(crate::provider::DEFAULT) {
+    let account = match crate::provider::find("sendgrid") {
         Ok(provider) => match asked.account.ask(provider, asked.probe.timeout) {
             Ok(None) => None,
             Ok(Some(ask)) => match outline.host_upstreams() {
