@@ -218,7 +218,7 @@ async fn api_refusals_and_rate_limits_are_one_line_without_the_key() {
         "json",
     ]));
     args.extend(strings(&["--provider-api", &api.url(), "--provider-api-ca", &ca]));
-    let run = linkgate(args, vec![(API_KEY_ENV, wrong.into())]).await;
+    let run = linkgate(args.clone(), vec![(API_KEY_ENV, wrong.into())]).await;
     no_key(&run, wrong);
     let report = run.json();
     assert_eq!(run.code, Some(1), "{report}");
@@ -226,6 +226,25 @@ async fn api_refusals_and_rate_limits_are_one_line_without_the_key() {
     assert!(
         has(&report["account"]["summary"], "the SendGrid account could not be read"),
         "{report}"
+    );
+    let text_args: Vec<String> = args
+        .iter()
+        .filter(|a| *a != "--format" && *a != "json")
+        .cloned()
+        .collect();
+    let run = linkgate(text_args, vec![(API_KEY_ENV, wrong.into())]).await;
+    no_key(&run, wrong);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(
+        run.stdout.matches("401 from GET").count(),
+        1,
+        "said once: {}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("\naccount: the SendGrid account could not be read, so whether every branding on it is ready is not known: SendGrid refused the API key (401"),
+        "{}",
+        run.stdout
     );
 
     // A 429 with Retry-After: 1 is waited out once, then the page is asked again.

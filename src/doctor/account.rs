@@ -80,9 +80,10 @@ pub(super) fn audit(
                 listed: Vec::new(),
                 brandings: Vec::new(),
                 summary: format!(
-                "account: the {} account could not be read, so whether every branding on it is ready is not known: {e}",
-                provider.display
-            ),
+                    "account: the {} account could not be read, so whether every branding on it is ready \
+                     is not known: {e}",
+                    provider.display
+                ),
                 error: Some(e.to_string()),
             }
         }
@@ -296,8 +297,8 @@ fn summary(provider: &Preset, listed: &[Listed], brandings: &[BrandingReport]) -
 pub(super) fn render(report: &AccountReport, out: &mut String) {
     use std::fmt::Write as _;
     let display = crate::provider::find(report.provider).map_or(report.provider, |p| p.display);
-    if let Some(error) = &report.error {
-        let _ = writeln!(out, "account: {display}: {error}");
+    // The summary line after this says why the account could not be read.
+    if report.error.is_some() {
         return;
     }
     let whose = report.listed.iter().map(Listed::whose).collect::<Vec<_>>().join(", ");
