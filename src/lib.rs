@@ -38,6 +38,8 @@
 //! - [`check`]: `linkgate check`, the offline report; [`doctor`]: `linkgate doctor`, probes from outside
 //!   (`doctor/dns.rs`, `doctor/fetch.rs`, `doctor/verdict.rs`, `doctor/report.rs`, `doctor/summary.rs`).
 //! - [`provider`]: the provider presets (SendGrid, Amazon SES, …), as data.
+//! - [`account`]: every branding on the provider's account, from its API (`account/sendgrid/`; the bounded
+//!   HTTPS client in `account/https.rs`), for `doctor`'s account audit and `linkgate import` ([`import`]).
 //! - [`text`]: outside text made safe to print and log; `error`: errors as one line with every cause;
 //!   `hash`: the stable hash for storage names and ETags.
 //! - `fuzzing`: entry points for the fuzz targets in `fuzz/` (hidden).
@@ -47,6 +49,7 @@
 //! [`reload::Live`], and call [`server::run`] with a shutdown future.
 
 pub mod access;
+pub mod account;
 pub mod acme;
 pub mod admin;
 pub mod admission;
@@ -61,6 +64,7 @@ pub mod files;
 pub mod fuzzing;
 pub(crate) mod hash;
 pub mod host;
+pub mod import;
 pub mod metrics;
 pub mod provider;
 pub mod proxy;

@@ -28,8 +28,15 @@ enum Command {
     /// Probe every link branding from the outside, as SendGrid does: DNS (the
     /// CNAME no longer leads to the provider), HTTPS (valid certificate, the
     /// provider's probe path reaches it with the branded Host) and plain HTTP.
-    /// Exit status: 0 all pass, 1 a check failed, 2 unusable arguments.
+    /// With SENDGRID_API_KEY set (or --api-key-file), also every branding on
+    /// the SendGrid account, held against the config. Exit status: 0 all
+    /// pass, 1 a check failed, 2 unusable arguments.
     Doctor(Box<DoctorArgs>),
+    /// Print every branding on the provider's account as [[host]] entries
+    /// (TOML, ready to paste into the config), read from its API with the key
+    /// in SENDGRID_API_KEY or --api-key-file. Exit status: 0 printed, 1 the
+    /// account could not be read, 2 unusable arguments.
+    Import(Box<ImportArgs>),
     /// Check a configuration offline, as `serve` would at start-up, plus warnings
     /// (expiry, chain, key permissions). Exit status: 0 no errors, 1 errors
     /// (or warnings with --strict), 2 unusable arguments.
@@ -96,12 +103,67 @@ struct DoctorArgs {
     /// "Providers"), `/` for a plain `url` upstream.
     #[arg(long)]
     url: Option<String>,
-    /// Bound on each probe.
+    /// Bound on each probe, and on each request to the provider API (with its answer).
     #[arg(long, default_value = "10s", value_parser = |s: &str| config::parse_duration(s, false))]
     timeout: std::time::Duration,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
+    #[command(flatten)]
+    account: AccountArgs,
+}
+
+/// Arguments of `linkgate import`.
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// The provider whose account to list.
+    #[arg(value_parser = ["sendgrid"])]
+    provider: String,
+    /// Bound on the connection, and on each request with its answer.
+    #[arg(long, default_value = "10s", value_parser = |s: &str| config::parse_duration(s, false))]
+    timeout: std::time::Duration,
+    #[command(flatten)]
+    account: AccountArgs,
+}
+
+/// How `doctor` and `import` read the provider's account.
+#[derive(clap::Args)]
+struct AccountArgs {
+    /// Read the provider API key from this file (else from SENDGRID_API_KEY);
+    /// never give the key itself on the command line.
+    #[arg(long, value_name = "FILE")]
+    api_key_file: Option<PathBuf>,
+    /// Also list this subuser's brandings (its username, or "account-id ID"),
+    /// with the parent's key (repeatable).
+    #[arg(long, value_name = "USER")]
+    on_behalf_of: Vec<String>,
+    /// Also list this EU regional subuser's brandings, through the EU API
+    /// (https://api.eu.sendgrid.com) (repeatable).
+    #[arg(long, value_name = "USER")]
+    eu_subuser: Vec<String>,
+    /// Send every API request here instead of the provider's API
+    /// (https://host[:port]; a test stand-in, a gateway).
+    #[arg(long, value_name = "URL")]
+    provider_api: Option<String>,
+    /// Verify the API's certificate against these roots (PEM) instead of the public web roots.
+    #[arg(long, value_name = "FILE")]
+    provider_api_ca: Option<PathBuf>,
+    /// Brandings asked for per API request (1 to 500).
+    #[arg(long, default_value_t = 50, value_name = "N")]
+    api_page_size: usize,
+}
+
+impl AccountArgs {
+    fn wanted(self) -> linkgate::account::Wanted {
+        linkgate::account::Wanted {
+            api_key_file: self.api_key_file,
+            on_behalf_of: self.on_behalf_of,
+            eu_subusers: self.eu_subuser,
+            api: self.provider_api,
+            ca_file: self.provider_api_ca,
+            page_size: self.api_page_size,
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -127,8 +189,13 @@ fn main() -> ExitCode {
                     timeout: args.timeout,
                 },
                 json: matches!(args.format, Format::Json),
+                account: args.account.wanted(),
             };
             linkgate::doctor::command(&args.config, asked)
+        }
+        Command::Import(args) => {
+            let args = *args;
+            linkgate::import::command(&args.provider, args.account.wanted(), args.timeout)
         }
         Command::Check { config, format, strict } => {
             linkgate::check::command(&config, matches!(format, Format::Json), strict)

@@ -39,6 +39,11 @@ pub struct Preset {
     pub https_switch: &'static str,
     /// Where the provider documents https tracking behind a proxy or CDN.
     pub https_source: &'static str,
+    /// The provider's account API per region (same names as
+    /// [`Preset::regions`]), for `doctor` and `import` to list every branding
+    /// of the account ([`crate::account`]); empty when linkgate does not read
+    /// the provider's API.
+    pub api: &'static [(&'static str, &'static str)],
 }
 
 /// The default when `[upstream]` names neither `provider` nor `url`.
@@ -48,7 +53,10 @@ pub static PRESETS: &[Preset] = &[
     Preset {
         name: "sendgrid",
         display: "SendGrid",
-        regions: &[("global", "https://sendgrid.net")],
+        // "served from your domain rather than sendgrid.net for Global Email
+        // send or eu.sendgrid.net for Regional Email send" (the API
+        // reference's link branding pages, e.g. the one cited for `api`).
+        regions: &[("global", "https://sendgrid.net"), ("eu", "https://eu.sendgrid.net")],
         http_only: false,
         max_header_bytes: None,
         wrong_host_marker: "wrong link",
@@ -60,6 +68,13 @@ pub static PRESETS: &[Preset] = &[
         https_switch: "ask SendGrid Support to enable SSL click and open tracking",
         https_source:
             "https://support.sendgrid.com/hc/en-us/articles/4447646844187-Enabling-SSL-for-Click-and-Open-Tracking-for-Your-Account",
+        // "Base url: https://api.sendgrid.com (for global users and subusers)",
+        // "https://api.eu.sendgrid.com (for EU regional subusers)":
+        // https://www.twilio.com/docs/sendgrid/api-reference/link-branding/retrieve-all-branded-links
+        api: &[
+            ("global", "https://api.sendgrid.com"),
+            ("eu", "https://api.eu.sendgrid.com"),
+        ],
     },
     Preset {
         name: "amazon-ses",
@@ -76,6 +91,7 @@ pub static PRESETS: &[Preset] = &[
         probe_source: "https://github.com/apparition47/MailTrackerBlocker/blob/master/Source/MTBBlockedMessage.m",
         https_switch: "set HttpsPolicy = REQUIRE in the configuration set's tracking options",
         https_source: "https://docs.aws.amazon.com/ses/latest/APIReference-V2/API_PutConfigurationSetTrackingOptions.html",
+        api: &[],
     },
     Preset {
         name: "sparkpost",
@@ -91,6 +107,7 @@ pub static PRESETS: &[Preset] = &[
         probe_source: "https://support.sparkpost.com/docs/tech-resources/deep-links-self-serve",
         https_switch: "set the tracking domain to \"secure\": true (Tracking Domains API)",
         https_source: "https://support.sparkpost.com/docs/tech-resources/using-proxy-https-tracking-domain",
+        api: &[],
     },
     Preset {
         name: "mailgun",
@@ -108,6 +125,7 @@ pub static PRESETS: &[Preset] = &[
         probe_source: "https://github.com/apparition47/MailTrackerBlocker/blob/master/Source/MTBBlockedMessage.m",
         https_switch: "",
         https_source: "https://help.mailgun.com/hc/en-us/articles/360011566033-HTTPS-Tracking-Links",
+        api: &[],
     },
     Preset {
         name: "iterable",
@@ -128,6 +146,7 @@ pub static PRESETS: &[Preset] = &[
             "https://github.com/Iterable/iterable-swift-sdk/blob/master/Tests/swift-sdk-swift-tests/DeepLinkTests.swift",
         https_switch: "",
         https_source: "https://support.iterable.com/hc/en-us/articles/115000427446-Configuring-HTTPS-for-Link-Tracking-Domains",
+        api: &[],
     },
     Preset {
         name: "customer-io",
@@ -146,6 +165,7 @@ pub static PRESETS: &[Preset] = &[
         probe_source: "https://github.com/apparition47/MailTrackerBlocker/blob/master/Source/MTBBlockedMessage.m",
         https_switch: "",
         https_source: "https://docs.customer.io/journeys/https-link-verification/",
+        api: &[],
     },
 ];
 
@@ -211,6 +231,30 @@ impl Preset {
         }
     }
 
+    /// The account API's base URL for `region` (the default region when
+    /// `None`); `None` when the preset has no API linkgate reads, or no API
+    /// for that region.
+    pub fn api_base(&self, region: Option<&str>) -> Option<&'static str> {
+        match region {
+            None => self.api.first(),
+            Some(r) => self.api.iter().find(|(name, _)| *name == r),
+        }
+        .map(|(_, url)| *url)
+    }
+
+    /// The region whose tracking endpoint is `url` (same host), if any.
+    pub fn region_of_endpoint(&self, url: &str) -> Option<&'static str> {
+        let host = |u: &str| {
+            let rest = u.split_once("://").map_or(u, |(_, rest)| rest);
+            rest.split(['/', ':', '?']).next().unwrap_or("").to_ascii_lowercase()
+        };
+        let wanted = host(url);
+        self.regions
+            .iter()
+            .find(|(name, endpoint)| *name != "*" && host(endpoint) == wanted)
+            .map(|(name, _)| *name)
+    }
+
     /// The host names a branding's CNAME points at before it is switched to
     /// the proxy: every region's endpoint host (for a `{region}` template,
     /// the part after the placeholder).
@@ -233,6 +277,8 @@ mod tests {
     fn every_preset_resolves() {
         let cases = [
             ("sendgrid", None, "https://sendgrid.net"),
+            ("sendgrid", Some("global"), "https://sendgrid.net"),
+            ("sendgrid", Some("eu"), "https://eu.sendgrid.net"),
             ("amazon-ses", Some("us-east-1"), "https://r.us-east-1.awstrack.me"),
             ("sparkpost", None, "https://spgo.io"),
             ("sparkpost", Some("eu"), "https://eu.spgo.io"),
@@ -270,6 +316,7 @@ mod tests {
             ("http://sendgrid.net", Some("sendgrid")),
             ("https://SendGrid.net:443", Some("sendgrid")),
             ("http://eu.mailgun.org", Some("mailgun")),
+            ("https://eu.sendgrid.net", Some("sendgrid")),
             ("https://r.eu-west-1.awstrack.me", Some("amazon-ses")),
             ("https://x.r.eu-west-1.awstrack.me", None),
             ("https://r.awstrack.me", None),
@@ -279,6 +326,25 @@ mod tests {
         for (url, name) in cases {
             assert_eq!(by_endpoint(url).map(|p| p.name), name, "{url}");
         }
+    }
+
+    #[test]
+    fn sendgrid_has_an_account_api_per_region() {
+        let sendgrid = find("sendgrid").expect("sendgrid");
+        assert_eq!(sendgrid.api_base(None), Some("https://api.sendgrid.com"));
+        assert_eq!(sendgrid.api_base(Some("eu")), Some("https://api.eu.sendgrid.com"));
+        assert_eq!(sendgrid.api_base(Some("us")), None);
+        assert_eq!(sendgrid.region_of_endpoint("https://eu.sendgrid.net"), Some("eu"));
+        assert_eq!(sendgrid.region_of_endpoint("http://sendgrid.net:80"), Some("global"));
+        assert_eq!(sendgrid.region_of_endpoint("https://other.example"), None);
+        for (region, _) in sendgrid.api {
+            assert!(sendgrid.url(Some(region)).is_ok(), "{region}");
+        }
+        // Only presets whose API linkgate reads have one.
+        assert!(PRESETS
+            .iter()
+            .filter(|p| p.name != "sendgrid")
+            .all(|p| p.api.is_empty()));
     }
 
     #[test]

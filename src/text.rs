@@ -14,7 +14,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 /// True for a character that is shown escaped.
-fn acts_on_display(c: char) -> bool {
+pub(crate) fn acts_on_display(c: char) -> bool {
     c.is_control()
         || matches!(
             c,

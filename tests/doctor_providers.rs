@@ -10,8 +10,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::doctor::{dns_server, doctor_async, doctor_text, host};
+use common::doctor::{dns_server, doctor_async, doctor_text, host, linkgate, API_KEY_ENV};
 use common::process::has;
+use common::provider_api::{link, Account, Paging, ProviderApi};
 use common::*;
 
 /// Each branding, its `[[host]]` upstream keys in doctor's config, and the
@@ -281,7 +282,7 @@ fn steps_named(text: &str) -> Vec<(u32, String)> {
 async fn every_step_doctor_names_is_the_readmes_step() {
     let steps = readme_steps();
     let numbers: Vec<u32> = steps.iter().map(|(n, _)| *n).collect();
-    assert_eq!(numbers, (1..=6).collect::<Vec<_>>(), "{steps:?}");
+    assert_eq!(numbers, (1..=7).collect::<Vec<_>>(), "{steps:?}");
 
     let dns = dns_server().await;
     let dir = tempfile::TempDir::new().expect("tempdir");
@@ -293,11 +294,45 @@ async fn every_step_doctor_names_is_the_readmes_step() {
          [[host]]\nname = \"mgstale.example.test\"\ncert = \"x.pem\"\nkey = \"x.key\"\nprovider = \"mailgun\"\n",
     )
     .expect("write");
-    // Both CNAMEs still lead to their provider.
-    let (code, text) = doctor_text(&config, dns, Vec::new()).await;
-    assert_eq!(code, Some(1), "{text}");
+    // Both CNAMEs still lead to their provider; and the SendGrid account
+    // (a stand-in of its API) has a branding the config lacks.
+    let pki = Pki::new();
+    let ca = pki.write_ca(dir.path()).display().to_string();
+    let key = "SG.steps-test-key";
+    let api = ProviderApi::start(
+        &pki,
+        Account {
+            key: key.into(),
+            links: vec![(
+                None,
+                vec![link(
+                    5,
+                    "missing.example.test",
+                    "parent",
+                    7,
+                    false,
+                    true,
+                    "sendgrid.net",
+                )],
+            )],
+            throttle: Vec::new(),
+            paging: Paging::AsDocumented,
+        },
+    )
+    .await;
+    let mut args: Vec<String> = ["doctor", "--config"].map(str::to_owned).to_vec();
+    args.push(config.display().to_string());
+    args.extend(["--resolver", &dns.to_string(), "--timeout", "5s"].map(str::to_owned));
+    args.extend(["--provider-api", &api.url(), "--provider-api-ca", &ca].map(str::to_owned));
+    let run = linkgate(args, vec![(API_KEY_ENV, key.into())]).await;
+    let text = run.stdout;
+    assert_eq!(run.code, Some(1), "{text}");
     let named = steps_named(&text);
-    assert!(named.len() >= 2, "doctor names the step to do: {text}");
+    assert!(named.len() >= 3, "doctor names the step to do: {text}");
+    assert!(
+        named.iter().any(|(n, _)| *n == 1),
+        "the missing branding names step 1: {text}"
+    );
     for (number, said) in named {
         let heading = steps
             .iter()

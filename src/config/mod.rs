@@ -28,7 +28,7 @@ use rustls::sign::CertifiedKey;
 pub use build::preset_of;
 use build::*;
 pub use hosts::{explain_key_mismatch, load_host, HostEntry, LoadedPairs};
-pub use outline::Outline;
+pub use outline::{HostUpstreams, Outline};
 pub use units::{parse_duration, parse_size, IpNet};
 
 use crate::error_page::ErrorPage;

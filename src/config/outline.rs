@@ -12,6 +12,10 @@ use super::{parse_addr, parse_raw, preset_of, ConfigError, HostEntry};
 use crate::host::HostName;
 use crate::provider::Preset;
 
+/// Each host (lower-case name) with its provider preset, if any, and that
+/// preset's region.
+pub type HostUpstreams = HashMap<String, (Option<&'static Preset>, Option<String>)>;
+
 /// The file as written, parsed once.
 pub struct Outline {
     path: PathBuf,
@@ -81,6 +85,18 @@ impl Outline {
     /// A bare `url` naming a preset's endpoint (`http://sendgrid.net`) is that
     /// provider; any other bare `url` has none.
     pub fn host_providers(&self) -> Result<HashMap<String, &'static Preset>, ConfigError> {
+        Ok(self
+            .host_upstreams()?
+            .into_iter()
+            .filter_map(|(name, (preset, _))| Some((name, preset?)))
+            .collect())
+    }
+
+    /// Each host (lower-case name) with its provider preset and that
+    /// preset's region (the one written, the preset's first otherwise, or
+    /// the one whose endpoint a bare `url` names), for `doctor`'s account
+    /// audit: an EU branding forwarded to the global endpoint is wrong.
+    pub fn host_upstreams(&self) -> Result<HostUpstreams, ConfigError> {
         let mut out = HashMap::new();
         for entry in self.host_entries() {
             let settings = entry.upstream_settings(&self.raw.upstream);
@@ -89,10 +105,21 @@ impl Outline {
                 host: entry.name.clone(),
                 message,
             })?;
-            let preset = preset.or_else(|| settings.url.as_deref().and_then(crate::provider::by_endpoint));
-            if let Some(p) = preset {
-                out.insert(entry.name.to_ascii_lowercase(), p);
-            }
+            let (preset, region) = match (preset, settings.url.as_deref()) {
+                (Some(p), _) => (
+                    Some(p),
+                    settings
+                        .region
+                        .clone()
+                        .or_else(|| p.regions.first().map(|r| r.0.to_owned())),
+                ),
+                (None, Some(url)) => {
+                    let p = crate::provider::by_endpoint(url);
+                    (p, p.and_then(|p| p.region_of_endpoint(url)).map(str::to_owned))
+                }
+                (None, None) => (None, None),
+            };
+            out.insert(normalise(&entry.name), (preset, region));
         }
         Ok(out)
     }
@@ -110,4 +137,9 @@ impl Outline {
             .collect();
         Some((self.base().join(storage), hosts))
     }
+}
+
+/// A host name as DNS compares them: lower case, no final dot.
+fn normalise(name: &str) -> String {
+    name.trim().trim_end_matches('.').to_ascii_lowercase()
 }

@@ -11,11 +11,17 @@
 //! path (an open pixel or tracked link shape, [`Preset::probe_path`]) unless
 //! `--url` gives one for every host, and its own wrong-host page.
 //!
+//! With a SendGrid API key (`SENDGRID_API_KEY` or `--api-key-file`) it
+//! also lists every branding on the account, subusers' too, and audits
+//! them against the config (`account.rs`): the switch to https covers them
+//! all, not only the ones linkgate knows.
+//!
 //! One job per file: this one (the command, the options, each host's
 //! probes); `dns.rs` (the CNAME chain and its verdict); `fetch.rs` (connect,
 //! TLS, one GET and its body); `verdict.rs` (what an answer means);
 //! `report.rs` (the report and its text form); `summary.rs` (the last line:
-//! the providers involved and what to ask each).
+//! the providers involved and what to ask each); `account.rs` (the account
+//! audit and its text).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,12 +33,14 @@ use hickory_resolver::TokioResolver;
 
 use crate::provider::Preset;
 
+mod account;
 mod dns;
 mod fetch;
 mod report;
 mod summary;
 mod verdict;
 
+pub use account::{AccountReport, BrandingReport, Problem, Served};
 pub use report::{render_text, HostReport, Outcome, ProviderCount, Report};
 
 use dns::{dns, resolver};
@@ -55,6 +63,17 @@ pub struct Options {
     pub probe: Settings,
     /// What `[acme] storage` says about each ACME host (lower-case name).
     pub acme: HashMap<String, String>,
+    /// The account audit, when an API key was given.
+    pub account: Option<Arc<AccountAudit>>,
+}
+
+/// Every branding on a provider's account, to hold against the config.
+#[derive(Debug)]
+pub struct AccountAudit {
+    pub provider: &'static Preset,
+    pub ask: crate::account::Ask,
+    /// Every configured host (lower-case name), its provider and region.
+    pub served: Served,
 }
 
 /// How each host is probed, as given on the command line.
@@ -83,6 +102,9 @@ pub struct Asked {
     pub probe: Settings,
     /// Print JSON instead of text.
     pub json: bool,
+    /// The account audit's options; it runs when they, or the provider's
+    /// variable, give an API key.
+    pub account: crate::account::Wanted,
 }
 
 /// `linkgate doctor`: reads `config` once (no certificate is loaded: it may
@@ -123,12 +145,25 @@ pub fn command(config: &std::path::Path, asked: Asked) -> std::process::ExitCode
     let acme = outline
         .acme_storage()
         .map_or_else(HashMap::new, |(storage, hosts)| crate::acme::describe(&storage, &hosts));
+    // SendGrid is the one provider whose account API linkgate reads.
+    let account = match crate::provider::find("sendgrid") {
+        Ok(provider) => match asked.account.ask(provider, asked.probe.timeout) {
+            Ok(None) => None,
+            Ok(Some(ask)) => match outline.host_upstreams() {
+                Ok(served) => Some(Arc::new(AccountAudit { provider, ask, served })),
+                Err(e) => return fail(&e),
+            },
+            Err(e) => return fail(&e),
+        },
+        Err(e) => return fail(&e),
+    };
     let opts = Options {
         hosts,
         has_http: outline.has_http(),
         providers,
         probe: asked.probe,
         acme,
+        account,
     };
     let report = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -159,6 +194,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let resolver = Arc::new(resolver(opts.probe.resolver)?);
     let tls = Arc::new(client_tls(opts.probe.ca_file.as_deref())?);
     let opts = Arc::new(opts);
+    // The account is listed while the hosts are probed.
+    let listing = opts.account.clone().map(|audit| {
+        tokio::spawn(async move {
+            let listed = crate::account::list(audit.provider, &audit.ask).await;
+            account::audit(audit.provider, listed, &audit.served)
+        })
+    });
     let mut tasks = tokio::task::JoinSet::new();
     for (i, host) in opts.hosts.iter().enumerate() {
         let (host, resolver, tls, opts) = (host.clone(), resolver.clone(), tls.clone(), opts.clone());
@@ -175,12 +217,17 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         .filter(|h| !h.dns.passed() || !h.https.passed() || h.http.as_ref().is_some_and(|o| !o.passed()))
         .collect();
     let providers = summary::providers(&hosts);
-    let summary = summary::summary(&hosts, &failing, &providers);
-    let ok = failing.is_empty();
+    let account = match listing {
+        Some(task) => Some(task.await?),
+        None => None,
+    };
+    let summary = summary::summary(&hosts, &failing, &providers, account.as_ref().map(|a| a.ok));
+    let ok = failing.is_empty() && account.as_ref().is_none_or(|a| a.ok);
     Ok(Report {
         ok,
         hosts,
         providers,
+        account,
         summary,
     })
 }

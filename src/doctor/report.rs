@@ -3,15 +3,20 @@
 
 use serde::Serialize;
 
+use super::account::{self, AccountReport};
 use crate::provider::Preset;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
-    /// Every host passed every check.
+    /// Every host passed every check (and, with an API key, every branding
+    /// on the account is ready).
     pub ok: bool,
     pub hosts: Vec<HostReport>,
     /// The providers of the hosts probed, in the order they first appear.
     pub providers: Vec<ProviderCount>,
+    /// The account audit, when an API key was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub account: Option<AccountReport>,
     pub summary: String,
 }
 
@@ -93,7 +98,8 @@ impl Outcome {
     }
 }
 
-/// The human form: one row per host, then the details of what failed, then the summary.
+/// The human form: one row per host, then the details of what failed, the
+/// account audit (or how to run it), then the summary.
 pub fn render_text(report: &Report) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
@@ -131,6 +137,25 @@ pub fn render_text(report: &Report) -> String {
         if let Some(acme) = &h.acme {
             let _ = writeln!(out, "{} acme: {acme}", h.name);
         }
+    }
+    match &report.account {
+        Some(audit) => {
+            account::render(audit, &mut out);
+            let _ = writeln!(out, "{}", audit.summary);
+        }
+        None if report
+            .providers
+            .iter()
+            .any(|p| p.provider == Some(crate::provider::DEFAULT)) =>
+        {
+            let _ = writeln!(
+                out,
+                "account: not checked: set {} (or give --api-key-file) to check every branding on the SendGrid \
+                 account, not only these",
+                crate::account::SENDGRID_API_KEY_ENV
+            );
+        }
+        None => {}
     }
     let _ = writeln!(out, "{}", report.summary);
     out

@@ -25,8 +25,14 @@ pub(super) fn providers(hosts: &[HostReport]) -> Vec<ProviderCount> {
     out
 }
 
-/// The summary line for `hosts`, of whom `failing` fail a check.
-pub(super) fn summary(hosts: &[HostReport], failing: &[&HostReport], providers: &[ProviderCount]) -> String {
+/// The summary line for `hosts`, of whom `failing` fail a check;
+/// `account_ready` is the account audit's verdict, when there was one.
+pub(super) fn summary(
+    hosts: &[HostReport],
+    failing: &[&HostReport],
+    providers: &[ProviderCount],
+    account_ready: Option<bool>,
+) -> String {
     let counts = providers
         .iter()
         .map(|c| format!("{} ×{}", c.display, c.hosts))
@@ -35,11 +41,20 @@ pub(super) fn summary(hosts: &[HostReport], failing: &[&HostReport], providers: 
     let sendgrid = providers.iter().any(|c| c.provider == Some(provider::DEFAULT));
     if failing.is_empty() {
         let next: Vec<String> = providers.iter().map(next_step).collect();
-        let mut line = format!(
-            "all {} link brandings ({counts}) pass both checks — {}; keep the CNAMEs pointing at the proxy.",
-            hosts.len(),
-            next.join("; ")
-        );
+        let mut line = if account_ready == Some(false) {
+            format!(
+                "all {} link brandings ({counts}) pass both checks, but not every branding on the SendGrid account \
+                 is ready (the account: line above says which and what to do): do not ask SendGrid Support yet; \
+                 keep the CNAMEs pointing at the proxy.",
+                hosts.len()
+            )
+        } else {
+            format!(
+                "all {} link brandings ({counts}) pass both checks — {}; keep the CNAMEs pointing at the proxy.",
+                hosts.len(),
+                next.join("; ")
+            )
+        };
         if sendgrid {
             line.push_str(
                 " Do not re-validate the SendGrid link brandings in the SendGrid UI: that validation expects the \

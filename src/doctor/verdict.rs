@@ -123,6 +123,7 @@ mod tests {
         probe_source: "https://marked.example/docs",
         https_switch: "",
         https_source: "https://marked.example/docs",
+        api: &[],
     };
 
     /// (provider, status, body, verdict, in the message, the fix blames the Host header)

@@ -1,7 +1,9 @@
 //! `linkgate doctor` under test: an authoritative DNS server for
 //! `example.test` (hickory-server, UDP and TCP on loopback) whose branded
 //! names lead to `lb.example.test` (127.0.0.1) or still to a provider, and
-//! doctor itself as a child process, with its JSON or text report.
+//! doctor itself as a child process, with its JSON or text report. Doctor
+//! runs without `SENDGRID_API_KEY` unless a test gives one, so no account
+//! is audited by accident.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,6 +15,45 @@ use hickory_server::proto::rr::rdata::{A, CNAME, SOA};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record};
 use hickory_server::store::in_memory::InMemoryZoneHandler;
 use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
+
+/// The variable doctor and import read SendGrid's API key from.
+pub const API_KEY_ENV: &str = "SENDGRID_API_KEY";
+
+/// What one run of the binary printed.
+#[derive(Debug)]
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// stdout as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.stdout, self.stderr))
+    }
+}
+
+/// `linkgate <args>` with the variables in `env` (and no `SENDGRID_API_KEY`
+/// but the one given), in a blocking task so in-process servers keep running.
+pub async fn linkgate(args: Vec<String>, env: Vec<(&'static str, String)>) -> Run {
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_linkgate"))
+            .env_remove(API_KEY_ENV)
+            .envs(env)
+            .args(&args)
+            .output()
+            .expect("run linkgate");
+        Run {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    })
+    .await
+    .expect("join")
+}
 
 /// An authoritative server for `example.test` on a loopback port (UDP and TCP).
 pub async fn dns_server() -> SocketAddr {
@@ -103,6 +144,7 @@ pub async fn dns_server() -> SocketAddr {
 /// `linkgate doctor --format json` on `config`, asking `dns`; its exit status and report.
 pub fn doctor(config: &Path, dns: SocketAddr, args: &[&str]) -> (i32, serde_json::Value) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_linkgate"))
+        .env_remove(API_KEY_ENV)
         .arg("doctor")
         .arg("--config")
         .arg(config)
@@ -147,6 +189,7 @@ pub async fn doctor_text(config: &Path, dns: SocketAddr, args: Vec<String>) -> (
     let config = config.to_path_buf();
     tokio::task::spawn_blocking(move || {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_linkgate"))
+            .env_remove(API_KEY_ENV)
             .arg("doctor")
             .arg("--config")
             .arg(&config)

@@ -7,6 +7,7 @@
 //!   [`Setup`] builder for the usual fixture chain;
 //! - [`process`]: linkgate as a child process, and the JSON it prints;
 //! - [`doctor`]: a DNS server for `example.test`, and `linkgate doctor` run against it;
+//! - [`provider_api`]: a stand-in for SendGrid's branded-links API, recording requests;
 //! - [`clients`]: clients that trust the test CA, raw HTTP/1, metrics.
 //!
 //! Everything in `pki`, `standin`, `linkgate` and `clients` is re-exported
@@ -22,6 +23,7 @@ mod linkgate;
 pub mod origin;
 mod pki;
 pub mod process;
+pub mod provider_api;
 mod standin;
 
 #[allow(unused_imports)]
