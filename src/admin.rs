@@ -2,6 +2,11 @@
 //! up and configuration loaded; 503 while draining) and `/metrics`
 //! (Prometheus text format). Keep it on a private address.
 //!
+//! A connection may start with a PROXY protocol header (v1 or v2), which is
+//! read and ignored: a balancer that sends one on every connection to a
+//! target (an AWS NLB with PROXY protocol on does, on its health checks
+//! too) can health-check `/readyz` here.
+//!
 //! At most [`ADMIN_CONNECTIONS`] admin connections are open at once; more are
 //! closed as soon as they are accepted, so a flood of admin connections
 //! cannot take the descriptors the proxy's own listeners need.
@@ -50,6 +55,15 @@ pub async fn serve(listener: TcpListener, live: Arc<Live>) {
         let live = live.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let mut stream = stream;
+            match tokio::time::timeout(Duration::from_secs(5), skip_proxy_header(&mut stream)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %peer, error = %e, "admin connection closed: bad PROXY header");
+                    return;
+                }
+                Err(_) => return,
+            }
             let service = service_fn(move |req| {
                 let live = live.clone();
                 async move { Ok::<_, Infallible>(answer(&live, &req)) }
@@ -61,6 +75,31 @@ pub async fn serve(listener: TcpListener, live: Arc<Live>) {
                 .await;
         });
     }
+}
+
+/// Reads and drops a PROXY protocol header if the connection starts with
+/// one; anything else is left for HTTP. Only peeks until it can tell.
+async fn skip_proxy_header(stream: &mut tokio::net::TcpStream) -> std::io::Result<()> {
+    use crate::server::proxy_protocol;
+    let mut start = [0u8; 5];
+    loop {
+        let n = stream.peek(&mut start).await?;
+        let seen = &start[..n];
+        let v1 = b"PROXY".starts_with(seen);
+        let v2 = proxy_protocol::V2_SIGNATURE.starts_with(seen);
+        if n == 0 || !(v1 || v2) {
+            return Ok(());
+        }
+        if n == start.len() {
+            break;
+        }
+        // A prefix of a header so far: wait for the rest.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy_protocol::read_header(stream)
+        .await
+        .map(drop)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
 }
 
 /// `linkgate health`: asks the running linkgate whose `[admin] listen` is

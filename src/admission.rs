@@ -59,6 +59,28 @@ impl AcceptFailures {
     }
 }
 
+/// A warning that may repeat for every connection, logged at most once
+/// every [`ACCEPT_LOG_EVERY`] with the count of those not logged since.
+#[derive(Debug, Default)]
+pub struct Occasional {
+    last: std::sync::Mutex<Option<Instant>>,
+    unlogged: std::sync::atomic::AtomicU64,
+}
+
+impl Occasional {
+    /// `Some(unlogged since the last line)` when it is time to log again.
+    pub fn due(&self) -> Option<u64> {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_some_and(|at| now.duration_since(at) < ACCEPT_LOG_EVERY) {
+            self.unlogged.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.unlogged.swap(0, Ordering::Relaxed))
+    }
+}
+
 /// The handshakes in progress across the process, in total and per address.
 #[derive(Debug, Default)]
 pub struct Handshakes {

@@ -287,11 +287,13 @@ const HANDSHAKE_RESULTS: [&str; 6] = [
 ];
 
 /// The reasons `linkgate_connections_refused_total` counts.
-const REFUSAL_REASONS: [&str; 4] = [
+const REFUSAL_REASONS: [&str; 6] = [
     "max_handshakes",
     "handshakes_per_address",
     "connections_per_address",
     "admin_connections",
+    "untrusted_proxy",
+    "proxy_header",
 ];
 
 /// OpenMetrics text turned into the classic format: a counter family is

@@ -263,6 +263,13 @@ fn agrees(overlay: &str, docs: &[Value], sends_proxy_protocol: bool) {
     }
     if overlay == "gke" {
         assert_eq!(annotations["cloud.google.com/l4-rbs"], "enabled");
+        // GKE's node health check (ingress-gce's L4 defaults, restored if
+        // changed): every 8 s, unhealthy after 3 failures.
+        let noticed = Duration::from_secs(8 * 3);
+        assert!(
+            noticed + Duration::from_secs(unready_after) < drain,
+            "GKE notices a draining pod after {noticed:?} plus the readiness probe; drain_delay is {drain:?}"
+        );
     }
     let svc_ports: Vec<(u64, &str)> = svc["spec"]["ports"]
         .as_array()

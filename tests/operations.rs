@@ -477,7 +477,7 @@ async fn via_proxy_header(
 
 #[tokio::test]
 async fn proxy_protocol_sets_the_client_address_only_from_trusted_peers() {
-    let Served { dir, pki, up, lg, .. } = behind_proxy_protocol("127.0.0.0/8").start().await;
+    let Served { dir, pki, up, lg, .. } = behind_proxy_protocol("127.0.0.0/8").admin().start().await;
 
     let v1 = b"PROXY TCP4 203.0.113.7 10.0.0.1 56324 443\r\n";
     let resp = via_proxy_header(&pki, lg.https, v1, "X-Forwarded-For: 6.6.6.6\r\n")
@@ -527,12 +527,19 @@ async fn proxy_protocol_sets_the_client_address_only_from_trusted_peers() {
         .await
         .is_err());
     assert_eq!(up.received().len(), before);
+    // Counted, so that a balancer that sends no header is seen on /metrics.
+    let refused = |reason: &str| format!("linkgate_connections_refused_total{{reason=\"{reason}\"}}");
+    let admin = lg.admin.expect("admin");
+    assert_eq!(metric(admin, &refused("proxy_header")).await, Some(2.0));
     lg.stop().await;
 
-    // From a peer that is not a trusted proxy the connection is dropped, header or not.
-    let lg = Linkgate::start(dir.path(), &behind_proxy_protocol("10.0.0.0/8").text(&up)).await;
+    // From a peer that is not a trusted proxy the connection is dropped, header or not, and counted.
+    let lg = Linkgate::start(dir.path(), &behind_proxy_protocol("10.0.0.0/8").admin().text(&up)).await;
     assert!(via_proxy_header(&pki, lg.https, v1, "").await.is_err());
     assert_eq!(up.received().len(), before);
+    let admin = lg.admin.expect("admin");
+    assert_eq!(metric(admin, &refused("untrusted_proxy")).await, Some(1.0));
+    assert_eq!(metric(admin, &refused("proxy_header")).await, Some(0.0));
     lg.stop().await;
 }
 
@@ -1027,4 +1034,60 @@ async fn plain_http_connections_count_as_unfinished_until_their_first_request_he
     );
     drop((silent, another));
     lg.stop().await;
+}
+
+/// An AWS NLB with PROXY protocol on sends a PROXY header on its health
+/// checks too: the admin listener reads and ignores one (v1 or v2, LOCAL
+/// or with addresses, in one segment or split), so `/readyz` answers them,
+/// and still answers plain HTTP.
+#[tokio::test]
+async fn the_admin_listener_answers_health_checks_behind_a_proxy_header() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Served {
+        dir: _dir, up: _up, lg, ..
+    } = Setup::new().host(CLICK).admin().start().await;
+    let admin = lg.admin.expect("admin");
+    let get = b"GET /readyz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n";
+    let sig: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+    let v2_local = [sig, &[0x20, 0x00, 0x00, 0x00]].concat();
+    let v2_tcp4 = [
+        sig,
+        &[0x21, 0x11, 0x00, 0x0c, 10, 0, 0, 1, 10, 0, 0, 2, 0x30, 0x39, 0x26, 0xad],
+    ]
+    .concat();
+    let v1 = b"PROXY TCP4 10.0.0.1 10.0.0.2 12345 9901\r\n".to_vec();
+    for (what, header, split) in [
+        ("none", Vec::new(), false),
+        ("v2 LOCAL", v2_local.clone(), false),
+        ("v2 LOCAL, split", v2_local, true),
+        ("v2 TCP4", v2_tcp4, false),
+        ("v1", v1.clone(), false),
+        ("v1, split", v1, true),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(admin).await.expect("connect");
+        if split {
+            s.write_all(&header[..3]).await.expect("write");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            s.write_all(&header[3..]).await.expect("write");
+        } else {
+            s.write_all(&header).await.expect("write");
+        }
+        s.write_all(get).await.expect("write");
+        let mut answer = Vec::new();
+        tokio::time::timeout(HANG_GUARD, s.read_to_end(&mut answer))
+            .await
+            .expect("answered")
+            .expect("read");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{what}: {answer}");
+    }
+    // A malformed header closes the connection unanswered.
+    let mut s = tokio::net::TcpStream::connect(admin).await.expect("connect");
+    s.write_all(b"PROXY NONSENSE\r\n").await.expect("write");
+    s.write_all(get).await.expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(HANG_GUARD, s.read_to_end(&mut answer))
+        .await
+        .expect("closed");
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
 }

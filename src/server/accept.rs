@@ -69,7 +69,10 @@ pub(super) async fn connection(
     let mut client = peer;
     if listen.proxy_protocol {
         if !trusted {
-            tracing::debug!(peer = %peer, "connection refused: PROXY protocol expected, peer not in trusted_proxies");
+            shared.live.metrics.refused("untrusted_proxy");
+            if let Some(unlogged) = shared.proxy_refusals.due() {
+                tracing::warn!(peer = %peer, unlogged_since_last = unlogged, "connection refused: listen.proxy_protocol is on and this peer is not in listen.trusted_proxies (name the balancer's addresses there, e.g. the VPC's CIDR)");
+            }
             return;
         }
         match timeout_at(deadline, proxy_protocol::read_header(&mut stream)).await {
@@ -91,11 +94,20 @@ pub(super) async fn connection(
                 }
             }
             Ok(Ok(None)) => {}
+            // Closed before a byte came: a TCP health check, a scanner.
+            Ok(Err(proxy_protocol::ProxyHeaderError::Io(e))) => {
+                tracing::debug!(peer = %peer, error = %e, "connection closed before its PROXY header");
+                return;
+            }
             Ok(Err(e)) => {
-                tracing::debug!(peer = %peer, error = %e, "connection dropped: bad PROXY header");
+                shared.live.metrics.refused("proxy_header");
+                if let Some(unlogged) = shared.proxy_refusals.due() {
+                    tracing::warn!(peer = %peer, error = %e, unlogged_since_last = unlogged, "connection dropped: listen.proxy_protocol is on and the connection did not start with a PROXY header (does the balancer send one?)");
+                }
                 return;
             }
             Err(_) => {
+                shared.live.metrics.refused("proxy_header");
                 tracing::debug!(peer = %peer, "connection dropped: no PROXY header in time");
                 return;
             }

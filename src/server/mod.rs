@@ -32,7 +32,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::admission::{AcceptFailures, Clients, Handshakes};
+use crate::admission::{AcceptFailures, Clients, Handshakes, Occasional};
 use crate::config::{Config, Limits};
 use crate::proxy::Proxy;
 use crate::reload::Live;
@@ -98,6 +98,9 @@ struct Shared {
     clients: Arc<Clients>,
     /// Becomes true when the workers must stop accepting and drain.
     stopping: watch::Receiver<bool>,
+    /// Connections dropped for their PROXY header (or the lack of one): a
+    /// balancer that does not send one, or trusted_proxies that do not name it.
+    proxy_refusals: Occasional,
 }
 
 /// Serves the live configuration on `listeners` until `shutdown` completes,
@@ -143,6 +146,7 @@ pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Ou
         connections: Arc::new(Semaphore::new(config.limits.max_connections as usize)),
         handshakes: Handshakes::new(),
         clients: Clients::new(),
+        proxy_refusals: Occasional::default(),
         stopping,
     });
     // Certificates for `acme = true` hosts; stops with this function.

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// The 12-byte signature that starts a v2 header.
-const V2_SIGNATURE: [u8; 12] = [0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A];
+pub const V2_SIGNATURE: [u8; 12] = [0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A];
 /// A v1 header is at most 107 bytes including CRLF.
 const V1_MAX: usize = 107;
 /// Largest v2 header we accept (addresses plus TLVs such as AWS's VPC endpoint id).
