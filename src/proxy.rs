@@ -225,7 +225,11 @@ impl Proxy {
                 if let ProxyError::Upstream(err) = &e {
                     let kind = err.kind();
                     self.metrics.upstream_errors.get_or_create(&KindLabels { kind }).inc();
-                    tracing::warn!(client = %conn.peer, host = host.as_ref().map_or("-", HostName::as_str), error = %err, "upstream request failed");
+                    let upstream = host
+                        .as_ref()
+                        .and_then(|h| self.active.config.upstreams.get(self.active.host(h)?.upstream))
+                        .map_or_else(|| "-".to_owned(), |u| format!("{}://{}", u.scheme, u.authority));
+                    tracing::warn!(client = %conn.peer, host = host.as_ref().map_or("-", HostName::as_str), upstream, error = %err, "upstream request failed");
                 }
                 let message = e.body().trim_end();
                 let message = if matches!(e, ProxyError::Upstream(_)) {
@@ -249,10 +253,12 @@ impl Proxy {
             self.metrics.upstream_duration.observe(t.as_secs_f64());
         }
         self.metrics.request_duration.observe(started.elapsed().as_secs_f64());
-        let known_host = host.filter(|h| self.active.hosts.contains_key(h));
-        self.active.counters(known_host.as_ref()).count(status);
+        // Metrics count a host linkgate does not serve as `other`; the log
+        // names it (a normalised host name), so a missing branding shows.
+        let known = host.as_ref().filter(|h| self.active.hosts.contains_key(*h));
+        self.active.counters(known).count(status);
         if let Some(r) = record.as_mut().map(AccessLine::record) {
-            r.host = known_host;
+            r.host = host;
             r.status = status;
             // A failed upstream request logs how long it waited.
             r.upstream = upstream_time.or_else(|| sent_upstream.map(|t: Instant| t.elapsed()));

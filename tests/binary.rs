@@ -460,6 +460,10 @@ async fn access_lines_carry_the_user_agent_and_a_504_its_wait() {
     assert_eq!(resp.status(), 421);
     let line = wait_line(&lg.lines, |v| v["target"] == "linkgate::access");
     assert_eq!(line["user_agent"], "-", "{line}");
+    assert_eq!(
+        line["host"], "other.example.test",
+        "a host linkgate does not serve is named: {line}"
+    );
     assert!(
         line["refused"].as_str().is_some_and(|r| r.contains("misdirected")),
         "{line}"

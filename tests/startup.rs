@@ -317,7 +317,11 @@ fn bundled_configs_are_valid() {
     assert_eq!(config.hosts[0].name.as_str(), CLICK);
     assert_eq!(config.listen.https.to_string(), "127.0.0.1:8443");
     // The quick start starts without a descriptor warning on a desktop's 1024 open files.
-    assert!(config.limits.descriptors_needed() <= 1024, "{}", config.limits.descriptors_needed());
+    assert!(
+        config.limits.descriptors_needed() <= 1024,
+        "{}",
+        config.limits.descriptors_needed()
+    );
     // The production template names certificates the operator must add: it parses, and fails only on those.
     let err = linkgate::config::Config::load(&root.join("config/linkgate.toml")).expect_err("template needs certs");
     assert!(err.to_string().contains("host \"url1234.example.com\""), "{err}");
