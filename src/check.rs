@@ -6,7 +6,7 @@
 //! checked on its own (with [`crate::config::load_host`], again `serve`'s
 //! code) so that every host gets a row even when one of them is broken.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -96,7 +96,7 @@ pub fn check(path: &Path) -> Report {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
     let mut loaded = LoadedPairs::new();
-    let mut seen = HashSet::new();
+    let mut seen = HashMap::new();
     let acme = whole.as_ref().ok().and_then(|c| c.acme.clone());
     for entry in &entries {
         let mut row = HostReport {
@@ -117,8 +117,13 @@ pub fn check(path: &Path) -> Report {
                 }
             }
             Ok(host) => {
-                if !seen.insert(host.name.clone()) {
-                    row.error("duplicate host: each name may appear once".into());
+                match seen.get(&host.name) {
+                    Some(first) => row.error(format!(
+                        "duplicate host: it is also [[host]] #{first}; each name may appear once (remove one)"
+                    )),
+                    None => {
+                        seen.insert(host.name.clone(), report.hosts.len() + 1);
+                    }
                 }
                 match &host.certificate {
                     CertSource::Files { certified_key, key, .. } => {
@@ -320,7 +325,9 @@ pub fn render_text(report: &Report) -> String {
             *w = (*w).max(cell.chars().count());
         }
     }
-    for row in std::iter::once(&header).chain(&rows) {
+    // No table at all when no host could be read (a missing file, say).
+    let table = if rows.is_empty() { None } else { Some(&header) };
+    for row in table.into_iter().chain(&rows) {
         let _ = writeln!(
             out,
             "{:<w0$}  {:<w1$}  {:>w2$}  {:<w3$}  {:<w4$}  {}",

@@ -237,8 +237,13 @@ fn readable_keys_wrong_order_and_file_errors() {
     assert_eq!(code, 1);
     assert!(has(&report["errors"][0], "unknown field `port`"), "{report}");
 
-    let (code, _) = check(&dir.path().join("missing.toml"), &[]);
+    let (code, text) = check(&dir.path().join("missing.toml"), &[]);
     assert_eq!(code, 1);
+    // The error and the summary, no empty table.
+    assert!(
+        !text.contains("HOST") && text.starts_with("error: ") && text.contains("--config"),
+        "{text}"
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_linkgate"))
         .args(["check", "--format", "yaml"])
         .output()

@@ -148,7 +148,10 @@ fn duplicate_hosts() {
             host_section("Click.Example.Test.", "click")
         ),
     );
-    assert!(msg.contains("host \"Click.Example.Test.\": duplicate host"), "{msg}");
+    assert!(
+        msg.contains("host \"Click.Example.Test.\": duplicate host: it is also [[host]] #1"),
+        "{msg}"
+    );
 }
 
 #[test]

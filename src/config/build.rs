@@ -295,6 +295,31 @@ pub(super) fn parse_raw(text: &str, path: &Path) -> Result<RawConfig, ConfigErro
             if let Some(table) = table_at(text, span.start) {
                 message = format!("in {table}: {message}");
             }
+            if let Some(key) = TOP_LEVEL_KEYS
+                .iter()
+                .find(|k| message.contains(&format!("unknown field `{k}`")))
+            {
+                message = format!("{message}; `{key}` is a top-level key: put it above the first [table]");
+            }
+        } else if let Some(span) = e.span().filter(|_| message.starts_with("invalid type")) {
+            // toml names the type, not the key: name the key from its line.
+            let line = text
+                .get(span.start..)
+                .and_then(|_| text[..span.start].rsplit('\n').next());
+            if let Some(key) = line
+                .and_then(|l| l.split('=').next())
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+            {
+                let duration = ["_timeout", "_delay", "_period", "_before"]
+                    .iter()
+                    .any(|s| key.ends_with(s));
+                message = if duration && message.contains("expected a string") {
+                    format!("{key}: {message}: a duration is a string with its unit, e.g. \"15s\", \"500ms\", \"2m\"")
+                } else {
+                    format!("{key}: {message}")
+                };
+            }
         }
         ConfigError::Syntax {
             path: path.to_path_buf(),
@@ -303,6 +328,9 @@ pub(super) fn parse_raw(text: &str, path: &Path) -> Result<RawConfig, ConfigErro
         }
     })
 }
+
+/// Keys of the file's top level, which land in a table when written below one.
+const TOP_LEVEL_KEYS: [&str; 2] = ["certs_dir", "error_page"];
 
 /// The table a byte offset of `text` falls in, as a person would name it:
 /// `[listen]`, or `[[host]] #3 (url1234.example.com)` for the third host.

@@ -14,7 +14,7 @@ mod outline;
 mod raw;
 mod units;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -495,7 +495,7 @@ impl Config {
                 "no [[host]] configured: add one per link branding".into(),
             ));
         }
-        let mut seen = HashSet::new();
+        let mut seen = HashMap::new();
         let mut loaded = LoadedPairs::new();
         let mut hosts = Vec::with_capacity(raw.hosts.len());
         let certs_dir = raw.certs_dir.as_deref();
@@ -531,9 +531,12 @@ impl Config {
                         .into(),
                 ));
             }
-            if !seen.insert(host.name.clone()) {
-                return Err(host_err("duplicate host: each name may appear once".into()));
+            if let Some(first) = seen.get(&host.name) {
+                return Err(host_err(format!(
+                    "duplicate host: it is also [[host]] #{first}; each name may appear once (remove one)"
+                )));
             }
+            seen.insert(host.name.clone(), hosts.len() + 1);
             hosts.push(host);
         }
 
@@ -576,6 +579,28 @@ mod tests {
         );
         let e = err("[listen]\nhttps = \"127.0.0.1:0\"\n[admin] # the admin listener\nlisten = \"127.0.0.1:1\"\nidle_timeout = \"1s\"\n");
         assert!(e.contains("in [admin]: unknown field `idle_timeout`"), "{e}");
+        // A top-level key written below a table: where it belongs.
+        let e =
+            err("[listen]\nhttps = \"127.0.0.1:0\"\n[[host]]\nname = \"a.test\"\nacme = true\ncerts_dir = \"certs\"\n");
+        assert!(
+            e.contains("`certs_dir` is a top-level key: put it above the first [table]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_key_and_a_duration_its_form() {
+        let e = err("[listen]\nhttps = \"127.0.0.1:0\"\n[shutdown]\ndrain_delay = 15\n[[host]]\nname = \"a.test\"\nacme = true\n");
+        assert!(
+            e.starts_with("/etc/linkgate/linkgate.toml:4: drain_delay: invalid type: integer `15`"),
+            "{e}"
+        );
+        assert!(e.contains("a duration is a string with its unit, e.g. \"15s\""), "{e}");
+        let e = err(
+            "[listen]\nhttps = \"127.0.0.1:0\"\nproxy_protocol = \"yes\"\n[[host]]\nname = \"a.test\"\nacme = true\n",
+        );
+        assert!(e.contains(":3: proxy_protocol: invalid type: string"), "{e}");
+        assert!(!e.contains("duration"), "{e}");
     }
 
     /// Every option the template shows commented out parses where it
