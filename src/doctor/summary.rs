@@ -40,7 +40,10 @@ pub(super) fn summary(
         .join(", ");
     let sendgrid = providers.iter().any(|c| c.provider == Some(provider::DEFAULT));
     if failing.is_empty() {
-        let next: Vec<String> = providers.iter().map(next_step).collect();
+        let next: Vec<String> = providers
+            .iter()
+            .map(|c| next_step(c, account_ready.is_some()))
+            .collect();
         let mut line = if account_ready == Some(false) {
             format!(
                 "all {} link brandings ({counts}) pass both checks, but not every branding on the SendGrid account \
@@ -97,9 +100,19 @@ pub(super) fn summary(
     line
 }
 
-/// What to do at one provider once its brandings pass.
-fn next_step(c: &ProviderCount) -> String {
+/// What to do at one provider once its brandings pass; `audited`: the
+/// account audit ran (and found every branding ready). SendGrid switches
+/// every branding of a user at once, so without the audit the next step is
+/// the audit (README, step 7), not SendGrid Support.
+fn next_step(c: &ProviderCount, audited: bool) -> String {
     match (c.provider, c.https_switch) {
+        (Some(provider::DEFAULT), Some(_)) if !audited => format!(
+            "{display}: run the account audit next (step 7: set {env} or give --api-key-file): {display} switches \
+             a user to https only when every branding of that user passes, also any missing from this config; \
+             go to {display} Support only once it says every branding is ready",
+            display = c.display,
+            env = crate::account::SENDGRID_API_KEY_ENV,
+        ),
         (Some(_), Some(switch)) => format!("{}: {switch}", c.display),
         (Some(_), None) => format!(
             "{}: switch its tracking links to https as it describes for a proxy (README, \"Providers\")",
