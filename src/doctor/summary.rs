@@ -114,9 +114,15 @@ fn next_step(c: &ProviderCount, audited: bool) -> String {
             env = crate::account::SENDGRID_API_KEY_ENV,
         ),
         (Some(_), Some(switch)) => format!("{}: {switch}", c.display),
+        // The README's Providers table says the same: "no documented switch for a proxy".
         (Some(_), None) => format!(
-            "{}: switch its tracking links to https as it describes for a proxy (README, \"Providers\")",
-            c.display
+            "{display}: no documented switch to https tracking links for a proxy (README, \"Providers\"): ask \
+             {display} how to serve them over https through your own proxy{source}",
+            display = c.display,
+            source = c
+                .https_source
+                .map(|s| format!(" (its https page: {s})"))
+                .unwrap_or_default(),
         ),
         (None, _) => "url upstream: switch its tracking links to https where they are made".to_owned(),
     }
