@@ -257,6 +257,7 @@ async fn an_account_whose_every_branding_is_served_and_valid_passes() {
             )],
             throttle: Vec::new(),
             paging: Paging::AsDocumented,
+            refusal: None,
         },
     )
     .await;

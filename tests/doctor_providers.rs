@@ -330,6 +330,7 @@ async fn every_step_doctor_names_is_the_readmes_step() {
             )],
             throttle: Vec::new(),
             paging: Paging::AsDocumented,
+            refusal: None,
         },
     )
     .await;

@@ -48,6 +48,9 @@ pub struct Account {
     /// 429 with this `Retry-After`.
     pub throttle: Vec<(Option<String>, usize, &'static str)>,
     pub paging: Paging,
+    /// What a 401 says instead of "authorization required" (an API that
+    /// echoes the key it was sent).
+    pub refusal: Option<String>,
 }
 
 /// How the stand-in pages.
@@ -155,7 +158,8 @@ fn answer(
         return errors(StatusCode::NOT_FOUND, "not found");
     }
     if request.authorization.as_deref() != Some(&format!("Bearer {}", account.key)) {
-        return errors(StatusCode::UNAUTHORIZED, "authorization required");
+        let message = account.refusal.as_deref().unwrap_or("authorization required");
+        return errors(StatusCode::UNAUTHORIZED, message);
     }
     let user = request.on_behalf_of.clone();
     if let Some((_, times, retry_after)) = account.throttle.iter().find(|(u, _, _)| *u == user) {
@@ -267,6 +271,7 @@ pub fn sample_account() -> Account {
         ],
         throttle: Vec::new(),
         paging: Paging::AsDocumented,
+        refusal: None,
     }
 }
 
@@ -287,10 +292,15 @@ pub fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| (*s).to_owned()).collect()
 }
 
-/// The key appears nowhere in what `run` printed.
+/// The key, in any case, and its secret part (after its second dot)
+/// appear nowhere in what `run` printed.
 pub fn no_key(run: &Run, key: &str) {
-    assert!(
-        !run.stdout.contains(key) && !run.stderr.contains(key),
-        "the key was printed: {run:?}"
-    );
+    let printed = format!("{}\n{}", run.stdout, run.stderr).to_ascii_lowercase();
+    let secret = key.splitn(3, '.').nth(2);
+    for needle in [Some(key), secret].into_iter().flatten() {
+        assert!(
+            !printed.contains(&needle.to_ascii_lowercase()),
+            "the key (or {needle:?}) was printed: {run:?}"
+        );
+    }
 }
