@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use super::doctor::Run;
-use super::Pki;
+use super::{Leaf, Pki};
 
 /// One request the stand-in received.
 #[derive(Debug, Clone)]
@@ -75,7 +75,13 @@ pub struct ProviderApi {
 impl ProviderApi {
     /// Serves `account` over https with a certificate from `pki` for 127.0.0.1.
     pub async fn start(pki: &Pki, account: Account) -> Self {
-        let acceptor = pki.leaf(&["127.0.0.1"]).acceptor();
+        Self::start_with(&pki.leaf(&["127.0.0.1"]), account).await
+    }
+
+    /// Serves `account` over https presenting `cert` (an expired one, one
+    /// for another name, a CA's own).
+    pub async fn start_with(cert: &Leaf, account: Account) -> Self {
+        let acceptor = cert.acceptor();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind api");
         let addr = listener.local_addr().expect("addr");
         let requests = Arc::new(Mutex::new(Vec::new()));
