@@ -217,11 +217,27 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         .filter(|h| !h.dns.passed() || !h.https.passed() || h.http.as_ref().is_some_and(|o| !o.passed()))
         .collect();
     let providers = summary::providers(&hosts);
-    let account = match listing {
+    let mut account = match listing {
         Some(task) => Some(task.await?),
         None => None,
     };
-    let summary = summary::summary(&hosts, &failing, &providers, account.as_ref().map(|a| a.ok));
+    let audit = match &account {
+        None => summary::Audit::NotRun,
+        Some(a) => match a.unreadable {
+            Some(why) => summary::Audit::Unreadable(why),
+            None if a.ok => summary::Audit::Ready,
+            None => summary::Audit::NotReady,
+        },
+    };
+    if let Some(report) = account.as_mut() {
+        let pointed: Vec<&str> = hosts
+            .iter()
+            .filter(|h| h.dns.passed())
+            .map(|h| h.name.as_str())
+            .collect();
+        account::pointed(report, &pointed);
+    }
+    let summary = summary::summary(&hosts, &failing, &providers, audit);
     let ok = failing.is_empty() && account.as_ref().is_none_or(|a| a.ok);
     Ok(Report {
         ok,

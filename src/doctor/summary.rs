@@ -25,13 +25,27 @@ pub(super) fn providers(hosts: &[HostReport]) -> Vec<ProviderCount> {
     out
 }
 
-/// The summary line for `hosts`, of whom `failing` fail a check;
-/// `account_ready` is the account audit's verdict, when there was one.
+/// What the account audit found, for the last line.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Audit {
+    /// No API key: not run.
+    NotRun,
+    /// Every branding on the account is ready.
+    Ready,
+    /// Some branding is not.
+    NotReady,
+    /// The account could not be read (why, in a few words): whether every
+    /// branding is ready is not known.
+    Unreadable(&'static str),
+}
+
+/// The summary line for `hosts`, of whom `failing` fail a check; `audit`
+/// is what the account audit found.
 pub(super) fn summary(
     hosts: &[HostReport],
     failing: &[&HostReport],
     providers: &[ProviderCount],
-    account_ready: Option<bool>,
+    audit: Audit,
 ) -> String {
     let counts = providers
         .iter()
@@ -42,9 +56,17 @@ pub(super) fn summary(
     if failing.is_empty() {
         let next: Vec<String> = providers
             .iter()
-            .map(|c| next_step(c, account_ready.is_some()))
+            .map(|c| next_step(c, !matches!(audit, Audit::NotRun)))
             .collect();
-        let mut line = if account_ready == Some(false) {
+        let mut line = if let Audit::Unreadable(why) = audit {
+            format!(
+                "all {} link brandings ({counts}) pass both checks, but the SendGrid account could not be read \
+                 ({why}; the account: line above says more), so whether every branding on it is ready is not \
+                 known: do not ask SendGrid Support yet; fix that and run doctor again; keep the CNAMEs pointing \
+                 at the proxy.",
+                hosts.len()
+            )
+        } else if matches!(audit, Audit::NotReady) {
             format!(
                 "all {} link brandings ({counts}) pass both checks, but not every branding on the SendGrid account \
                  is ready (the account: line above says which and what to do): do not ask SendGrid Support yet; \
