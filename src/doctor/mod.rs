@@ -21,7 +21,7 @@
 //! TLS, one GET and its body); `verdict.rs` (what an answer means);
 //! `report.rs` (the report and its text form); `summary.rs` (the last line:
 //! the providers involved and what to ask each); `account.rs` (the account
-//! audit and its text).
+//! audit); `account_text.rs` (its section of the text report).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,6 +34,7 @@ use hickory_resolver::TokioResolver;
 use crate::provider::Preset;
 
 mod account;
+mod account_text;
 mod dns;
 mod fetch;
 mod report;
