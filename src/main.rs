@@ -173,7 +173,10 @@ enum Format {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return refuse(&e),
+    };
     match cli.command {
         Command::Doctor(args) => {
             let args = *args;
@@ -209,6 +212,29 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// Prints clap's refusal of the arguments and exits as clap would; an
+/// argument that looks like an API key (given in the wrong place: clap
+/// echoes an unexpected argument) is shown as `<api key>`.
+fn refuse(e: &clap::Error) -> ExitCode {
+    let keys: Vec<linkgate::account::ApiKey> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .flat_map(|a| {
+            let value = a.split_once('=').map(|(_, v)| v.to_owned());
+            [Some(a), value]
+        })
+        .flatten()
+        .filter(|a| linkgate::account::looks_like_key(a))
+        .map(linkgate::account::ApiKey::new)
+        .collect();
+    if keys.is_empty() {
+        e.exit();
+    }
+    let text = keys.iter().fold(e.render().to_string(), |text, key| key.redact(&text));
+    eprint!("{text}");
+    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
 }
 
 fn init_logging(format: LogFormat) {

@@ -125,10 +125,21 @@ async fn doctor_audits_every_branding_on_the_account() {
         ),
         "{ok}"
     );
+    // Its host was probed and its DNS check passed: the record already points at linkgate.
+    assert_eq!(report["hosts"][0]["dns"]["status"], "pass", "{report}");
     assert_eq!(
         ok["dns_advice"],
-        "ok.example.test CNAME sendgrid.net moves: point it at linkgate (your load balancer's name); \
-         7.example.test CNAME sendgrid.net stays as it is (SendGrid's check of who owns the branding)"
+        "ok.example.test CNAME sendgrid.net moves, and already points at linkgate (doctor's DNS check of \
+         ok.example.test passed); 7.example.test CNAME sendgrid.net stays as it is (SendGrid's check of who owns \
+         the branding)"
+    );
+    // One not probed still has to be pointed.
+    assert!(
+        has(
+            &branding(&report, 12)["dns_advice"],
+            "new.example.test CNAME sendgrid.net moves: point it at linkgate (your load balancer's name)"
+        ),
+        "{report}"
     );
     assert_eq!(ok["records"][0]["moves_to_proxy"], true);
     assert_eq!(ok["records"][1]["record"], "owner_cname");
@@ -257,6 +268,7 @@ async fn an_account_whose_every_branding_is_served_and_valid_passes() {
             )],
             throttle: Vec::new(),
             paging: Paging::AsDocumented,
+            refusal: None,
         },
     )
     .await;

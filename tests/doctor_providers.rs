@@ -128,14 +128,27 @@ async fn each_host_is_probed_at_its_providers_path_and_the_summary_names_the_pro
     for said in [
         "all 8 link brandings (SendGrid ×2, Mailgun ×1, Amazon SES ×1, SparkPost ×1, Iterable ×1, \
          Customer.io ×1, url upstream ×1) pass both checks",
-        "SendGrid: ask SendGrid Support to enable SSL click and open tracking",
+        "SendGrid: run the account audit next (step 7: set SENDGRID_API_KEY or give --api-key-file)",
         "Amazon SES: set HttpsPolicy = REQUIRE",
         "SparkPost: set the tracking domain to \"secure\": true",
-        "Mailgun: switch its tracking links to https as it describes for a proxy",
+        "Mailgun: no documented switch to https tracking links for a proxy (README, \"Providers\"): ask Mailgun \
+         how to serve them over https through your own proxy (its https page: \
+         https://help.mailgun.com/hc/en-us/articles/360011566033-HTTPS-Tracking-Links)",
+        "Iterable: no documented switch to https tracking links for a proxy",
+        "Customer.io: no documented switch to https tracking links for a proxy",
         "Do not re-validate the SendGrid link brandings",
     ] {
         assert!(summary.contains(said), "{said:?} in {summary}");
     }
+    // What the README's Providers table says for them: no switch "as it describes".
+    assert!(!summary.contains("as it describes"), "{summary}");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
+    for provider in ["Mailgun", "Iterable", "Customer.io"] {
+        let row = format!("| no documented switch for a proxy: ask {provider}; see [");
+        assert!(readme.contains(&row), "{row:?} in the README's Providers table");
+    }
+    // No API key: the account audit comes before SendGrid Support.
+    assert!(!summary.contains("ask SendGrid Support"), "{summary}");
 
     // --url: that path for every host, whatever its provider.
     let from = up.received().len();
@@ -317,6 +330,7 @@ async fn every_step_doctor_names_is_the_readmes_step() {
             )],
             throttle: Vec::new(),
             paging: Paging::AsDocumented,
+            refusal: None,
         },
     )
     .await;

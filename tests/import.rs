@@ -63,6 +63,7 @@ async fn import_prints_entries_the_config_loader_takes() {
             ],
             throttle: Vec::new(),
             paging: Paging::AsDocumented,
+            refusal: None,
         },
     )
     .await;
@@ -320,4 +321,73 @@ async fn paging_that_would_never_end_is_stopped() {
     );
     assert_eq!(api.received().len(), 100);
     no_key(&out, KEY);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_given_where_it_does_not_belong_is_never_printed() {
+    let secret = KEY.splitn(3, '.').nth(2).expect("a secret part");
+    // The key where its file's name belongs, with = or apart: refused
+    // (arguments, exit 2), the way out named, the key not shown.
+    for args in [
+        vec![
+            "import".to_owned(),
+            "sendgrid".to_owned(),
+            format!("--api-key-file={KEY}"),
+        ],
+        strings(&["import", "sendgrid", "--api-key-file", KEY]),
+    ] {
+        let run = linkgate(args, Vec::new()).await;
+        no_key(&run, KEY);
+        assert_eq!(run.code, Some(2), "{run:?}");
+        assert!(
+            run.stderr.contains(
+                "--api-key-file: the value given looks like an API key, not a file name (it is not shown here): \
+                 put the key in a file and give that file's path, or set SENDGRID_API_KEY"
+            ),
+            "{run:?}"
+        );
+    }
+    // The key as a positional argument, or behind an option that does not
+    // exist: clap's refusal, with the key shown as <api key>.
+    for args in [
+        strings(&["import", "sendgrid", KEY]),
+        strings(&["doctor", "--config", "linkgate.toml", KEY]),
+        vec!["import".to_owned(), "sendgrid".to_owned(), format!("--api-key={KEY}")],
+    ] {
+        let run = linkgate(args, Vec::new()).await;
+        no_key(&run, KEY);
+        assert_eq!(run.code, Some(2), "{run:?}");
+        assert!(run.stderr.contains("error: unexpected argument"), "{run:?}");
+    }
+    let run = linkgate(strings(&["import", "sendgrid", KEY]), Vec::new()).await;
+    assert!(run.stderr.contains("unexpected argument '<api key>' found"), "{run:?}");
+
+    // An API whose refusal echoes the key in another case, and its secret
+    // part alone: both redacted.
+    let pki = Pki::new();
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    let ca = pki.write_ca(dir.path()).display().to_string();
+    let mut echoes = sample_account();
+    echoes.key = "SG.the-accepted-key.0000000000000000000000".into();
+    echoes.refusal = Some(format!(
+        "bad key {} (secret {})",
+        KEY.to_ascii_uppercase(),
+        secret.to_ascii_uppercase()
+    ));
+    let api = ProviderApi::start(&pki, echoes).await;
+    let args = strings(&[
+        "import",
+        "sendgrid",
+        "--provider-api",
+        &api.url(),
+        "--provider-api-ca",
+        &ca,
+    ]);
+    let run = linkgate(args, vec![(API_KEY_ENV, KEY.into())]).await;
+    no_key(&run, KEY);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr.contains("\"bad key <api key> (secret <api key>)\""),
+        "{run:?}"
+    );
 }

@@ -95,7 +95,7 @@ impl Api {
                 .tls
                 .connect(self.name.clone(), tcp)
                 .await
-                .map_err(|e| unreachable(format!("TLS with {} failed: {}", self.host, crate::error::chain(&e))))?;
+                .map_err(|e| unreachable(tls_failure(&self.host, &e)))?;
             let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(tls))
                 .await
                 .map_err(|e| unreachable(format!("HTTP/1.1 handshake failed: {e}")))?;
@@ -153,6 +153,32 @@ impl Api {
         }
         Err(last.unwrap_or_else(|| std::io::Error::other(format!("{} has no address", self.host))))
     }
+}
+
+/// A failed handshake with the API at `host`: the cause in plain words
+/// ([`crate::tls::failure`], as doctor words its probes') and the fix.
+fn tls_failure(host: &str, e: &std::io::Error) -> String {
+    use crate::tls::failure::Failure;
+    let failure = Failure::of(e);
+    let fix = match failure {
+        Failure::UnknownIssuer | Failure::BadSignature => format!(
+            "give --provider-api-ca FILE with the CA certificate that issued {host}'s certificate (SendGrid's own \
+             API needs none: then something in between presents another certificate)"
+        ),
+        Failure::CaAsEndEntity => format!(
+            "{host} must serve a certificate issued by a CA, not the CA's own: issue a leaf certificate for {host} \
+             from that CA, serve it, and give the CA's certificate as --provider-api-ca"
+        ),
+        Failure::Expired => format!("{host}'s certificate must be renewed (or this machine's clock is wrong)"),
+        Failure::NotValidYet => "check this machine's clock".to_owned(),
+        Failure::WrongName => {
+            format!("give --provider-api the name {host}'s certificate is issued for, or a certificate naming {host}")
+        }
+        Failure::UnrecognisedName | Failure::Other(_) | Failure::Handshake(_) => {
+            "check that --provider-api names an https API".to_owned()
+        }
+    };
+    format!("TLS with {host} failed: {}: {fix}", failure.cause(host))
 }
 
 #[cfg(test)]

@@ -44,13 +44,28 @@ impl ApiKey {
     pub fn read(env: &str, file: Option<&Path>) -> Result<Option<Self>, AccountError> {
         let text = match file {
             Some(path) => {
+                // The key itself given where its file's name belongs: refused
+                // without showing it, and never shown in any other error.
+                let given = path.to_string_lossy();
+                let key_like =
+                    looks_like_key(&given) || path.file_name().is_some_and(|n| looks_like_key(&n.to_string_lossy()));
+                if key_like && !path.exists() {
+                    return Err(AccountError::Usage(format!(
+                        "--api-key-file: the value given looks like an API key, not a file name (it is not shown \
+                         here): put the key in a file and give that file's path, or set {env}"
+                    )));
+                }
+                let shown = if key_like {
+                    "<the file given>".into()
+                } else {
+                    path.display().to_string()
+                };
                 let text = std::fs::read_to_string(path)
-                    .map_err(|e| AccountError::Usage(format!("--api-key-file {}: cannot read: {e}", path.display())))?;
+                    .map_err(|e| AccountError::Usage(format!("--api-key-file {shown}: cannot read: {e}")))?;
                 let key = text.trim().to_owned();
                 if key.is_empty() {
                     return Err(AccountError::Usage(format!(
-                        "--api-key-file {}: the file is empty",
-                        path.display()
+                        "--api-key-file {shown}: the file is empty"
                     )));
                 }
                 key
@@ -79,14 +94,55 @@ impl ApiKey {
         &self.0
     }
 
-    /// `text` with every occurrence of the key replaced, for text that came
-    /// from the provider (an error message could echo what it was sent).
-    pub(crate) fn redact(&self, text: &str) -> String {
-        if self.0.is_empty() {
-            return text.to_owned();
+    /// `text` with every occurrence of the key, and of its secret part (a
+    /// SendGrid key is `SG.<id>.<secret>`), replaced whatever their case, for
+    /// text that came from the provider (an error message could echo what it
+    /// was sent, or part of it) or from the command line.
+    pub fn redact(&self, text: &str) -> String {
+        let mut needles: Vec<&str> = vec![&self.0];
+        if let Some(secret) = self.0.splitn(3, '.').nth(2).filter(|s| s.len() >= MIN_SECRET) {
+            needles.push(secret);
         }
-        text.replace(&self.0, "<api key>")
+        let mut out = text.to_owned();
+        for needle in needles.into_iter().filter(|n| !n.is_empty()) {
+            out = replace_ignoring_case(&out, needle, "<api key>");
+        }
+        out
     }
+}
+
+/// The shortest secret part redacted on its own: shorter, it could match
+/// ordinary words of a message.
+const MIN_SECRET: usize = 8;
+
+/// `text` with every ASCII-case-insensitive occurrence of `needle` replaced.
+fn replace_ignoring_case(text: &str, needle: &str, with: &str) -> String {
+    // ASCII lower-casing keeps every byte offset, so offsets found in the
+    // lowered text cut the original at the same (char) boundaries.
+    let (lower, needle) = (text.to_ascii_lowercase(), needle.to_ascii_lowercase());
+    let mut out = String::with_capacity(text.len());
+    let mut from = 0;
+    while let Some(at) = lower[from..].find(&needle) {
+        out.push_str(&text[from..from + at]);
+        out.push_str(with);
+        from += at + needle.len();
+    }
+    out.push_str(&text[from..]);
+    out
+}
+
+/// Whether `value` looks like a SendGrid API key (`SG.<id>.<secret>`): it
+/// starts with `SG.` (any case), or it is three dot-separated runs of the
+/// key's alphabet (letters, digits, `-`, `_`) with a long last one. For a
+/// value given where something else belongs (a file name, an argument), so
+/// that it is refused or scrubbed instead of printed.
+pub fn looks_like_key(value: &str) -> bool {
+    if value.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("SG.")) {
+        return true;
+    }
+    let parts: Vec<&str> = value.split('.').collect();
+    let alphabet = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    parts.len() == 3 && parts.iter().all(|p| alphabet(p)) && parts[2].len() >= 20
 }
 
 /// What to list, where, and how long each request may take.
@@ -301,6 +357,22 @@ mod tests {
             key.redact("bad key SG.secret-value, again SG.secret-value"),
             "bad key <api key>, again <api key>"
         );
+        // Any case, and the secret part on its own.
+        let key = ApiKey::new("SG.key-id.the-secret-part-0123");
+        assert_eq!(
+            key.redact("KEY SG.KEY-ID.THE-SECRET-PART-0123; secret The-Secret-Part-0123 é"),
+            "KEY <api key>; secret <api key> é"
+        );
+    }
+
+    #[test]
+    fn what_looks_like_a_key() {
+        for key in ["SG.abc.def", "sg.x", "abcdefgh.ijklmnop.qrstuvwxyz0123456789_-"] {
+            assert!(looks_like_key(key), "{key}");
+        }
+        for not in ["key.txt", "/run/secrets/sendgrid", "a.b.c", "./keys/api.key"] {
+            assert!(!looks_like_key(not), "{not}");
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! `linkgate doctor`'s account audit: every branding on the SendGrid
 //! account (from [`crate::account`]) held against the configuration. A
-//! branding linkgate does not serve, serves towards another provider or
-//! region, or that SendGrid marks invalid stops SendGrid's switch to https
+//! branding linkgate does not serve (or cannot: its name is not a host
+//! name), serves towards another provider or region, or that SendGrid
+//! marks invalid stops SendGrid's switch to https
 //! tracking, which covers every branding of a user at once. For each one:
 //! what is wrong and what to do, which DNS record moves to linkgate and
 //! which stays, and which one is the default.
@@ -36,6 +37,9 @@ pub struct AccountReport {
     /// Why the account could not be read (then `brandings` is empty).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// That reason in a few words, for doctor's last line.
+    #[serde(skip)]
+    pub unreadable: Option<&'static str>,
     pub summary: String,
 }
 
@@ -59,7 +63,7 @@ pub struct BrandingReport {
 
 #[derive(Debug, Serialize)]
 pub struct Problem {
-    /// `not_served`, `other_provider`, `wrong_region` or `invalid`.
+    /// `not_served`, `not_a_host_name`, `other_provider`, `wrong_region` or `invalid`.
     pub kind: &'static str,
     pub message: String,
     pub fix: String,
@@ -85,6 +89,13 @@ pub(super) fn audit(
                     provider.display
                 ),
                 error: Some(e.to_string()),
+                unreadable: Some(match e {
+                    AccountError::Usage(_) => "the arguments for its API cannot work",
+                    AccountError::Refused(_) => "it refused the API key",
+                    AccountError::RateLimited(_) => "it rate-limited the API key for longer than linkgate waits",
+                    AccountError::Unreachable(_) => "its API could not be reached",
+                    AccountError::Answer(_) => "its API's answer is not the documented one",
+                }),
             }
         }
     };
@@ -101,6 +112,7 @@ pub(super) fn audit(
         listed: listed.listed,
         brandings,
         error: None,
+        unreadable: None,
         summary,
     }
 }
@@ -109,8 +121,25 @@ fn branding(provider: &'static Preset, branding: Branding, served: &Served) -> B
     let host = printable(&branding.host).into_owned();
     let mut problems = Vec::new();
     let entry = served.get(&branding.host);
-    let add = entry.is_none().then(|| host_entry(&branding));
+    // A name that is not a host name is no `[[host]]` to add: `import`
+    // skips it too.
+    let host_name = crate::host::HostName::parse(&branding.host).is_ok();
+    let add = (entry.is_none() && host_name).then(|| host_entry(&branding));
     match entry {
+        None if !host_name => problems.push(Problem {
+            kind: "not_a_host_name",
+            message: format!(
+                "{} lists it, but it is not a valid host name, so linkgate cannot serve it (`linkgate import` \
+                 skips it too) and {}'s switch to https tracking, which takes every branding of the user at once, \
+                 fails on it",
+                provider.display, provider.display
+            ),
+            fix: format!(
+                "look at branding {} in {} (Settings → Sender Authentication → Link Branding): correct or delete \
+                 it there; it cannot be a [[host]]",
+                branding.id, provider.display
+            ),
+        }),
         None => problems.push(Problem {
             kind: "not_served",
             message: format!(
@@ -188,15 +217,33 @@ fn branding(provider: &'static Preset, branding: Branding, served: &Served) -> B
         served: entry.is_some(),
         ready: problems.is_empty(),
         problems,
-        dns_advice: dns_advice(provider, &branding),
+        dns_advice: dns_advice(provider, &branding, false),
         notes,
         add,
         branding,
     }
 }
 
-/// Which record to point at linkgate, and which to leave as they are.
-fn dns_advice(provider: &Preset, branding: &Branding) -> String {
+/// Says, of each branding whose host doctor probed and found pointed at
+/// linkgate (its DNS check passed), that its record already moves there.
+pub(super) fn pointed(report: &mut AccountReport, pointed: &[&str]) {
+    let Ok(provider) = crate::provider::find(report.provider) else {
+        return;
+    };
+    for b in &mut report.brandings {
+        let host = b.branding.host.trim_end_matches('.');
+        if pointed
+            .iter()
+            .any(|p| p.trim_end_matches('.').eq_ignore_ascii_case(host))
+        {
+            b.dns_advice = dns_advice(provider, &b.branding, true);
+        }
+    }
+}
+
+/// Which record to point at linkgate (or, `pointed`, that it already is:
+/// doctor's DNS check of the host passed), and which to leave as they are.
+fn dns_advice(provider: &Preset, branding: &Branding, pointed: bool) -> String {
     let parts: Vec<String> = branding
         .records
         .iter()
@@ -207,7 +254,12 @@ fn dns_advice(provider: &Preset, branding: &Branding) -> String {
                 printable(&r.kind).to_uppercase(),
                 printable(&r.data)
             );
-            if r.moves_to_proxy {
+            if r.moves_to_proxy && pointed {
+                format!(
+                    "{record} moves, and already points at linkgate (doctor's DNS check of {} passed)",
+                    printable(&branding.host)
+                )
+            } else if r.moves_to_proxy {
                 format!("{record} moves: point it at linkgate (your load balancer's name)")
             } else if r.record == "owner_cname" {
                 format!(
@@ -260,6 +312,7 @@ fn summary(provider: &Preset, listed: &[Listed], brandings: &[BrandingReport]) -
                 .iter()
                 .map(|p| match p.kind {
                     "not_served" => "not served by linkgate".to_owned(),
+                    "not_a_host_name" => "not a valid host name".to_owned(),
                     "invalid" => format!("invalid at {}", provider.display),
                     "other_provider" => "forwarded to another provider".to_owned(),
                     _ => "forwarded to the wrong region".to_owned(),
@@ -290,67 +343,5 @@ fn summary(provider: &Preset, listed: &[Listed], brandings: &[BrandingReport]) -
             provider.display,
             provider.display
         )
-    }
-}
-
-/// The account section of the text report.
-pub(super) fn render(report: &AccountReport, out: &mut String) {
-    use std::fmt::Write as _;
-    let display = crate::provider::find(report.provider).map_or(report.provider, |p| p.display);
-    // The summary line after this says why the account could not be read.
-    if report.error.is_some() {
-        return;
-    }
-    let whose = report.listed.iter().map(Listed::whose).collect::<Vec<_>>().join(", ");
-    let _ = writeln!(
-        out,
-        "ACCOUNT {display}: {} link brandings ({whose})",
-        report.brandings.len()
-    );
-    let text = |s: &str| printable(s).into_owned();
-    let rows: Vec<[String; 7]> = report
-        .brandings
-        .iter()
-        .map(|b| {
-            [
-                b.branding.id.to_string(),
-                text(&b.branding.host),
-                text(&b.branding.user),
-                b.branding.region.to_owned(),
-                if b.branding.valid { "valid" } else { "INVALID" }.to_owned(),
-                if b.served { "served" } else { "NOT SERVED" }.to_owned(),
-                if b.branding.default { "default" } else { "-" }.to_owned(),
-            ]
-        })
-        .collect();
-    let head = ["ID", "HOST", "USER", "REGION", display, "LINKGATE", "DEFAULT"].map(str::to_owned);
-    let widths: Vec<usize> = (0..7)
-        .map(|i| {
-            rows.iter()
-                .chain([&head])
-                .map(|r| r[i].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    for row in [&head].into_iter().chain(rows.iter()) {
-        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
-    }
-    for b in &report.brandings {
-        let host = text(&b.branding.host);
-        let who = format!("{display} id {}, user {}", b.branding.id, text(&b.branding.user));
-        for p in &b.problems {
-            let _ = writeln!(out, "{host} ({who}): {} — fix: {}", p.message, p.fix);
-        }
-        if let Some(entry) = &b.add {
-            for line in entry.lines() {
-                let _ = writeln!(out, "    {line}");
-            }
-        }
-        let _ = writeln!(out, "{host} records: {}", b.dns_advice);
-        for note in &b.notes {
-            let _ = writeln!(out, "{host} ({who}): {note}");
-        }
     }
 }

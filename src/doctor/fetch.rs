@@ -9,7 +9,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use rustls::{AlertDescription, CertificateError};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::Outcome;
@@ -69,34 +68,28 @@ pub(super) async fn plain(host: &str, addr: SocketAddr, url: &str) -> Result<Hea
     fetch(tcp, host, url).await
 }
 
-/// Turns a TLS error into "Your connection is not private" with its cause and fix.
+/// Turns a TLS error into "Your connection is not private" with its cause
+/// ([`crate::tls::failure`]) and the fix for a host linkgate serves.
 fn tls_failure(host: &str, e: &std::io::Error) -> Outcome {
-    let rustls_error = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>());
-    let (cause, fix) = match rustls_error {
-        Some(rustls::Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. })) => {
-            ("the certificate has expired".to_owned(), "renew the certificate; linkgate reloads it without a restart")
+    use crate::tls::failure::Failure;
+    let failure = Failure::of(e);
+    let fix = match failure {
+        Failure::Expired => "renew the certificate; linkgate reloads it without a restart",
+        Failure::NotValidYet => "check the clocks, or wait until it is valid",
+        Failure::WrongName => {
+            "get a certificate that names this host; a wildcard covers exactly one label (*.example.com does not \
+             cover a.b.example.com)"
         }
-        Some(rustls::Error::InvalidCertificate(CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. })) => {
-            ("the certificate is not valid yet".to_owned(), "check the clocks, or wait until it is valid")
+        Failure::UnknownIssuer => {
+            "serve the full chain (fullchain.pem, leaf first, then intermediates) from a public CA"
         }
-        Some(rustls::Error::InvalidCertificate(
-            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-        )) => (
-            format!("the certificate is not valid for {host}"),
-            "get a certificate that names this host; a wildcard covers exactly one label (*.example.com does not cover a.b.example.com)",
-        ),
-        Some(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)) => (
-            "the certificate's issuer is not trusted: unknown CA or incomplete chain".to_owned(),
-            "serve the full chain (fullchain.pem, leaf first, then intermediates) from a public CA",
-        ),
-        Some(rustls::Error::AlertReceived(AlertDescription::UnrecognisedName)) => (
-            format!("the server does not serve {host} (unrecognized_name)"),
-            "add this host as a [[host]] in linkgate's config",
-        ),
-        Some(other) => (format!("TLS error: {other}"), "check the certificate and the TLS settings"),
-        None => (format!("TLS handshake failed: {e}"), "check that the address is linkgate's https listener"),
+        Failure::BadSignature => "serve the certificate the trusted CA issued, with its chain",
+        Failure::CaAsEndEntity => "issue a leaf certificate for this host from a CA and serve that (with its chain)",
+        Failure::UnrecognisedName => "add this host as a [[host]] in linkgate's config",
+        Failure::Other(_) => "check the certificate and the TLS settings",
+        Failure::Handshake(_) => "check that the address is linkgate's https listener",
     };
-    Outcome::fail(format!("Your connection is not private: {cause}"), fix)
+    Outcome::fail(format!("Your connection is not private: {}", failure.cause(host)), fix)
 }
 
 /// The response head of one GET; its body is still to be read.

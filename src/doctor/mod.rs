@@ -21,7 +21,7 @@
 //! TLS, one GET and its body); `verdict.rs` (what an answer means);
 //! `report.rs` (the report and its text form); `summary.rs` (the last line:
 //! the providers involved and what to ask each); `account.rs` (the account
-//! audit and its text).
+//! audit); `account_text.rs` (its section of the text report).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,6 +34,7 @@ use hickory_resolver::TokioResolver;
 use crate::provider::Preset;
 
 mod account;
+mod account_text;
 mod dns;
 mod fetch;
 mod report;
@@ -217,11 +218,27 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         .filter(|h| !h.dns.passed() || !h.https.passed() || h.http.as_ref().is_some_and(|o| !o.passed()))
         .collect();
     let providers = summary::providers(&hosts);
-    let account = match listing {
+    let mut account = match listing {
         Some(task) => Some(task.await?),
         None => None,
     };
-    let summary = summary::summary(&hosts, &failing, &providers, account.as_ref().map(|a| a.ok));
+    let audit = match &account {
+        None => summary::Audit::NotRun,
+        Some(a) => match a.unreadable {
+            Some(why) => summary::Audit::Unreadable(why),
+            None if a.ok => summary::Audit::Ready,
+            None => summary::Audit::NotReady,
+        },
+    };
+    if let Some(report) = account.as_mut() {
+        let pointed: Vec<&str> = hosts
+            .iter()
+            .filter(|h| h.dns.passed())
+            .map(|h| h.name.as_str())
+            .collect();
+        account::pointed(report, &pointed);
+    }
+    let summary = summary::summary(&hosts, &failing, &providers, audit);
     let ok = failing.is_empty() && account.as_ref().is_none_or(|a| a.ok);
     Ok(Report {
         ok,

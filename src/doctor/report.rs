@@ -3,7 +3,8 @@
 
 use serde::Serialize;
 
-use super::account::{self, AccountReport};
+use super::account::AccountReport;
+use super::account_text;
 use crate::provider::Preset;
 
 #[derive(Debug, Serialize)]
@@ -140,7 +141,7 @@ pub fn render_text(report: &Report) -> String {
     }
     match &report.account {
         Some(audit) => {
-            account::render(audit, &mut out);
+            account_text::render(audit, &mut out);
             let _ = writeln!(out, "{}", audit.summary);
         }
         None if report

@@ -25,13 +25,27 @@ pub(super) fn providers(hosts: &[HostReport]) -> Vec<ProviderCount> {
     out
 }
 
-/// The summary line for `hosts`, of whom `failing` fail a check;
-/// `account_ready` is the account audit's verdict, when there was one.
+/// What the account audit found, for the last line.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Audit {
+    /// No API key: not run.
+    NotRun,
+    /// Every branding on the account is ready.
+    Ready,
+    /// Some branding is not.
+    NotReady,
+    /// The account could not be read (why, in a few words): whether every
+    /// branding is ready is not known.
+    Unreadable(&'static str),
+}
+
+/// The summary line for `hosts`, of whom `failing` fail a check; `audit`
+/// is what the account audit found.
 pub(super) fn summary(
     hosts: &[HostReport],
     failing: &[&HostReport],
     providers: &[ProviderCount],
-    account_ready: Option<bool>,
+    audit: Audit,
 ) -> String {
     let counts = providers
         .iter()
@@ -40,8 +54,19 @@ pub(super) fn summary(
         .join(", ");
     let sendgrid = providers.iter().any(|c| c.provider == Some(provider::DEFAULT));
     if failing.is_empty() {
-        let next: Vec<String> = providers.iter().map(next_step).collect();
-        let mut line = if account_ready == Some(false) {
+        let next: Vec<String> = providers
+            .iter()
+            .map(|c| next_step(c, !matches!(audit, Audit::NotRun)))
+            .collect();
+        let mut line = if let Audit::Unreadable(why) = audit {
+            format!(
+                "all {} link brandings ({counts}) pass both checks, but the SendGrid account could not be read \
+                 ({why}; the account: line above says more), so whether every branding on it is ready is not \
+                 known: do not ask SendGrid Support yet; fix that and run doctor again; keep the CNAMEs pointing \
+                 at the proxy.",
+                hosts.len()
+            )
+        } else if matches!(audit, Audit::NotReady) {
             format!(
                 "all {} link brandings ({counts}) pass both checks, but not every branding on the SendGrid account \
                  is ready (the account: line above says which and what to do): do not ask SendGrid Support yet; \
@@ -97,13 +122,29 @@ pub(super) fn summary(
     line
 }
 
-/// What to do at one provider once its brandings pass.
-fn next_step(c: &ProviderCount) -> String {
+/// What to do at one provider once its brandings pass; `audited`: the
+/// account audit ran (and found every branding ready). SendGrid switches
+/// every branding of a user at once, so without the audit the next step is
+/// the audit (README, step 7), not SendGrid Support.
+fn next_step(c: &ProviderCount, audited: bool) -> String {
     match (c.provider, c.https_switch) {
+        (Some(provider::DEFAULT), Some(_)) if !audited => format!(
+            "{display}: run the account audit next (step 7: set {env} or give --api-key-file): {display} switches \
+             a user to https only when every branding of that user passes, also any missing from this config; \
+             go to {display} Support only once it says every branding is ready",
+            display = c.display,
+            env = crate::account::SENDGRID_API_KEY_ENV,
+        ),
         (Some(_), Some(switch)) => format!("{}: {switch}", c.display),
+        // The README's Providers table says the same: "no documented switch for a proxy".
         (Some(_), None) => format!(
-            "{}: switch its tracking links to https as it describes for a proxy (README, \"Providers\")",
-            c.display
+            "{display}: no documented switch to https tracking links for a proxy (README, \"Providers\"): ask \
+             {display} how to serve them over https through your own proxy{source}",
+            display = c.display,
+            source = c
+                .https_source
+                .map(|s| format!(" (its https page: {s})"))
+                .unwrap_or_default(),
         ),
         (None, _) => "url upstream: switch its tracking links to https where they are made".to_owned(),
     }

@@ -4,7 +4,8 @@
 //!
 //! Beside it: `tls/stream.rs`, the server side of a client's TLS connection
 //! (rustls's unbuffered API); `tls/inspect.rs`, a certificate's fields read
-//! for reports.
+//! for reports; `tls/failure.rs`, why a handshake linkgate made as a client
+//! failed, in plain words.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,6 +20,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::host::HostName;
 
+pub mod failure;
 mod inspect;
 pub mod stream;
 

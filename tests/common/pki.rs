@@ -114,6 +114,16 @@ impl Pki {
         leaf
     }
 
+    /// The CA's own certificate and key, to serve as if it were a server's
+    /// (a self-signed CA used as an end-entity certificate).
+    pub fn own(&self) -> Leaf {
+        Leaf {
+            cert_pem: self.ca_pem.clone(),
+            key_pem: self.issuer.key().serialize_pem(),
+            der: self.ca_der.clone(),
+        }
+    }
+
     /// Writes the CA's private key (PEM) to `<dir>/ca.key`, for tools that sign as the CA.
     pub fn write_ca_key(&self, dir: &Path) -> PathBuf {
         let path = dir.join("ca.key");

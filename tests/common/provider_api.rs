@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use super::doctor::Run;
-use super::Pki;
+use super::{Leaf, Pki};
 
 /// One request the stand-in received.
 #[derive(Debug, Clone)]
@@ -48,6 +48,9 @@ pub struct Account {
     /// 429 with this `Retry-After`.
     pub throttle: Vec<(Option<String>, usize, &'static str)>,
     pub paging: Paging,
+    /// What a 401 says instead of "authorization required" (an API that
+    /// echoes the key it was sent).
+    pub refusal: Option<String>,
 }
 
 /// How the stand-in pages.
@@ -72,7 +75,13 @@ pub struct ProviderApi {
 impl ProviderApi {
     /// Serves `account` over https with a certificate from `pki` for 127.0.0.1.
     pub async fn start(pki: &Pki, account: Account) -> Self {
-        let acceptor = pki.leaf(&["127.0.0.1"]).acceptor();
+        Self::start_with(&pki.leaf(&["127.0.0.1"]), account).await
+    }
+
+    /// Serves `account` over https presenting `cert` (an expired one, one
+    /// for another name, a CA's own).
+    pub async fn start_with(cert: &Leaf, account: Account) -> Self {
+        let acceptor = cert.acceptor();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind api");
         let addr = listener.local_addr().expect("addr");
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -155,7 +164,8 @@ fn answer(
         return errors(StatusCode::NOT_FOUND, "not found");
     }
     if request.authorization.as_deref() != Some(&format!("Bearer {}", account.key)) {
-        return errors(StatusCode::UNAUTHORIZED, "authorization required");
+        let message = account.refusal.as_deref().unwrap_or("authorization required");
+        return errors(StatusCode::UNAUTHORIZED, message);
     }
     let user = request.on_behalf_of.clone();
     if let Some((_, times, retry_after)) = account.throttle.iter().find(|(u, _, _)| *u == user) {
@@ -267,6 +277,7 @@ pub fn sample_account() -> Account {
         ],
         throttle: Vec::new(),
         paging: Paging::AsDocumented,
+        refusal: None,
     }
 }
 
@@ -287,10 +298,15 @@ pub fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| (*s).to_owned()).collect()
 }
 
-/// The key appears nowhere in what `run` printed.
+/// The key, in any case, and its secret part (after its second dot)
+/// appear nowhere in what `run` printed.
 pub fn no_key(run: &Run, key: &str) {
-    assert!(
-        !run.stdout.contains(key) && !run.stderr.contains(key),
-        "the key was printed: {run:?}"
-    );
+    let printed = format!("{}\n{}", run.stdout, run.stderr).to_ascii_lowercase();
+    let secret = key.splitn(3, '.').nth(2);
+    for needle in [Some(key), secret].into_iter().flatten() {
+        assert!(
+            !printed.contains(&needle.to_ascii_lowercase()),
+            "the key (or {needle:?}) was printed: {run:?}"
+        );
+    }
 }
