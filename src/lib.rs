@@ -18,9 +18,10 @@
 //!    what is known about the connection ([`connection`]) and its I/O
 //!    wrappers (`server/io.rs`).
 //! 5. [`proxy`]: the authority check, local answers ([`files`], ACME
-//!    HTTP-01, redirects), **where Host is set** (`rewrite_request_headers`),
-//!    the forward, and **where an error becomes a status**
-//!    (`ProxyError::status`). Every short answer of linkgate's own (errors,
+//!    HTTP-01, redirects) and the forward (`proxy/mod.rs`); what is refused
+//!    before forwarding and **where Host is set** (`proxy/request.rs`,
+//!    `rewrite_request_headers`); **where an error becomes a status**
+//!    (`proxy/error.rs`, `ProxyError::status`). Every short answer of linkgate's own (errors,
 //!    local answers, the admin endpoints) is built by `response.rs`; what a
 //!    browser sees when the upstream fails (the HTML page, `error_page`) by
 //!    [`error_page`] (`error_page/accept.rs`: what the Accept header asks for).
