@@ -46,19 +46,6 @@ fn spki_sha256(cert: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(sha256.hash(parsed.tbs_certificate.subject_pki.raw).as_ref())
 }
 
-/// Kills Chromium's whole process group (the browser and every helper it
-/// started) when dropped: after it is done, on a timeout, or when the test fails.
-struct ProcessGroup(u32);
-
-impl Drop for ProcessGroup {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-KILL", &format!("-{}", self.0)])
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
 /// Chromium's DOM of `url` after it loaded, with `host` mapped to
 /// linkgate and `spki` (linkgate's leaf) trusted.
 async fn dump_dom(lg: &Linkgate, profile: &std::path::Path, host: &str, spki: &str, url: &str) -> String {
@@ -80,10 +67,11 @@ async fn dump_dom(lg: &Linkgate, profile: &std::path::Path, host: &str, spki: &s
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
+    // Killed if the test gives up on it (its helpers exit with it). Never a
+    // `kill -<group>` from here: a mistyped group is every process there is.
     .process_group(0)
     .kill_on_drop(true);
     let child = cmd.spawn().expect("start chromium");
-    let _group = ProcessGroup(child.id().expect("chromium's pid"));
     let out = tokio::time::timeout(CHROMIUM_DEADLINE, child.wait_with_output())
         .await
         .unwrap_or_else(|_| panic!("chromium did not finish within {CHROMIUM_DEADLINE:?}"))
