@@ -121,23 +121,29 @@ pub(super) async fn connection(
         serve(proxy, proxies, stream, info, Protocol::Http1, stopping, pending).await;
         return;
     }
-    let established = Box::pin(tls_handshake(&proxy.active, &shared.live, stream, client, deadline)).await;
-    // Over, whatever the outcome: its slots are free for others (and it is
-    // not kept in the state of a connection that may stay open for long).
-    drop(handshake);
-    let Some((tls, host)) = established else {
-        return;
+    // Built in a block, so that the TLS stream moved into it is not also
+    // kept in this function's own state while it is served (a future holds
+    // every local live across an await: here a second copy of the stream).
+    let serving = {
+        let established = Box::pin(tls_handshake(&proxy.active, &shared.live, stream, client, deadline)).await;
+        // Over, whatever the outcome: its slots are free for others (and it is
+        // not kept in the state of a connection that may stay open for long).
+        drop(handshake);
+        let Some((tls, host)) = established else {
+            return;
+        };
+        let protocol = if tls.alpn_protocol() == Some(b"h2") {
+            Protocol::Http2
+        } else {
+            Protocol::Http1
+        };
+        let version = match tls.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => Some("TLSv1.3"),
+            Some(rustls::ProtocolVersion::TLSv1_2) => Some("TLSv1.2"),
+            _ => None,
+        };
+        let info = ConnInfo::new(client, Some(host), keep_forwarded, version).with_tls_resumed(tls.resumed());
+        serve(proxy, proxies, tls, info, protocol, stopping, None)
     };
-    let protocol = if tls.alpn_protocol() == Some(b"h2") {
-        Protocol::Http2
-    } else {
-        Protocol::Http1
-    };
-    let version = match tls.protocol_version() {
-        Some(rustls::ProtocolVersion::TLSv1_3) => Some("TLSv1.3"),
-        Some(rustls::ProtocolVersion::TLSv1_2) => Some("TLSv1.2"),
-        _ => None,
-    };
-    let info = ConnInfo::new(client, Some(host), keep_forwarded, version).with_tls_resumed(tls.resumed());
-    serve(proxy, proxies, tls, info, protocol, stopping, None).await;
+    serving.await;
 }

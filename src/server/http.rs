@@ -13,7 +13,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
-use tokio::time::Instant;
 
 use super::io::{Resumable, WriteDeadline};
 use crate::admission::Handshake;
@@ -55,7 +54,10 @@ pub(super) async fn serve<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let limits = proxy.active.config.limits.clone();
+    // Borrowed from the proxy this connection keeps for its life (a copy
+    // would be one more thing in every connection's state).
+    let owner = proxy.clone();
+    let limits = &owner.active.config.limits;
     let info = Arc::new(match protocol {
         Protocol::Http2 => info.with_upstream_slots(limits.upstream_per_connection),
         Protocol::Http1 => info,
@@ -73,10 +75,10 @@ pub(super) async fn serve<IO>(
     // A client that stops reading is cut after idle_timeout without write progress.
     let io = WriteDeadline::new(io, limits.idle_timeout);
     match protocol {
-        Protocol::Http1 => serve_http1(io, service, &info, &limits, stopping).await,
+        Protocol::Http1 => serve_http1(io, service, &info, limits, stopping).await,
         // Boxed: its future is larger than HTTP/1's, and every connection's
         // task would otherwise be sized for it.
-        Protocol::Http2 => Box::pin(serve_http2(io, service, &info, &limits, stopping)).await,
+        Protocol::Http2 => Box::pin(serve_http2(io, service, &info, limits, stopping)).await,
     }
 }
 
@@ -117,7 +119,9 @@ where
         // Set when the idle timeout starts a graceful close: a connection
         // hyper cannot end (midway through a body the client stopped
         // sending) is cut then.
-        let mut close_by: Option<Instant> = None;
+        // Boxed: set once at most, while every connection's state would be
+        // sized for a timer inline.
+        let mut close_by: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let result = loop {
             let park = may_park.then_some((park_after, parked_at));
             tokio::select! {
@@ -138,11 +142,11 @@ where
                     Quiet::Park => may_park = false,
                     Quiet::Idle => {
                         draining = true;
-                        close_by = Some(Instant::now() + IDLE_CLOSE_GRACE);
+                        close_by = Some(Box::pin(tokio::time::sleep(IDLE_CLOSE_GRACE)));
                         conn.as_mut().graceful_shutdown();
                     }
                 },
-                () = tokio::time::sleep_until(close_by.unwrap_or_else(Instant::now)), if close_by.is_some() => {
+                () = async { if let Some(t) = close_by.as_mut() { t.as_mut().await } }, if close_by.is_some() => {
                     tracing::debug!(client = %info.peer, "idle connection did not close gracefully; closed");
                     return;
                 }
