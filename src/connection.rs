@@ -188,24 +188,30 @@ impl Activity {
     /// `since` and none has been in flight for `after` after it
     /// ([`Quiet::Park`]), whichever comes first. One timer serves both, so a
     /// connection's task holds one timer, not two.
-    pub async fn quiet(&self, park: Option<(Duration, u32)>, idle: Duration) -> Quiet {
-        loop {
-            let now = tokio::time::Instant::now();
-            let busy = self.in_flight.load(Ordering::Relaxed) > 0;
-            let idle_since = self.idle_since();
-            if !busy && idle_since + idle <= now {
-                return Quiet::Idle;
-            }
-            let mut wake = if busy { now + idle } else { idle_since + idle };
-            if let Some((after, since)) = park {
-                let waiting = busy || self.completed() == since;
-                let settles = idle_since + after;
-                if !waiting && settles <= now {
-                    return Quiet::Park;
+    ///
+    /// Not an `async fn`: that would keep a second copy of the arguments in
+    /// the state of every connection waiting on it.
+    #[allow(clippy::manual_async_fn, reason = "an async fn would hold its arguments twice")]
+    pub fn quiet(&self, park: Option<(Duration, u32)>, idle: Duration) -> impl Future<Output = Quiet> + '_ {
+        async move {
+            loop {
+                let now = tokio::time::Instant::now();
+                let busy = self.in_flight.load(Ordering::Relaxed) > 0;
+                let idle_since = self.idle_since();
+                if !busy && idle_since + idle <= now {
+                    return Quiet::Idle;
                 }
-                wake = wake.min(if waiting { now + after } else { settles });
+                let mut wake = if busy { now + idle } else { idle_since + idle };
+                if let Some((after, since)) = park {
+                    let waiting = busy || self.completed() == since;
+                    let settles = idle_since + after;
+                    if !waiting && settles <= now {
+                        return Quiet::Park;
+                    }
+                    wake = wake.min(if waiting { now + after } else { settles });
+                }
+                tokio::time::sleep_until(wake).await;
             }
-            tokio::time::sleep_until(wake).await;
         }
     }
 }

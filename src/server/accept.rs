@@ -2,20 +2,23 @@
 //! the PROXY header when the listener expects one, then plain HTTP or the
 //! TLS handshake and the protocol ALPN chose.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
+use tokio_util::either::Either;
 
 use super::proxy_protocol;
 use crate::admission::{ClientSlot, Handshake, Refusal};
 use crate::config::Config;
 use crate::connection::ConnInfo;
 use crate::proxy::Proxy;
+use crate::tls::stream::TlsStream;
 
 use super::handshake::tls_handshake;
-use super::http::{serve, Protocol};
+use super::http::{serve, Established, Protocol};
 use super::{ProxyCache, Shared};
 
 /// A slot in the handshake budget for a connection just accepted from
@@ -45,21 +48,48 @@ pub(super) struct Admitted {
     client: Option<ClientSlot>,
 }
 
-/// One client connection, from accept to close. Its handshake slot is given
-/// back once the TLS handshake is over (on plain http, once its first
-/// request head has been read); its address slot when it closes.
-pub(super) async fn connection(
-    shared: &Shared,
+/// A connection through its PROXY header and TLS handshake, ready for HTTP:
+/// what [`Ready::serve`] needs and nothing of how it got here (the
+/// connection's task then holds only this while it is open).
+pub(super) enum Ready {
+    Tls(Established<Box<TlsStream>>),
+    /// Plain http (redirects, HTTP-01 answers).
+    Plain(Established<TcpStream>),
+}
+
+impl Ready {
+    /// Serves HTTP on the connection until it closes.
+    pub(super) fn serve(self) -> impl Future<Output = ()> {
+        match self {
+            Ready::Tls(conn) => Either::Left(serve(conn)),
+            // Boxed: a plain TCP stream's serving state is larger than a
+            // boxed TLS stream's, and plain http is the rare case: every
+            // connection's task would otherwise be sized for it.
+            Ready::Plain(conn) => Either::Right(Box::pin(serve(conn))),
+        }
+    }
+}
+
+/// One accepted connection up to HTTP: the PROXY header when the listener
+/// expects one, then the TLS handshake. `None` when the connection was
+/// refused or closed on the way. Its handshake slot is given back once the
+/// TLS handshake is over (on plain http, once its first request head has
+/// been read).
+///
+/// The caller boxes this future and awaits it before [`Established::serve`]:
+/// none of its state is then part of an open connection's.
+pub(super) async fn establish(
+    shared: Arc<Shared>,
     proxy: Arc<Proxy>,
     proxies: Arc<ProxyCache>,
     mut stream: TcpStream,
     peer: SocketAddr,
     is_tls: bool,
     admitted: Admitted,
-) {
+) -> Option<Ready> {
     let Admitted {
         handshake,
-        client: mut _client,
+        client: mut client_slot,
     } = admitted;
     let _ = stream.set_nodelay(true);
     let listen = &proxy.active.config.listen;
@@ -73,7 +103,7 @@ pub(super) async fn connection(
             if let Some(unlogged) = shared.proxy_refusals.due() {
                 tracing::warn!(peer = %peer, unlogged_since_last = unlogged, "connection refused: listen.proxy_protocol is on and this peer is not in listen.trusted_proxies (name the balancer's addresses there, e.g. the VPC's CIDR)");
             }
-            return;
+            return None;
         }
         match timeout_at(deadline, proxy_protocol::read_header(&mut stream)).await {
             Ok(Ok(Some(addr))) => {
@@ -85,11 +115,11 @@ pub(super) async fn connection(
                     .claim_address(addr.ip(), limits.handshakes_per_address)
                     .and_then(|()| shared.clients.claim(addr.ip(), limits.connections_per_address));
                 match claimed {
-                    Ok(slot) => _client = Some(slot),
+                    Ok(slot) => client_slot = Some(slot),
                     Err(refusal) => {
                         shared.live.metrics.refused(refusal.reason());
                         tracing::debug!(client = %client, reason = refusal.reason(), "connection refused before its handshake");
-                        return;
+                        return None;
                     }
                 }
             }
@@ -97,53 +127,63 @@ pub(super) async fn connection(
             // Closed before a byte came: a TCP health check, a scanner.
             Ok(Err(proxy_protocol::ProxyHeaderError::Io(e))) => {
                 tracing::debug!(peer = %peer, error = %e, "connection closed before its PROXY header");
-                return;
+                return None;
             }
             Ok(Err(e)) => {
                 shared.live.metrics.refused("proxy_header");
                 if let Some(unlogged) = shared.proxy_refusals.due() {
                     tracing::warn!(peer = %peer, error = %e, unlogged_since_last = unlogged, "connection dropped: listen.proxy_protocol is on and the connection did not start with a PROXY header (does the balancer send one?)");
                 }
-                return;
+                return None;
             }
             Err(_) => {
                 shared.live.metrics.refused("proxy_header");
                 tracing::debug!(peer = %peer, "connection dropped: no PROXY header in time");
-                return;
+                return None;
             }
         }
     }
     let keep_forwarded = trusted && !listen.proxy_protocol;
     let stopping = shared.stopping.clone();
     if !is_tls {
-        let info = ConnInfo::new(client, None, keep_forwarded, None);
-        let pending = Some(Arc::new(handshake));
-        serve(proxy, proxies, stream, info, Protocol::Http1, stopping, pending).await;
-        return;
+        let info = Arc::new(ConnInfo::new(client, None, keep_forwarded, None));
+        return Some(Ready::Plain(Established {
+            proxy,
+            proxies,
+            io: stream,
+            info,
+            protocol: Protocol::Http1,
+            stopping,
+            pending: Some(Arc::new(handshake)),
+            slot: client_slot,
+        }));
     }
-    // Built in a block, so that the TLS stream moved into it is not also
-    // kept in this function's own state while it is served (a future holds
-    // every local live across an await: here a second copy of the stream).
-    let serving = {
-        let established = Box::pin(tls_handshake(&proxy.active, &shared.live, stream, client, deadline)).await;
-        // Over, whatever the outcome: its slots are free for others (and it is
-        // not kept in the state of a connection that may stay open for long).
-        drop(handshake);
-        let Some((tls, host)) = established else {
-            return;
-        };
-        let protocol = if tls.alpn_protocol() == Some(b"h2") {
-            Protocol::Http2
-        } else {
-            Protocol::Http1
-        };
-        let version = match tls.protocol_version() {
-            Some(rustls::ProtocolVersion::TLSv1_3) => Some("TLSv1.3"),
-            Some(rustls::ProtocolVersion::TLSv1_2) => Some("TLSv1.2"),
-            _ => None,
-        };
-        let info = ConnInfo::new(client, Some(host), keep_forwarded, version).with_tls_resumed(tls.resumed());
-        serve(proxy, proxies, tls, info, protocol, stopping, None)
+    let established = tls_handshake(&proxy.active, &shared.live, stream, client, deadline).await;
+    // Over, whatever the outcome: its slots are free for others.
+    drop(handshake);
+    let (tls, host) = established?;
+    let protocol = if tls.alpn_protocol() == Some(b"h2") {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
     };
-    serving.await;
+    let version = match tls.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => Some("TLSv1.3"),
+        Some(rustls::ProtocolVersion::TLSv1_2) => Some("TLSv1.2"),
+        _ => None,
+    };
+    let mut info = ConnInfo::new(client, Some(host), keep_forwarded, version).with_tls_resumed(tls.resumed());
+    if protocol == Protocol::Http2 {
+        info = info.with_upstream_slots(limits.upstream_per_connection);
+    }
+    Some(Ready::Tls(Established {
+        proxy,
+        proxies,
+        io: tls,
+        info: Arc::new(info),
+        protocol,
+        stopping,
+        pending: None,
+        slot: client_slot,
+    }))
 }

@@ -3,6 +3,7 @@
 //! executor, the limits of both, and closing (lingering where the client
 //! may still be sending).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::io::{Resumable, WriteDeadline};
-use crate::admission::Handshake;
+use crate::admission::{ClientSlot, Handshake};
 use crate::config::Limits;
 use crate::connection::{ConnInfo, Quiet, StreamExecutor};
 use crate::proxy::Proxy;
@@ -39,29 +40,46 @@ pub(super) enum Protocol {
     Http2,
 }
 
+/// A connection through its handshake, as HTTP is served on it.
+pub(super) struct Established<IO> {
+    /// The proxy of the configuration it was accepted under (its limits
+    /// apply to it for its life; each request uses the current one).
+    pub proxy: Arc<Proxy>,
+    pub proxies: Arc<ProxyCache>,
+    pub io: IO,
+    pub info: Arc<ConnInfo>,
+    pub protocol: Protocol,
+    pub stopping: watch::Receiver<bool>,
+    /// A plain-http connection's handshake slot, given back when its first
+    /// request head has been read.
+    pub pending: Option<Arc<Handshake>>,
+    /// Its place among its address's open connections, given back when it closes.
+    pub slot: Option<ClientSlot>,
+}
+
 /// Serves HTTP on one established connection until it closes, is idle for
-/// `limits.idle_timeout`, or the server drains. `pending`: a plain-http
-/// connection's handshake slot, given back when its first request head has
-/// been read.
-pub(super) async fn serve<IO>(
-    proxy: Arc<Proxy>,
-    proxies: Arc<ProxyCache>,
-    io: IO,
-    info: ConnInfo,
-    protocol: Protocol,
-    stopping: watch::Receiver<bool>,
-    pending: Option<Arc<Handshake>>,
-) where
+/// `limits.idle_timeout`, or the server drains.
+///
+/// A function returning a future, rather than an `async fn`, as are the
+/// other long-lived ones here: an `async fn` keeps a second copy of its
+/// arguments for its whole life, and this state is every open connection's.
+#[allow(clippy::manual_async_fn, reason = "an async fn would hold its arguments twice")]
+pub(super) fn serve<IO>(conn: Established<IO>) -> impl Future<Output = ()>
+where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // Borrowed from the proxy this connection keeps for its life (a copy
-    // would be one more thing in every connection's state).
-    let owner = proxy.clone();
-    let limits = &owner.active.config.limits;
-    let info = Arc::new(match protocol {
-        Protocol::Http2 => info.with_upstream_slots(limits.upstream_per_connection),
-        Protocol::Http1 => info,
-    });
+    let Established {
+        proxy,
+        proxies,
+        io,
+        info,
+        protocol,
+        stopping,
+        pending,
+        slot,
+    } = conn;
+    // A client that stops reading is cut after idle_timeout without write progress.
+    let io = WriteDeadline::new(io, proxy.active.config.limits.idle_timeout);
     let service = {
         let (fallback, info) = (proxy.clone(), info.clone());
         service_fn(move |req| {
@@ -72,13 +90,18 @@ pub(super) async fn serve<IO>(
             proxy.handle(info.clone(), req)
         })
     };
-    // A client that stops reading is cut after idle_timeout without write progress.
-    let io = WriteDeadline::new(io, limits.idle_timeout);
-    match protocol {
-        Protocol::Http1 => serve_http1(io, service, &info, limits, stopping).await,
-        // Boxed: its future is larger than HTTP/1's, and every connection's
-        // task would otherwise be sized for it.
-        Protocol::Http2 => Box::pin(serve_http2(io, service, &info, limits, stopping)).await,
+    async move {
+        // Borrowed from the proxy this connection keeps for its life (a copy
+        // would be one more thing in every connection's state).
+        let limits = &proxy.active.config.limits;
+        match protocol {
+            Protocol::Http1 => serve_http1(Resumable::new(io), service, &info, limits, stopping).await,
+            // Boxed: its future is larger than HTTP/1's, and every connection's
+            // task would otherwise be sized for it.
+            Protocol::Http2 => Box::pin(serve_http2(io, service, &info, limits, stopping)).await,
+        }
+        // Its address's count goes down when it has closed.
+        drop(slot);
     }
 }
 
@@ -95,7 +118,14 @@ pub(super) async fn serve<IO>(
 /// did not wait for, ambiguous framing) is left to hyper, which closes the
 /// connection when it is done: bytes after such a request are never read as
 /// a request.
-async fn serve_http1<IO, S>(io: IO, service: S, info: &ConnInfo, limits: &Limits, mut stopping: watch::Receiver<bool>)
+#[allow(clippy::manual_async_fn, reason = "an async fn would hold its arguments twice")]
+fn serve_http1<'a, IO, S>(
+    mut io: Resumable<IO>,
+    service: S,
+    info: &'a ConnInfo,
+    limits: &'a Limits,
+    mut stopping: watch::Receiver<bool>,
+) -> impl Future<Output = ()> + 'a
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<
@@ -103,106 +133,108 @@ where
             Response = hyper::Response<crate::access::ProxyBody>,
             Error = std::convert::Infallible,
         > + Clone
-        + Unpin,
+        + Unpin
+        + 'a,
 {
-    // Parking restarts hyper's head timer, so park well within it.
-    let park_after = PARK_AFTER.min(limits.header_read_timeout / 2).min(limits.idle_timeout);
-    let activity = &info.activity;
-    let mut io = Resumable::new(io);
-    // Parking needs a request completed since the last time: a connection
-    // that never sends one stays under hyper's head timer.
-    let mut parked_at = activity.completed();
-    loop {
-        // Boxed: freed while parked, instead of sizing every connection's task for it.
-        let mut conn = Box::pin(http1_builder(limits).serve_connection(TokioIo::new(io), service.clone()));
-        let (mut draining, mut parking, mut may_park) = (false, false, true);
-        // Set when the idle timeout starts a graceful close: a connection
-        // hyper cannot end (midway through a body the client stopped
-        // sending) is cut then.
-        // Boxed: set once at most, while every connection's state would be
-        // sized for a timer inline.
-        let mut close_by: Option<Pin<Box<tokio::time::Sleep>>> = None;
-        let result = loop {
-            let park = may_park.then_some((park_after, parked_at));
-            tokio::select! {
-                result = conn.as_mut() => break result,
-                _ = stopping.wait_for(|s| *s), if !draining => {
-                    draining = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-                quiet = activity.quiet(park, limits.idle_timeout), if !draining && !parking => match quiet {
-                    // Between messages: hyper ends the connection at once
-                    // (or after the answer it is still writing), and the
-                    // next hyper connection is handed what follows.
-                    Quiet::Park if activity.resumable() => {
-                        parking = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                    // Not at a message boundary: hyper keeps it, to its end.
-                    Quiet::Park => may_park = false,
-                    Quiet::Idle => {
+    async move {
+        // Parking restarts hyper's head timer, so park well within it.
+        let park_after = PARK_AFTER.min(limits.header_read_timeout / 2).min(limits.idle_timeout);
+        let activity = &info.activity;
+        // Parking needs a request completed since the last time: a connection
+        // that never sends one stays under hyper's head timer.
+        let mut parked_at = activity.completed();
+        loop {
+            // Boxed: freed while parked, instead of sizing every connection's task for it.
+            let mut conn = Box::pin(http1_builder(limits).serve_connection(TokioIo::new(io), service.clone()));
+            let (mut draining, mut parking, mut may_park) = (false, false, true);
+            // Set when the idle timeout starts a graceful close: a connection
+            // hyper cannot end (midway through a body the client stopped
+            // sending) is cut then.
+            // Boxed: set once at most, while every connection's state would be
+            // sized for a timer inline.
+            let mut close_by: Option<Pin<Box<tokio::time::Sleep>>> = None;
+            let result = loop {
+                let park = may_park.then_some((park_after, parked_at));
+                tokio::select! {
+                    result = conn.as_mut() => break result,
+                    _ = stopping.wait_for(|s| *s), if !draining => {
                         draining = true;
-                        close_by = Some(Box::pin(tokio::time::sleep(IDLE_CLOSE_GRACE)));
                         conn.as_mut().graceful_shutdown();
                     }
-                },
-                () = async { if let Some(t) = close_by.as_mut() { t.as_mut().await } }, if close_by.is_some() => {
-                    tracing::debug!(client = %info.peer, "idle connection did not close gracefully; closed");
-                    return;
+                    quiet = activity.quiet(park, limits.idle_timeout), if !draining && !parking => match quiet {
+                        // Between messages: hyper ends the connection at once
+                        // (or after the answer it is still writing), and the
+                        // next hyper connection is handed what follows.
+                        Quiet::Park if activity.resumable() => {
+                            parking = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                        // Not at a message boundary: hyper keeps it, to its end.
+                        Quiet::Park => may_park = false,
+                        Quiet::Idle => {
+                            draining = true;
+                            close_by = Some(Box::pin(tokio::time::sleep(IDLE_CLOSE_GRACE)));
+                            conn.as_mut().graceful_shutdown();
+                        }
+                    },
+                    () = async { if let Some(t) = close_by.as_mut() { t.as_mut().await } }, if close_by.is_some() => {
+                        tracing::debug!(client = %info.peer, "idle connection did not close gracefully; closed");
+                        return;
+                    }
                 }
+            };
+            let failed = result.is_err();
+            if let Err(e) = result {
+                tracing::debug!(client = %info.peer, error = %e, "connection ended with an error");
             }
-        };
-        let failed = result.is_err();
-        if let Err(e) = result {
-            tracing::debug!(client = %info.peer, error = %e, "connection ended with an error");
+            let http1::Parts {
+                io: taken, read_buf, ..
+            } = Pin::into_inner(conn).into_parts();
+            io = taken.into_inner();
+            if failed {
+                close(io.into_inner(), Linger::Yes).await;
+                return;
+            }
+            if draining || !parking || !activity.resumable() {
+                // Drained, idle too long, hyper closed it (the client asked, or
+                // a request left it midway), or it stopped being resumable
+                // while hyper finished. Lingering is for a client that may still
+                // be sending into the close: after a refusal, an ambiguous
+                // request or an unread body, or with bytes hyper had read and
+                // not parsed. At a message boundary there is nothing to linger
+                // for (and a drain must not wait), nor after a last request the
+                // client announced and sent whole (as nginx's `lingering_close on`).
+                let settled = activity.resumable() || (!activity.client_may_send() && read_buf.is_empty());
+                let linger = if settled { Linger::No } else { Linger::Yes };
+                close(io.into_inner(), linger).await;
+                return;
+            }
+            parked_at = activity.completed();
+            if !read_buf.is_empty() {
+                io.replay(read_buf);
+                continue;
+            }
+            // Even empty, it holds on to hyper's read buffer.
+            drop(read_buf);
+            // Parked.
+            tracing::trace!(client = %info.peer, "parked");
+            let mut first = [0u8; 1];
+            let resumed = tokio::select! {
+                read = io.read(&mut first) => match read {
+                    Ok(1) => true,
+                    // The client closed or the connection broke.
+                    _ => return,
+                },
+                _ = stopping.wait_for(|s| *s) => false,
+                _ = activity.quiet(None, limits.idle_timeout) => false,
+            };
+            if !resumed {
+                // Parked: no answer is on its way to the client.
+                close(io.into_inner(), Linger::No).await;
+                return;
+            }
+            io.replay(Bytes::copy_from_slice(&first));
         }
-        let http1::Parts {
-            io: taken, read_buf, ..
-        } = Pin::into_inner(conn).into_parts();
-        io = taken.into_inner();
-        if failed {
-            close(io.into_inner(), Linger::Yes).await;
-            return;
-        }
-        if draining || !parking || !activity.resumable() {
-            // Drained, idle too long, hyper closed it (the client asked, or
-            // a request left it midway), or it stopped being resumable
-            // while hyper finished. Lingering is for a client that may still
-            // be sending into the close: after a refusal, an ambiguous
-            // request or an unread body, or with bytes hyper had read and
-            // not parsed. At a message boundary there is nothing to linger
-            // for (and a drain must not wait), nor after a last request the
-            // client announced and sent whole (as nginx's `lingering_close on`).
-            let settled = activity.resumable() || (!activity.client_may_send() && read_buf.is_empty());
-            let linger = if settled { Linger::No } else { Linger::Yes };
-            close(io.into_inner(), linger).await;
-            return;
-        }
-        parked_at = activity.completed();
-        if !read_buf.is_empty() {
-            io.replay(read_buf);
-            continue;
-        }
-        // Even empty, it holds on to hyper's read buffer.
-        drop(read_buf);
-        // Parked.
-        tracing::trace!(client = %info.peer, "parked");
-        let mut first = [0u8; 1];
-        let resumed = tokio::select! {
-            read = io.read(&mut first) => match read {
-                Ok(1) => true,
-                // The client closed or the connection broke.
-                _ => return,
-            },
-            _ = stopping.wait_for(|s| *s) => false,
-            _ = activity.quiet(None, limits.idle_timeout) => false,
-        };
-        if !resumed {
-            // Parked: no answer is on its way to the client.
-            close(io.into_inner(), Linger::No).await;
-            return;
-        }
-        io.replay(Bytes::copy_from_slice(&first));
     }
 }
 
@@ -413,8 +445,22 @@ mod tests {
             async move {
                 let proxy = proxies.current().expect("proxy");
                 let (mut client, server) = tokio::io::duplex(4096);
-                let info = ConnInfo::new("127.0.0.1:40000".parse().expect("addr"), None, false, None);
-                let served = tokio::spawn(serve(proxy, proxies, server, info, Protocol::Http1, stopping, None));
+                let info = Arc::new(ConnInfo::new(
+                    "127.0.0.1:40000".parse().expect("addr"),
+                    None,
+                    false,
+                    None,
+                ));
+                let served = tokio::spawn(serve(Established {
+                    proxy,
+                    proxies,
+                    io: server,
+                    info,
+                    protocol: Protocol::Http1,
+                    stopping,
+                    pending: None,
+                    slot: None,
+                }));
                 let requests = format!(
                     "GET /big?n={n} HTTP/1.1\r\nHost: a.example.test\r\n\r\n\
                      GET /refused HTTP/1.1\r\nHost: not-served.example.test\r\n\r\n\

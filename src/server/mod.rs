@@ -39,7 +39,7 @@ use crate::reload::Live;
 use crate::upstream::{self, Upstream};
 use crate::{acme, admin};
 
-use accept::{admit, connection};
+use accept::{admit, establish};
 
 /// The bound listening sockets.
 pub struct Listeners {
@@ -286,12 +286,24 @@ async fn worker(shared: Arc<Shared>, https: std::net::TcpListener, http: Option<
                 continue;
             }
         };
-        let (shared, proxies) = (shared.clone(), proxies.clone());
+        shared.live.metrics.open_connections.inc();
+        // Boxed, and done with before the connection is served: an open
+        // connection's task then holds nothing of its handshake.
+        let establishing = Box::pin(establish(
+            shared.clone(),
+            current,
+            proxies.clone(),
+            stream,
+            peer,
+            is_tls,
+            admitted,
+        ));
+        let shared = shared.clone();
         tasks.spawn(async move {
-            let metrics = &shared.live.metrics;
-            metrics.open_connections.inc();
-            connection(&shared, current, proxies, stream, peer, is_tls, admitted).await;
-            metrics.open_connections.dec();
+            if let Some(ready) = establishing.await {
+                ready.serve().await;
+            }
+            shared.live.metrics.open_connections.dec();
             drop(permit);
         });
     }
