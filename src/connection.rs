@@ -18,11 +18,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 
 use crate::host::HostName;
+use crate::inbound::Inbound;
 
 /// What the server knows about the connection a request came in on.
 #[derive(Debug)]
@@ -216,13 +216,13 @@ impl Activity {
 /// the connection [`Activity::must_close`]: hyper is then midway through
 /// the body, and what follows on the connection is not a request.
 pub struct ClientBody {
-    inner: Incoming,
+    inner: Inbound,
     /// Set while the body is open; taken when it ends.
     conn: Option<Arc<ConnInfo>>,
 }
 
 impl ClientBody {
-    pub fn new(inner: Incoming, conn: &Arc<ConnInfo>) -> Self {
+    pub fn new(inner: Inbound, conn: &Arc<ConnInfo>) -> Self {
         if inner.is_end_stream() {
             return Self { inner, conn: None };
         }
@@ -242,7 +242,7 @@ impl ClientBody {
 
 impl Body for ClientBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();

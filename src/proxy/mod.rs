@@ -17,13 +17,13 @@ use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri, Version};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
-use hyper::body::Incoming;
 
 use crate::access::{self as access_log, AccessLine, AccessRecord, ProxyBody};
 use crate::acme;
 use crate::config::{Host, HttpMode};
 use crate::connection::{ClientBody, ConnInfo};
 use crate::host::HostName;
+use crate::inbound::Inbound;
 use crate::metrics::{KindLabels, Metrics};
 use crate::reload::Active;
 use crate::response::Local;
@@ -65,7 +65,7 @@ impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
         conn: Arc<ConnInfo>,
-        req: Request<Incoming>,
+        req: Request<Inbound>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
         conn.activity.begin();

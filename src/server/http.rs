@@ -18,6 +18,7 @@ use super::io::{Resumable, WriteDeadline};
 use crate::admission::Handshake;
 use crate::config::Limits;
 use crate::connection::{ConnInfo, Quiet, StreamExecutor};
+use crate::inbound::Inbound;
 use crate::proxy::Proxy;
 
 use super::ProxyCache;
@@ -69,7 +70,7 @@ pub(super) async fn serve<IO>(
                 handshake.finish();
             }
             let proxy = proxies.current().unwrap_or_else(|| fallback.clone());
-            proxy.handle(info.clone(), req)
+            proxy.handle(info.clone(), req.map(Inbound::Hyper))
         })
     };
     // A client that stops reading is cut after idle_timeout without write progress.
