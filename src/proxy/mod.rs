@@ -56,6 +56,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     /// Set when the end of the grace period cuts what is still open (for the access log).
     pub grace_over: Arc<std::sync::atomic::AtomicBool>,
+    /// `Alt-Svc` for every https answer, while HTTP/3 is on.
+    pub alt_svc: Option<http::HeaderValue>,
 }
 
 impl Proxy {
@@ -156,6 +158,16 @@ impl Proxy {
         // HSTS only over https (RFC 6797 §7.2), on every answer for the host.
         if let Some(hsts) = conn.sni.as_ref().and_then(|h| self.active.host(h)?.hsts.clone()) {
             parts.headers.insert(header::STRICT_TRANSPORT_SECURITY, hsts);
+        }
+        // Alt-Svc describes linkgate's own listeners, never the upstream's:
+        // ours over https while HTTP/3 is on, none otherwise.
+        match &self.alt_svc {
+            Some(alt_svc) if conn.sni.is_some() => {
+                parts.headers.insert(header::ALT_SVC, alt_svc.clone());
+            }
+            _ => {
+                parts.headers.remove(header::ALT_SVC);
+            }
         }
         crate::connection::responding();
         Ok(Response::from_parts(parts, ProxyBody::new(body, record, conn, slot)))

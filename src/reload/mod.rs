@@ -23,8 +23,10 @@ use crate::host::HostName;
 use crate::metrics::{HostCounters, HostLabels, Metrics, OTHER_HOST};
 use crate::tls::{self, SniResolver};
 
+mod sni;
 mod watch;
 
+pub use sni::LiveSni;
 use watch::FileWatcher;
 
 /// One validated configuration, ready to serve.

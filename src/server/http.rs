@@ -407,7 +407,7 @@ mod tests {
         let metrics = crate::metrics::Metrics::new();
         let upstream = upstream::Shared::new(config.limits.upstream_connections(), &metrics);
         let live = Live::new(config, metrics).expect("live");
-        let proxies = Arc::new(ProxyCache::new(live.clone(), upstream));
+        let proxies = Arc::new(ProxyCache::new(live.clone(), upstream, None));
         let (_stop, stopping) = watch::channel(false);
         let case = |n: usize| {
             let (proxies, stopping) = (proxies.clone(), stopping.clone());

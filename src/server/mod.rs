@@ -1,5 +1,5 @@
 //! Listeners and connections: accept on the https and http listeners (and
-//! serve the admin endpoints), read an optional PROXY header, run the TLS
+//! HTTP/3 over QUIC on its UDP socket, `quic` and `http3`; serve the admin endpoints), read an optional PROXY header, run the TLS
 //! handshake (refusing unknown SNI before any certificate is sent), serve
 //! HTTP/1.1 or HTTP/2 on each connection within the configured limits
 //! (parking idle HTTP/1.1 connections without their buffers), and drain on
@@ -15,19 +15,23 @@
 //! plain or TLS), `proxy_protocol` (the PROXY header), `handshake` (SNI
 //! refusal, TLS-ALPN-01), `http` (HTTP/1.1 with parking, HTTP/2, closing),
 //! `io` (the bound on stalled writes, the stream a parked connection
-//! resumes on).
+//! resumes on); `quic` (the QUIC endpoint, its bounds and drain, on a
+//! thread of its own) and `http3` (one HTTP/3 connection and its requests).
 
 mod accept;
 mod handshake;
 mod http;
+mod http3;
 mod io;
 pub mod proxy_protocol;
+mod quic;
 
 use std::future::{pending, Future};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use ::http::HeaderValue;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
@@ -46,6 +50,8 @@ pub struct Listeners {
     https: std::net::TcpListener,
     http: Option<std::net::TcpListener>,
     admin: Option<std::net::TcpListener>,
+    /// `listen.http3`'s UDP socket.
+    http3: Option<std::net::UdpSocket>,
 }
 
 impl Listeners {
@@ -66,7 +72,24 @@ impl Listeners {
             Some(addr) => Some(bind(addr).await?),
             None => None,
         };
-        Ok(Self { https, http, admin })
+        let http3 = match &config.listen.http3 {
+            Some(h3) => Some(
+                std::net::UdpSocket::bind(h3.addr)
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {} (UDP, listen.http3): {e}", h3.addr))?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            https,
+            http,
+            admin,
+            http3,
+        })
+    }
+
+    /// The address the HTTP/3 (UDP) socket is bound to, if there is one.
+    pub fn http3_addr(&self) -> Option<std::io::Result<SocketAddr>> {
+        self.http3.as_ref().map(std::net::UdpSocket::local_addr)
     }
 
     /// The address the https listener is bound to (useful after binding port 0).
@@ -96,6 +119,8 @@ struct Shared {
     handshakes: Arc<Handshakes>,
     /// Connections open from each client address.
     clients: Arc<Clients>,
+    /// `Alt-Svc` for every https answer while HTTP/3 is on.
+    alt_svc: Option<HeaderValue>,
     /// Becomes true when the workers must stop accepting and drain.
     stopping: watch::Receiver<bool>,
     /// Connections dropped for their PROXY header (or the lack of one): a
@@ -137,6 +162,25 @@ pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Ou
         .transpose()?;
     let https_addr = listeners.https_addr()?;
     let http_addr = listeners.http_addr().transpose()?;
+    let http3_addr = listeners.http3_addr().transpose()?;
+    // Before any thread starts: a QUIC setting quinn refuses stops start-up.
+    let http3 = match &listeners.http3 {
+        Some(socket) => Some((
+            socket.try_clone()?,
+            quic::server_config(&live, &config.limits)?,
+            quic::runtime()?,
+        )),
+        None => None,
+    };
+    let alt_svc = http3_addr.map(|bound| {
+        let port = config
+            .listen
+            .http3
+            .as_ref()
+            .and_then(|h| h.advertise_port)
+            .unwrap_or(bound.port());
+        alt_svc(port)
+    });
     let admin_addr = listeners.admin_addr().transpose()?;
 
     let (stop, stopping) = watch::channel(false);
@@ -147,6 +191,7 @@ pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Ou
         handshakes: Handshakes::new(),
         clients: Clients::new(),
         proxy_refusals: Occasional::default(),
+        alt_svc,
         stopping,
     });
     // Certificates for `acme = true` hosts; stops with this function.
@@ -169,10 +214,23 @@ pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Ou
             })?;
         done.push(on_finish);
     }
+    if let Some((socket, server_config, runtime)) = http3 {
+        let shared = shared.clone();
+        let (finished, on_finish) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("linkgate-quic".into())
+            .spawn(move || {
+                runtime.block_on(quic::serve(shared, socket, server_config));
+                drop(runtime);
+                let _ = finished.send(());
+            })?;
+        done.push(on_finish);
+    }
     drop(listeners);
     tracing::info!(
         https = %https_addr,
         http = %http_addr.map_or("-".into(), |a| a.to_string()),
+        http3 = %http3_addr.map_or("-".into(), |a| a.to_string()),
         admin = %admin_addr.map_or("-".into(), |a| a.to_string()),
         hosts = config.hosts.len(),
         upstream = %config
@@ -246,7 +304,11 @@ async fn worker(shared: Arc<Shared>, https: std::net::TcpListener, http: Option<
             return;
         }
     };
-    let proxies = Arc::new(ProxyCache::new(shared.live.clone(), shared.upstream.clone()));
+    let proxies = Arc::new(ProxyCache::new(
+        shared.live.clone(),
+        shared.upstream.clone(),
+        shared.alt_svc.clone(),
+    ));
     let mut stopping = shared.stopping.clone();
     let mut failures = AcceptFailures::default();
     // This worker's connection tasks: drained when it stops, cut when the grace period is over.
@@ -314,14 +376,16 @@ async fn worker(shared: Arc<Shared>, https: std::net::TcpListener, http: Option<
 struct ProxyCache {
     live: Arc<Live>,
     upstream: upstream::Shared,
+    alt_svc: Option<HeaderValue>,
     cached: std::sync::Mutex<Option<Arc<Proxy>>>,
 }
 
 impl ProxyCache {
-    fn new(live: Arc<Live>, upstream: upstream::Shared) -> Self {
+    fn new(live: Arc<Live>, upstream: upstream::Shared, alt_svc: Option<HeaderValue>) -> Self {
         Self {
             live,
             upstream,
+            alt_svc,
             cached: std::sync::Mutex::new(None),
         }
     }
@@ -331,13 +395,23 @@ impl ProxyCache {
     fn current(&self) -> Option<Arc<Proxy>> {
         // Uncontended: one worker's connections run on one thread.
         let mut cached = self.cached.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        current_proxy(&self.live, &self.upstream, &mut cached)
+        current_proxy(&self.live, &self.upstream, self.alt_svc.as_ref(), &mut cached)
     }
+}
+
+/// `Alt-Svc` advertising HTTP/3 on `port` of the same host for a day (RFC 7838).
+fn alt_svc(port: u16) -> HeaderValue {
+    HeaderValue::from_str(&format!("h3=\":{port}\"; ma=86400")).unwrap_or(HeaderValue::from_static("clear"))
 }
 
 /// This worker's proxy for the configuration in force: rebuilt after a
 /// reload, keeping the pool of every upstream whose settings did not change.
-fn current_proxy(live: &Live, shared: &upstream::Shared, cached: &mut Option<Arc<Proxy>>) -> Option<Arc<Proxy>> {
+fn current_proxy(
+    live: &Live,
+    shared: &upstream::Shared,
+    alt_svc: Option<&HeaderValue>,
+    cached: &mut Option<Arc<Proxy>>,
+) -> Option<Arc<Proxy>> {
     let active = live.load();
     if let Some(p) = cached.as_ref().filter(|p| p.active.generation == active.generation) {
         return Some(p.clone());
@@ -362,6 +436,7 @@ fn current_proxy(live: &Live, shared: &upstream::Shared, cached: &mut Option<Arc
         upstreams,
         metrics: live.metrics.clone(),
         grace_over: live.grace_over.clone(),
+        alt_svc: alt_svc.cloned(),
     });
     *cached = Some(p.clone());
     Some(p)
