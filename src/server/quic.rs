@@ -37,6 +37,9 @@ const MAX_REQUEST_STREAMS: u32 = 128;
 /// client may open and that are ignored (reserved types, GREASE).
 const MAX_UNI_STREAMS: u32 = 8;
 
+/// The longest interval between keep-alive PINGs (HTTP/2's).
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
+
 /// HTTP/3's error code for a close that is no error (RFC 9114 §8.1).
 const H3_NO_ERROR: u32 = 0x100;
 
@@ -50,6 +53,12 @@ pub(super) fn server_config(live: &Arc<Live>, limits: &Limits) -> anyhow::Result
         .max_idle_timeout(Some(IdleTimeout::try_from(limits.idle_timeout).map_err(|e| {
             anyhow::anyhow!("limits.idle_timeout: too long for QUIC's idle timeout: {e}")
         })?))
+        // PINGs while the peer answers them, as HTTP/2's keep-alive: a
+        // request waiting on a slow upstream is not cut by QUIC's idle
+        // timeout, which is left to catch peers that vanished. An idle
+        // connection is closed by `idle_timeout` counted over requests
+        // (`http3::connection`), as on TCP.
+        .keep_alive_interval(Some((limits.idle_timeout / 2).min(KEEP_ALIVE)))
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_REQUEST_STREAMS))
         .max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS));
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(tls));
