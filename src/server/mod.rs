@@ -1,28 +1,31 @@
 //! Listeners and connections: accept on the https and http listeners (and
-//! HTTP/3 over QUIC on its UDP socket, `quic` and `http3`; serve the admin endpoints), read an optional PROXY header, run the TLS
+//! serve the admin endpoints), read an optional PROXY header, run the TLS
 //! handshake (refusing unknown SNI before any certificate is sent), serve
 //! HTTP/1.1 or HTTP/2 on each connection within the configured limits
-//! (parking idle HTTP/1.1 connections without their buffers), and drain on
+//! (parking idle HTTP/1.1 connections without their buffers), serve
+//! HTTP/3 over QUIC on the UDP socket of `listen.http3`, and drain on
 //! shutdown.
 //!
 //! Connections are served by one worker thread per core, each with its own
 //! single-threaded Tokio runtime and its own upstream connection pool, all
 //! accepting on the same sockets: a connection and everything it causes
 //! stays on one thread, with no cross-thread wake-ups on the request path.
+//! The QUIC endpoint has a thread and runtime of its own, run the same way.
 //!
-//! Files in request order: this one (binding, workers, the per-worker
-//! proxy for the configuration in force, drain), `accept` (admission,
-//! plain or TLS), `proxy_protocol` (the PROXY header), `handshake` (SNI
-//! refusal, TLS-ALPN-01), `http` (HTTP/1.1 with parking, HTTP/2, closing),
-//! `io` (the bound on stalled writes, the stream a parked connection
-//! resumes on); `quic` (the QUIC endpoint, its bounds and drain, on a
-//! thread of its own) and `http3` (one HTTP/3 connection and its requests).
+//! Files in request order: this one (binding, workers, drain), `accept`
+//! (admission, plain or TLS), `proxy_protocol` (the PROXY header),
+//! `handshake` (SNI refusal, TLS-ALPN-01), `http` (HTTP/1.1 with parking,
+//! HTTP/2, closing), `io` (the bound on stalled writes, the stream a parked
+//! connection resumes on), `proxies` (the per-worker proxy for the
+//! configuration in force, and Alt-Svc); `quic` (the QUIC endpoint, its
+//! bounds and drain) and `http3` (one HTTP/3 connection and its requests).
 
 mod accept;
 mod handshake;
 mod http;
 mod http3;
 mod io;
+mod proxies;
 pub mod proxy_protocol;
 mod quic;
 
@@ -38,12 +41,12 @@ use tokio::task::JoinSet;
 
 use crate::admission::{AcceptFailures, Clients, Handshakes, Occasional};
 use crate::config::{Config, Limits};
-use crate::proxy::Proxy;
 use crate::reload::Live;
 use crate::upstream::{self, Upstream};
 use crate::{acme, admin};
 
 use accept::{admit, connection};
+use proxies::{alt_svc, ProxyCache};
 
 /// The bound listening sockets.
 pub struct Listeners {
@@ -368,78 +371,6 @@ async fn worker(shared: Arc<Shared>, https: std::net::TcpListener, http: Option<
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }
-}
-
-/// One worker's proxy for the configuration in force, looked up per request
-/// so that a reload applies to requests on connections that are already
-/// open (files, upstreams, hosts), not only to new connections.
-struct ProxyCache {
-    live: Arc<Live>,
-    upstream: upstream::Shared,
-    alt_svc: Option<HeaderValue>,
-    cached: std::sync::Mutex<Option<Arc<Proxy>>>,
-}
-
-impl ProxyCache {
-    fn new(live: Arc<Live>, upstream: upstream::Shared, alt_svc: Option<HeaderValue>) -> Self {
-        Self {
-            live,
-            upstream,
-            alt_svc,
-            cached: std::sync::Mutex::new(None),
-        }
-    }
-
-    /// The proxy for the configuration in force (the previous one if the new
-    /// one cannot be built).
-    fn current(&self) -> Option<Arc<Proxy>> {
-        // Uncontended: one worker's connections run on one thread.
-        let mut cached = self.cached.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        current_proxy(&self.live, &self.upstream, self.alt_svc.as_ref(), &mut cached)
-    }
-}
-
-/// `Alt-Svc` advertising HTTP/3 on `port` of the same host for a day (RFC 7838).
-fn alt_svc(port: u16) -> HeaderValue {
-    HeaderValue::from_str(&format!("h3=\":{port}\"; ma=86400")).unwrap_or(HeaderValue::from_static("clear"))
-}
-
-/// This worker's proxy for the configuration in force: rebuilt after a
-/// reload, keeping the pool of every upstream whose settings did not change.
-fn current_proxy(
-    live: &Live,
-    shared: &upstream::Shared,
-    alt_svc: Option<&HeaderValue>,
-    cached: &mut Option<Arc<Proxy>>,
-) -> Option<Arc<Proxy>> {
-    let active = live.load();
-    if let Some(p) = cached.as_ref().filter(|p| p.active.generation == active.generation) {
-        return Some(p.clone());
-    }
-    let mut upstreams = Vec::with_capacity(active.config.upstreams.len());
-    for settings in &active.config.upstreams {
-        let kept = cached.as_ref().and_then(|p| {
-            let i = p.active.config.upstreams.iter().position(|u| u == settings)?;
-            p.upstreams.get(i).cloned()
-        });
-        match kept.map_or_else(|| Upstream::new(settings, shared), Ok) {
-            Ok(u) => upstreams.push(u),
-            Err(e) => {
-                // The roots were checked at start-up and on reload; keep what works if this still fails.
-                tracing::error!(error = %e, "cannot build an upstream client for the new configuration");
-                return cached.clone();
-            }
-        }
-    }
-    let p = Arc::new(Proxy {
-        active,
-        upstreams,
-        metrics: live.metrics.clone(),
-        grace_over: live.grace_over.clone(),
-        alt_svc: alt_svc.cloned(),
-    });
-    *cached = Some(p.clone());
-    Some(p)
 }
 
 async fn accept_optional(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
