@@ -31,12 +31,25 @@ impl From<Incoming> for Inbound {
 }
 
 /// An HTTP/3 request's body: the stream's DATA frames until it ends.
-/// (Trailers are not read: linkgate forwards none.)
+/// (Trailers are not read: linkgate forwards none.) A body longer or
+/// shorter than its Content-Length is an error (RFC 9114 §4.1.2: the
+/// request is malformed), so that the upstream is never sent a length
+/// that its body does not have; hyper and h2 do the same for HTTP/1.1 and
+/// HTTP/2.
 pub struct Http3Body {
     stream: Http3Stream,
     /// The request's Content-Length, when it gave one.
     declared: Option<u64>,
+    received: u64,
     done: bool,
+}
+
+/// The body did not match its Content-Length.
+#[derive(Debug, thiserror::Error)]
+#[error("request body of {received} bytes or more where Content-Length said {declared}")]
+pub struct LengthMismatch {
+    declared: u64,
+    received: u64,
 }
 
 impl Http3Body {
@@ -44,8 +57,18 @@ impl Http3Body {
         Self {
             stream,
             declared,
+            received: 0,
             done: false,
         }
+    }
+
+    /// Ends the body with the error for a length that is not the declared one.
+    fn mismatch(&mut self, declared: u64) -> BoxError {
+        self.done = true;
+        Box::new(LengthMismatch {
+            declared,
+            received: self.received,
+        })
     }
 }
 
@@ -60,10 +83,20 @@ impl Body for Http3Body {
         }
         match this.stream.poll_recv_data(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(Some(mut data))) => Poll::Ready(Some(Ok(Frame::data(data.copy_to_bytes(data.remaining()))))),
+            Poll::Ready(Ok(Some(mut data))) => {
+                let data = data.copy_to_bytes(data.remaining());
+                this.received += data.len() as u64;
+                match this.declared {
+                    Some(declared) if this.received > declared => Poll::Ready(Some(Err(this.mismatch(declared)))),
+                    _ => Poll::Ready(Some(Ok(Frame::data(data)))),
+                }
+            }
             Poll::Ready(Ok(None)) => {
                 this.done = true;
-                Poll::Ready(None)
+                match this.declared {
+                    Some(declared) if this.received != declared => Poll::Ready(Some(Err(this.mismatch(declared)))),
+                    _ => Poll::Ready(None),
+                }
             }
             Poll::Ready(Err(e)) => {
                 this.done = true;
@@ -78,7 +111,7 @@ impl Body for Http3Body {
 
     fn size_hint(&self) -> SizeHint {
         match self.declared {
-            Some(n) if !self.done => SizeHint::with_exact(n),
+            Some(n) if !self.done => SizeHint::with_exact(n.saturating_sub(self.received)),
             _ if self.done => SizeHint::with_exact(0),
             _ => SizeHint::default(),
         }

@@ -75,6 +75,18 @@ async fn a_request_over_http3_is_forwarded_with_the_branded_host_and_the_query_b
         .await
         .expect("answer");
     assert_eq!((echoed.status, echoed.body.as_slice()), (200, &b"unsubscribe"[..]));
+    // A body longer than its Content-Length is malformed: refused before
+    // the upstream sees it (which would otherwise get a length the body does not have).
+    let lying = http::Request::post(format!("https://{CLICK}/echo"))
+        .header("content-length", "3")
+        .body(())
+        .expect("request");
+    let refused = conn
+        .send_request(lying, Some(bytes::Bytes::from_static(b"unsubscribe")))
+        .await
+        .expect("answer");
+    assert_eq!(refused.status, 400, "{:?}", String::from_utf8_lossy(&refused.body));
+    assert_eq!(up.received().len(), 2, "the lying request never went upstream");
     let big = conn
         .get(&format!("https://{CLICK}/big?n=300000"))
         .await
