@@ -37,7 +37,8 @@ pub struct ConnInfo {
     /// Negotiated TLS version, for the access log.
     pub tls_version: Option<&'static str>,
     /// The TLS handshake resumed an earlier session, for the access log.
-    pub tls_resumed: bool,
+    /// `None` where it is not known (HTTP/3: quinn does not say).
+    pub tls_resumed: Option<bool>,
     /// Requests in flight, for the idle timeout.
     pub activity: Activity,
     /// HTTP/2: a permit per upstream connection its streams hold, so one
@@ -58,7 +59,7 @@ impl ConnInfo {
             sni,
             keep_forwarded,
             tls_version,
-            tls_resumed: false,
+            tls_resumed: None,
             activity: Activity::new(),
             upstream_slots: None,
         }
@@ -66,7 +67,7 @@ impl ConnInfo {
 
     /// Records that the TLS handshake resumed an earlier session.
     pub fn with_tls_resumed(mut self, resumed: bool) -> Self {
-        self.tls_resumed = resumed;
+        self.tls_resumed = Some(resumed);
         self
     }
 

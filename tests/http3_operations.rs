@@ -44,6 +44,7 @@ async fn the_binary_logs_and_counts_a_request_over_http3() {
     let access = common::process::wait_line(&lg.lines, |v| v["target"] == "linkgate::access");
     assert_eq!(access["protocol"], "HTTP/3.0", "{access}");
     assert_eq!(access["tls"], "TLSv1.3", "{access}");
+    assert_eq!(access["resumed"], "-", "not known over QUIC: {access}");
     assert_eq!(access["host"], CLICK, "{access}");
     assert_eq!(access["status"], 200, "{access}");
     assert_eq!(access["bytes"], 2, "{access}");

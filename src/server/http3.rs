@@ -50,13 +50,12 @@ pub(super) async fn connection(
     drop(handshake);
     let conn = match established {
         Ok(Ok(conn)) => conn,
+        // Not counted in linkgate_tls_handshakes_total, which is TCP's (README).
         Ok(Err(e)) => {
-            shared.live.metrics.handshake("error");
             tracing::debug!(client = %peer, error = %e, "QUIC handshake failed");
             return;
         }
         Err(_) => {
-            shared.live.metrics.handshake("error");
             tracing::debug!(client = %peer, "QUIC handshake timed out");
             return;
         }
@@ -81,7 +80,6 @@ pub(super) async fn connection(
         .max_field_section_size(u64::try_from(limits.max_header_bytes).unwrap_or(u64::MAX))
         .build(h3_quinn::Connection::new(conn.clone()))
         .await;
-    shared.live.metrics.handshake("ok");
     let mut h3: H3Conn = match built {
         Ok(h3) => h3,
         Err(e) => {
