@@ -1,9 +1,9 @@
 //! HTTP/3 (`listen.http3`): a quinn/h3 client on loopback against the real
 //! server in-process. What the upstream received for a request over QUIC,
 //! the SNI refusal in the handshake, 421, Alt-Svc over HTTP/1.1, HTTP/2 and
-//! HTTP/3, a certificate reload seen over QUIC, drain, 0-RTT refused, and
-//! QUIC connections held to `max_connections`.
-//! (The binary, its access log and bad settings: tests/http3_operations.rs.)
+//! HTTP/3, a certificate reload seen over QUIC, drain, and 0-RTT refused.
+//! (The binary, its access log and bad settings: tests/http3_operations.rs;
+//! the connection cap and Retry: tests/http3_limits.rs.)
 
 mod common;
 
@@ -345,69 +345,5 @@ async fn zero_rtt_is_refused_even_with_a_resumption_ticket() {
         200
     );
     assert_eq!(up.received().len(), 2, "each request reached the upstream once");
-    lg.stop().await;
-}
-
-/// QUIC connections count toward `limits.max_connections`, shared with
-/// TCP: once every slot is taken the next QUIC connection is refused at
-/// once (CONNECTION_REFUSED; QUIC has no backlog to wait in) and counted.
-/// Each TCP worker holds one slot while it waits to accept, so the test
-/// allows for those: `workers + 2` slots, and more QUIC connections than
-/// that are tried.
-#[tokio::test]
-async fn quic_connections_count_toward_max_connections() {
-    let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    let max = workers + 2;
-    let Served {
-        dir: _dir, pki, up: _up, lg, ..
-    } = Setup::new()
-        .listen(&listen_http3(""))
-        .host(CLICK)
-        .admin()
-        .limits(&format!(
-            "max_connections = {max}\nmax_handshakes = {max}\nconnections_per_address = {max}\nhandshakes_per_address = {max}\n"
-        ))
-        .start()
-        .await;
-    let client = H3Client::new(&pki, false);
-    let (mut open, mut refused) = (Vec::new(), 0);
-    for _ in 0..=max {
-        match client.connect(h3_addr(&lg), CLICK).await {
-            Ok(mut conn) => {
-                // Served: the slot is held by a connection that works.
-                assert_eq!(
-                    conn.get(&format!("https://{CLICK}/")).await.expect("answer").status,
-                    200
-                );
-                open.push(conn);
-            }
-            Err(quinn::ConnectionError::ConnectionClosed(close)) => {
-                assert_eq!(
-                    close.error_code,
-                    quinn::TransportErrorCode::CONNECTION_REFUSED,
-                    "{close:?}"
-                );
-                refused += 1;
-            }
-            Err(other) => panic!("neither served nor refused: {other:?}"),
-        }
-    }
-    assert!(!open.is_empty() && open.len() <= max, "{} served", open.len());
-    assert!(refused >= 1, "with every slot taken a QUIC connection is refused");
-    let counted = metric(
-        lg.admin.expect("admin"),
-        "linkgate_connections_refused_total{reason=\"max_connections\"}",
-    )
-    .await;
-    assert_eq!(counted, Some(refused as f64));
-
-    // A slot given back is taken again.
-    let quic = open.pop().expect("one open").quic;
-    quic.close(0u32.into(), b"done");
-    drop(open);
-    wait_for("a slot given back", async || {
-        client.connect(h3_addr(&lg), CLICK).await.is_ok()
-    })
-    .await;
     lg.stop().await;
 }
