@@ -14,7 +14,8 @@
 #
 # Run with the config folder mounted at /etc/linkgate:
 #   podman run -d -v /srv/linkgate:/etc/linkgate:ro \
-#     --sysctl net.ipv4.ip_unprivileged_port_start=0 -p 443:443 -p 80:80 linkgate
+#     --sysctl net.ipv4.ip_unprivileged_port_start=0 -p 443:443 -p 443:443/udp -p 80:80 linkgate
+# (443/udp: HTTP/3, when the config sets listen.http3.)
 # The user is not root: binding 443/80 needs that sysctl (Docker sets it by
 # default since 20.10; Kubernetes: securityContext.sysctls), or listen on
 # 8443/8080 and map the ports.
@@ -62,7 +63,8 @@ LABEL org.opencontainers.image.title="linkgate" \
 COPY --from=binary /out/linkgate /linkgate
 ENV LINKGATE_CONFIG=/etc/linkgate/linkgate.toml
 USER 65532:65532
-EXPOSE 443 80 9901
+# 443/udp: HTTP/3 (listen.http3), off unless the config sets it.
+EXPOSE 443 443/udp 80 9901
 # Needs [admin] listen in the config; probes /healthz over loopback.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 CMD ["/linkgate", "health"]
 ENTRYPOINT ["/linkgate", "serve"]

@@ -108,7 +108,11 @@ impl AccessLine {
             total_ms = self.started.elapsed().as_millis() as u64,
             protocol = ?r.version,
             tls = conn.tls_version.unwrap_or("-"),
-            resumed = if conn.tls_version.is_none() { "-" } else if conn.tls_resumed { "yes" } else { "no" },
+            resumed = match (conn.tls_version, conn.tls_resumed) {
+                (Some(_), Some(true)) => "yes",
+                (Some(_), Some(false)) => "no",
+                _ => "-",
+            },
             user_agent = %Quoted(r.user_agent.as_deref().unwrap_or("-")),
             refused = r.error,
             cut,

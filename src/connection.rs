@@ -18,11 +18,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 
 use crate::host::HostName;
+use crate::inbound::Inbound;
 
 /// What the server knows about the connection a request came in on.
 #[derive(Debug)]
@@ -37,7 +37,8 @@ pub struct ConnInfo {
     /// Negotiated TLS version, for the access log.
     pub tls_version: Option<&'static str>,
     /// The TLS handshake resumed an earlier session, for the access log.
-    pub tls_resumed: bool,
+    /// `None` where it is not known (HTTP/3: quinn does not say).
+    pub tls_resumed: Option<bool>,
     /// Requests in flight, for the idle timeout.
     pub activity: Activity,
     /// HTTP/2: a permit per upstream connection its streams hold, so one
@@ -58,7 +59,7 @@ impl ConnInfo {
             sni,
             keep_forwarded,
             tls_version,
-            tls_resumed: false,
+            tls_resumed: None,
             activity: Activity::new(),
             upstream_slots: None,
         }
@@ -66,7 +67,7 @@ impl ConnInfo {
 
     /// Records that the TLS handshake resumed an earlier session.
     pub fn with_tls_resumed(mut self, resumed: bool) -> Self {
-        self.tls_resumed = resumed;
+        self.tls_resumed = Some(resumed);
         self
     }
 
@@ -222,13 +223,13 @@ impl Activity {
 /// the connection [`Activity::must_close`]: hyper is then midway through
 /// the body, and what follows on the connection is not a request.
 pub struct ClientBody {
-    inner: Incoming,
+    inner: Inbound,
     /// Set while the body is open; taken when it ends.
     conn: Option<Arc<ConnInfo>>,
 }
 
 impl ClientBody {
-    pub fn new(inner: Incoming, conn: &Arc<ConnInfo>) -> Self {
+    pub fn new(inner: Inbound, conn: &Arc<ConnInfo>) -> Self {
         if inner.is_end_stream() {
             return Self { inner, conn: None };
         }
@@ -248,7 +249,7 @@ impl ClientBody {
 
 impl Body for ClientBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();

@@ -66,6 +66,7 @@ pub mod fuzzing;
 pub(crate) mod hash;
 pub mod host;
 pub mod import;
+pub mod inbound;
 pub mod metrics;
 pub mod provider;
 pub mod proxy;

@@ -10,13 +10,14 @@
 
 mod build;
 mod hosts;
+mod listen;
 mod outline;
 mod raw;
 mod units;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +29,8 @@ use rustls::sign::CertifiedKey;
 pub use build::preset_of;
 use build::*;
 pub use hosts::{explain_key_mismatch, load_host, HostEntry, LoadedPairs};
+use listen::build_listen;
+pub use listen::{Http3, Listen};
 pub use outline::{HostUpstreams, Outline};
 pub use units::{parse_duration, parse_size, IpNet};
 
@@ -116,23 +119,6 @@ impl Challenge {
             Self::TlsAlpn01 => "tls-alpn-01",
             Self::Http01 => "http-01",
         }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Listen {
-    pub https: SocketAddr,
-    pub http: Option<SocketAddr>,
-    /// Expect a PROXY protocol v1 or v2 header on every connection.
-    pub proxy_protocol: bool,
-    /// Peers allowed to send PROXY headers, and whose X-Forwarded-For/-Proto are kept.
-    pub trusted_proxies: Vec<IpNet>,
-}
-
-impl Listen {
-    /// True when `ip` is one of the trusted proxies.
-    pub fn is_trusted(&self, ip: IpAddr) -> bool {
-        self.trusted_proxies.iter().any(|net| net.contains(ip))
     }
 }
 
@@ -435,33 +421,7 @@ impl Config {
             message,
         };
 
-        let listen = Listen {
-            https: parse_addr(&raw.listen.https).map_err(|m| key_err("listen.https", m))?,
-            http: raw
-                .listen
-                .http
-                .as_deref()
-                .map(parse_addr)
-                .transpose()
-                .map_err(|m| key_err("listen.http", m))?,
-            proxy_protocol: raw.listen.proxy_protocol,
-            trusted_proxies: raw
-                .listen
-                .trusted_proxies
-                .iter()
-                .map(|s| IpNet::parse(s))
-                .collect::<Result<_, _>>()
-                .map_err(|m| key_err("listen.trusted_proxies", m))?,
-        };
-        if listen.proxy_protocol && listen.trusted_proxies.is_empty() {
-            return Err(key_err(
-                "listen.trusted_proxies",
-                "proxy_protocol = true needs the load balancers' addresses here: PROXY headers are accepted only from them".into(),
-            ));
-        }
-        if listen.http == Some(listen.https) && listen.https.port() != 0 {
-            return Err(key_err("listen.http", "must differ from listen.https".into()));
-        }
+        let listen = build_listen(&raw.listen).map_err(|(key, m)| key_err(key, m))?;
 
         let default_upstream = raw.upstream.clone();
         let upstream = build_upstream(raw.upstream, base).map_err(|(key, m)| key_err(key, m))?;

@@ -54,6 +54,14 @@ pub struct RawListen {
     pub proxy_protocol: bool,
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// HTTP/3 (QUIC) on this UDP address.
+    pub http3: Option<String>,
+    /// The port `Alt-Svc` advertises for HTTP/3 (default: the bound one).
+    pub http3_advertise_port: Option<u16>,
+    /// With `proxy_protocol`: the operator confirms the balancer passes UDP
+    /// through with client addresses preserved.
+    #[serde(default)]
+    pub http3_balancer_preserves_client_address: bool,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

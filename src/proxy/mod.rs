@@ -17,13 +17,13 @@ use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri, Version};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
-use hyper::body::Incoming;
 
 use crate::access::{self as access_log, AccessLine, AccessRecord, ProxyBody};
 use crate::acme;
 use crate::config::{Host, HttpMode};
 use crate::connection::{ClientBody, ConnInfo};
 use crate::host::HostName;
+use crate::inbound::Inbound;
 use crate::metrics::{KindLabels, Metrics};
 use crate::reload::Active;
 use crate::response::Local;
@@ -56,6 +56,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     /// Set when the end of the grace period cuts what is still open (for the access log).
     pub grace_over: Arc<std::sync::atomic::AtomicBool>,
+    /// `Alt-Svc` for every https answer, while HTTP/3 is on.
+    pub alt_svc: Option<http::HeaderValue>,
 }
 
 impl Proxy {
@@ -65,7 +67,7 @@ impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
         conn: Arc<ConnInfo>,
-        req: Request<Incoming>,
+        req: Request<Inbound>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
         conn.activity.begin();
@@ -156,6 +158,16 @@ impl Proxy {
         // HSTS only over https (RFC 6797 §7.2), on every answer for the host.
         if let Some(hsts) = conn.sni.as_ref().and_then(|h| self.active.host(h)?.hsts.clone()) {
             parts.headers.insert(header::STRICT_TRANSPORT_SECURITY, hsts);
+        }
+        // Alt-Svc describes linkgate's own listeners, never the upstream's:
+        // ours over https while HTTP/3 is on, none otherwise.
+        match &self.alt_svc {
+            Some(alt_svc) if conn.sni.is_some() => {
+                parts.headers.insert(header::ALT_SVC, alt_svc.clone());
+            }
+            _ => {
+                parts.headers.remove(header::ALT_SVC);
+            }
         }
         crate::connection::responding();
         Ok(Response::from_parts(parts, ProxyBody::new(body, record, conn, slot)))

@@ -23,8 +23,10 @@ use crate::host::HostName;
 use crate::metrics::{HostCounters, HostLabels, Metrics, OTHER_HOST};
 use crate::tls::{self, SniResolver};
 
+mod sni;
 mod watch;
 
+pub use sni::LiveSni;
 use watch::FileWatcher;
 
 /// One validated configuration, ready to serve.
@@ -78,6 +80,7 @@ pub struct Live {
 struct StartOnly {
     https: std::net::SocketAddr,
     http: Option<std::net::SocketAddr>,
+    http3: Option<crate::config::Http3>,
     admin: Option<std::net::SocketAddr>,
     log_format: crate::config::LogFormat,
     max_connections: u32,
@@ -89,6 +92,7 @@ impl StartOnly {
         Self {
             https: config.listen.https,
             http: config.listen.http,
+            http3: config.listen.http3.clone(),
             admin: config.admin,
             log_format: config.log.format,
             max_connections: config.limits.max_connections,
@@ -102,6 +106,14 @@ impl StartOnly {
         [
             ("listen.https", self.https != now.https),
             ("listen.http", self.http != now.http),
+            (
+                "listen.http3",
+                self.http3.as_ref().map(|h| h.addr) != now.http3.as_ref().map(|h| h.addr),
+            ),
+            (
+                "listen.http3_advertise_port",
+                self.http3.as_ref().map(|h| h.advertise_port) != now.http3.as_ref().map(|h| h.advertise_port),
+            ),
             ("admin.listen", self.admin != now.admin),
             ("log.format", self.log_format != now.log_format),
             ("limits.max_connections", self.max_connections != now.max_connections),
@@ -412,6 +424,15 @@ mod tests {
                 "limits.max_connections",
                 "limits.max_upstream_connections"
             ]
+        );
+        let mut http3 = config("");
+        http3.listen.http3 = Some(crate::config::Http3 {
+            addr: "127.0.0.1:8443".parse().expect("addr"),
+            advertise_port: Some(443),
+        });
+        assert_eq!(
+            started.changed_in(&http3),
+            ["listen.http3", "listen.http3_advertise_port"]
         );
     }
 }

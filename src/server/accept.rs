@@ -1,4 +1,5 @@
-//! One accepted connection up to HTTP: its slot in the handshake budget,
+//! One accepted connection up to HTTP: its slot in the handshake budget
+//! (QUIC connections take theirs here too),
 //! the PROXY header when the listener expects one, then plain HTTP or the
 //! TLS handshake and the protocol ALPN chose.
 
@@ -35,6 +36,28 @@ pub(super) fn admit(shared: &Shared, config: &Config, peer: SocketAddr) -> Resul
             client: None,
         });
     }
+    claim_address(shared, config, peer, handshake)
+}
+
+/// As [`admit`], for a peer whose address is always the client's (QUIC:
+/// there is no PROXY protocol for UDP), unless it is a trusted proxy.
+pub(super) fn admit_client(shared: &Shared, config: &Config, peer: SocketAddr) -> Result<Admitted, Refusal> {
+    let handshake = shared.handshakes.begin(config.limits.max_handshakes)?;
+    if config.listen.is_trusted(peer.ip()) {
+        return Ok(Admitted {
+            handshake,
+            client: None,
+        });
+    }
+    claim_address(shared, config, peer, handshake)
+}
+
+fn claim_address(
+    shared: &Shared,
+    config: &Config,
+    peer: SocketAddr,
+    handshake: Handshake,
+) -> Result<Admitted, Refusal> {
     handshake.claim_address(peer.ip(), config.limits.handshakes_per_address)?;
     let client = Some(shared.clients.claim(peer.ip(), config.limits.connections_per_address)?);
     Ok(Admitted { handshake, client })
@@ -46,6 +69,13 @@ pub(super) fn admit(shared: &Shared, config: &Config, peer: SocketAddr) -> Resul
 pub(super) struct Admitted {
     handshake: Handshake,
     client: Option<ClientSlot>,
+}
+
+impl Admitted {
+    /// The handshake slot (to give back once it is over) and the address slot.
+    pub(super) fn into_parts(self) -> (Handshake, Option<ClientSlot>) {
+        (self.handshake, self.client)
+    }
 }
 
 /// A connection through its PROXY header and TLS handshake, ready for HTTP:

@@ -19,6 +19,7 @@ use super::io::{Resumable, WriteDeadline};
 use crate::admission::{ClientSlot, Handshake};
 use crate::config::Limits;
 use crate::connection::{ConnInfo, Quiet, StreamExecutor};
+use crate::inbound::Inbound;
 use crate::proxy::Proxy;
 
 use super::ProxyCache;
@@ -87,7 +88,7 @@ where
                 handshake.finish();
             }
             let proxy = proxies.current().unwrap_or_else(|| fallback.clone());
-            proxy.handle(info.clone(), req)
+            proxy.handle(info.clone(), req.map(Inbound::Hyper))
         })
     };
     async move {
@@ -438,7 +439,7 @@ mod tests {
         let metrics = crate::metrics::Metrics::new();
         let upstream = upstream::Shared::new(config.limits.upstream_connections(), &metrics);
         let live = Live::new(config, metrics).expect("live");
-        let proxies = Arc::new(ProxyCache::new(live.clone(), upstream));
+        let proxies = Arc::new(ProxyCache::new(live.clone(), upstream, None));
         let (_stop, stopping) = watch::channel(false);
         let case = |n: usize| {
             let (proxies, stopping) = (proxies.clone(), stopping.clone());

@@ -2,50 +2,59 @@
 //! serve the admin endpoints), read an optional PROXY header, run the TLS
 //! handshake (refusing unknown SNI before any certificate is sent), serve
 //! HTTP/1.1 or HTTP/2 on each connection within the configured limits
-//! (parking idle HTTP/1.1 connections without their buffers), and drain on
+//! (parking idle HTTP/1.1 connections without their buffers), serve
+//! HTTP/3 over QUIC on the UDP socket of `listen.http3`, and drain on
 //! shutdown.
 //!
 //! Connections are served by one worker thread per core, each with its own
 //! single-threaded Tokio runtime and its own upstream connection pool, all
 //! accepting on the same sockets: a connection and everything it causes
 //! stays on one thread, with no cross-thread wake-ups on the request path.
+//! The QUIC endpoint has a thread and runtime of its own, run the same way.
 //!
-//! Files in request order: this one (binding, workers, the per-worker
-//! proxy for the configuration in force, drain), `accept` (admission,
-//! plain or TLS), `proxy_protocol` (the PROXY header), `handshake` (SNI
-//! refusal, TLS-ALPN-01), `http` (HTTP/1.1 with parking, HTTP/2, closing),
-//! `io` (the bound on stalled writes, the stream a parked connection
-//! resumes on).
+//! Files in request order: this one (binding, workers, drain), `accept`
+//! (admission, plain or TLS), `proxy_protocol` (the PROXY header),
+//! `handshake` (SNI refusal, TLS-ALPN-01), `http` (HTTP/1.1 with parking,
+//! HTTP/2, closing), `io` (the bound on stalled writes, the stream a parked
+//! connection resumes on), `proxies` (the per-worker proxy for the
+//! configuration in force, and Alt-Svc); `quic` (the QUIC endpoint, its
+//! bounds and drain) and `http3` (one HTTP/3 connection and its requests).
 
 mod accept;
 mod handshake;
 mod http;
+mod http3;
 mod io;
+mod proxies;
 pub mod proxy_protocol;
+mod quic;
 
 use std::future::{pending, Future};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use ::http::HeaderValue;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::admission::{AcceptFailures, Clients, Handshakes, Occasional};
 use crate::config::{Config, Limits};
-use crate::proxy::Proxy;
 use crate::reload::Live;
 use crate::upstream::{self, Upstream};
 use crate::{acme, admin};
 
 use accept::{admit, establish};
+use proxies::{alt_svc, ProxyCache};
 
 /// The bound listening sockets.
 pub struct Listeners {
     https: std::net::TcpListener,
     http: Option<std::net::TcpListener>,
     admin: Option<std::net::TcpListener>,
+    /// `listen.http3`'s UDP socket.
+    http3: Option<std::net::UdpSocket>,
 }
 
 impl Listeners {
@@ -66,7 +75,24 @@ impl Listeners {
             Some(addr) => Some(bind(addr).await?),
             None => None,
         };
-        Ok(Self { https, http, admin })
+        let http3 = match &config.listen.http3 {
+            Some(h3) => Some(
+                std::net::UdpSocket::bind(h3.addr)
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {} (UDP, listen.http3): {e}", h3.addr))?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            https,
+            http,
+            admin,
+            http3,
+        })
+    }
+
+    /// The address the HTTP/3 (UDP) socket is bound to, if there is one.
+    pub fn http3_addr(&self) -> Option<std::io::Result<SocketAddr>> {
+        self.http3.as_ref().map(std::net::UdpSocket::local_addr)
     }
 
     /// The address the https listener is bound to (useful after binding port 0).
@@ -96,6 +122,8 @@ struct Shared {
     handshakes: Arc<Handshakes>,
     /// Connections open from each client address.
     clients: Arc<Clients>,
+    /// `Alt-Svc` for every https answer while HTTP/3 is on.
+    alt_svc: Option<HeaderValue>,
     /// Becomes true when the workers must stop accepting and drain.
     stopping: watch::Receiver<bool>,
     /// Connections dropped for their PROXY header (or the lack of one): a
@@ -137,6 +165,25 @@ pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Ou
         .transpose()?;
     let https_addr = listeners.https_addr()?;
     let http_addr = listeners.http_addr().transpose()?;
+    let http3_addr = listeners.http3_addr().transpose()?;
+    // Before any thread starts: a QUIC setting quinn refuses stops start-up.
+    let http3 = match &listeners.http3 {
+        Some(socket) => Some((
+            socket.try_clone()?,
+            quic::server_config(&live, &config.limits)?,
+            quic::runtime()?,
+        )),
+        None => None,
+    };
+    let alt_svc = http3_addr.map(|bound| {
+        let port = config
+            .listen
+            .http3
+            .as_ref()
+            .and_then(|h| h.advertise_port)
+            .unwrap_or(bound.port());
+        alt_svc(port)
+    });
     let admin_addr = listeners.admin_addr().transpose()?;
 
     let (stop, stopping) = watch::channel(false);
@@ -147,6 +194,7 @@ pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Ou
         handshakes: Handshakes::new(),
         clients: Clients::new(),
         proxy_refusals: Occasional::default(),
+        alt_svc,
         stopping,
     });
     // Certificates for `acme = true` hosts; stops with this function.
@@ -169,10 +217,23 @@ pub async fn run(live: Arc<Live>, listeners: Listeners, shutdown: impl Future<Ou
             })?;
         done.push(on_finish);
     }
+    if let Some((socket, server_config, runtime)) = http3 {
+        let shared = shared.clone();
+        let (finished, on_finish) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("linkgate-quic".into())
+            .spawn(move || {
+                runtime.block_on(quic::serve(shared, socket, server_config));
+                drop(runtime);
+                let _ = finished.send(());
+            })?;
+        done.push(on_finish);
+    }
     drop(listeners);
     tracing::info!(
         https = %https_addr,
         http = %http_addr.map_or("-".into(), |a| a.to_string()),
+        http3 = %http3_addr.map_or("-".into(), |a| a.to_string()),
         admin = %admin_addr.map_or("-".into(), |a| a.to_string()),
         hosts = config.hosts.len(),
         upstream = %config
@@ -246,7 +307,11 @@ async fn worker(shared: Arc<Shared>, https: std::net::TcpListener, http: Option<
             return;
         }
     };
-    let proxies = Arc::new(ProxyCache::new(shared.live.clone(), shared.upstream.clone()));
+    let proxies = Arc::new(ProxyCache::new(
+        shared.live.clone(),
+        shared.upstream.clone(),
+        shared.alt_svc.clone(),
+    ));
     let mut stopping = shared.stopping.clone();
     let mut failures = AcceptFailures::default();
     // This worker's connection tasks: drained when it stops, cut when the grace period is over.
@@ -318,65 +383,6 @@ async fn worker(shared: Arc<Shared>, https: std::net::TcpListener, http: Option<
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }
-}
-
-/// One worker's proxy for the configuration in force, looked up per request
-/// so that a reload applies to requests on connections that are already
-/// open (files, upstreams, hosts), not only to new connections.
-struct ProxyCache {
-    live: Arc<Live>,
-    upstream: upstream::Shared,
-    cached: std::sync::Mutex<Option<Arc<Proxy>>>,
-}
-
-impl ProxyCache {
-    fn new(live: Arc<Live>, upstream: upstream::Shared) -> Self {
-        Self {
-            live,
-            upstream,
-            cached: std::sync::Mutex::new(None),
-        }
-    }
-
-    /// The proxy for the configuration in force (the previous one if the new
-    /// one cannot be built).
-    fn current(&self) -> Option<Arc<Proxy>> {
-        // Uncontended: one worker's connections run on one thread.
-        let mut cached = self.cached.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        current_proxy(&self.live, &self.upstream, &mut cached)
-    }
-}
-
-/// This worker's proxy for the configuration in force: rebuilt after a
-/// reload, keeping the pool of every upstream whose settings did not change.
-fn current_proxy(live: &Live, shared: &upstream::Shared, cached: &mut Option<Arc<Proxy>>) -> Option<Arc<Proxy>> {
-    let active = live.load();
-    if let Some(p) = cached.as_ref().filter(|p| p.active.generation == active.generation) {
-        return Some(p.clone());
-    }
-    let mut upstreams = Vec::with_capacity(active.config.upstreams.len());
-    for settings in &active.config.upstreams {
-        let kept = cached.as_ref().and_then(|p| {
-            let i = p.active.config.upstreams.iter().position(|u| u == settings)?;
-            p.upstreams.get(i).cloned()
-        });
-        match kept.map_or_else(|| Upstream::new(settings, shared), Ok) {
-            Ok(u) => upstreams.push(u),
-            Err(e) => {
-                // The roots were checked at start-up and on reload; keep what works if this still fails.
-                tracing::error!(error = %e, "cannot build an upstream client for the new configuration");
-                return cached.clone();
-            }
-        }
-    }
-    let p = Arc::new(Proxy {
-        active,
-        upstreams,
-        metrics: live.metrics.clone(),
-        grace_over: live.grace_over.clone(),
-    });
-    *cached = Some(p.clone());
-    Some(p)
 }
 
 async fn accept_optional(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {

@@ -313,6 +313,35 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// The TLS configuration for HTTP/3 over QUIC: TLS 1.3 only (as QUIC
+/// requires), ALPN `h3` only, the same provider and suite order as TCP,
+/// certificates chosen by `resolver` (an unknown or missing SNI resolves to
+/// nothing, which fails the handshake), and the process's ticketer and
+/// session cache.
+///
+/// 0-RTT is off (`max_early_data_size = 0`, rustls's default, set here so
+/// that it stays so): early data can be replayed by anyone who saw it,
+/// and a replayed click counts twice, a replayed one-click unsubscribe
+/// POST is worse. Session tickets issued over QUIC therefore allow none.
+/// (The tickets are stateless, from the shared ticketer, and rustls never
+/// allows early data with those either: a second lock on the same door.)
+pub fn quic_server_config(
+    resolver: Arc<dyn ResolvesServerCert>,
+    ticketer: Arc<dyn ProducesTickets>,
+    sessions: Arc<dyn StoresServerSessions + Send + Sync>,
+) -> Result<ServerConfig, rustls::Error> {
+    let mut config = ServerConfig::builder_with_provider(server_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h3".to_vec()];
+    config.ignore_client_order = true;
+    config.max_early_data_size = 0;
+    config.ticketer = ticketer;
+    config.session_storage = sessions;
+    Ok(config)
+}
+
 /// A client configuration verifying servers against `ca_certs`, or the public
 /// web roots built into linkgate when `None` (the upstream, the ACME server).
 pub fn client_config(ca_certs: Option<&[CertificateDer<'static>]>) -> Result<rustls::ClientConfig, rustls::Error> {

@@ -15,6 +15,8 @@ pub struct Linkgate {
     pub https: SocketAddr,
     pub http: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    /// The HTTP/3 (UDP) socket, when `listen.http3` is set.
+    pub http3: Option<SocketAddr>,
     pub live: Arc<linkgate::reload::Live>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -31,6 +33,7 @@ impl Linkgate {
         let https = listeners.https_addr().expect("https addr");
         let http = listeners.http_addr().map(|a| a.expect("http addr"));
         let admin = listeners.admin_addr().map(|a| a.expect("admin addr"));
+        let http3 = listeners.http3_addr().map(|a| a.expect("http3 addr"));
         let live = linkgate::reload::Live::new(config, linkgate::metrics::Metrics::new()).expect("live");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(linkgate::server::run(live.clone(), listeners, async {
@@ -40,6 +43,7 @@ impl Linkgate {
             https,
             http,
             admin,
+            http3,
             live,
             stop: Some(stop),
             task: Some(task),

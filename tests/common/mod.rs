@@ -8,7 +8,8 @@
 //! - [`process`]: linkgate as a child process, and the JSON it prints;
 //! - [`doctor`]: a DNS server for `example.test`, and `linkgate doctor` run against it;
 //! - [`provider_api`]: a stand-in for SendGrid's branded-links API, recording requests;
-//! - [`clients`]: clients that trust the test CA, raw HTTP/1, metrics.
+//! - [`clients`]: clients that trust the test CA, raw HTTP/1, metrics;
+//! - [`quic`]: an HTTP/3 client (quinn and h3) that trusts the test CA.
 //!
 //! Everything in `pki`, `standin`, `linkgate` and `clients` is re-exported
 //! here, so tests name it `common::X`; those modules are private because a
@@ -24,6 +25,7 @@ pub mod origin;
 mod pki;
 pub mod process;
 pub mod provider_api;
+pub mod quic;
 mod standin;
 
 #[allow(unused_imports)]

@@ -16,6 +16,8 @@ pub struct Process {
     pub https: SocketAddr,
     pub http: SocketAddr,
     pub admin: SocketAddr,
+    /// The HTTP/3 (UDP) socket, when `listen.http3` is set.
+    pub http3: Option<SocketAddr>,
 }
 
 impl Process {
@@ -74,6 +76,7 @@ impl Process {
             https: addr("https").expect("https address in the log"),
             http: addr("http").unwrap_or(none),
             admin: addr("admin").unwrap_or(none),
+            http3: addr("http3"),
             child,
             lines,
         }

@@ -1,0 +1,190 @@
+//! HTTP/3 under the connection limits: QUIC connections hold slots of
+//! `limits.max_connections` (shared with TCP), and once half the handshake
+//! budget is in use a client whose address is not validated yet is sent a
+//! QUIC Retry before any handshake work; seen on the wire by a UDP relay
+//! between client and server.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use common::quic::H3Client;
+use common::*;
+use tokio::net::UdpSocket;
+use tokio::sync::Notify;
+
+/// `[listen]` with HTTP/3 on a loopback UDP port of its own.
+fn listen_http3() -> &'static str {
+    "[listen]\nhttps = \"127.0.0.1:0\"\nhttp3 = \"127.0.0.1:0\"\n"
+}
+
+/// QUIC connections count toward `limits.max_connections`, shared with
+/// TCP: once every slot is taken the next QUIC connection is refused at
+/// once (CONNECTION_REFUSED; QUIC has no backlog to wait in) and counted.
+/// Each TCP worker holds one slot while it waits to accept, so the test
+/// allows for those: `workers + 2` slots, and more QUIC connections than
+/// that are tried.
+#[tokio::test]
+async fn quic_connections_count_toward_max_connections() {
+    let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let max = workers + 2;
+    let Served {
+        dir: _dir, pki, up: _up, lg, ..
+    } = Setup::new()
+        .listen(listen_http3())
+        .host(CLICK)
+        .admin()
+        .limits(&format!(
+            "max_connections = {max}\nmax_handshakes = {max}\nconnections_per_address = {max}\nhandshakes_per_address = {max}\n"
+        ))
+        .start()
+        .await;
+    let client = H3Client::new(&pki, false);
+    let (mut open, mut refused) = (Vec::new(), 0);
+    for _ in 0..=max {
+        match client.connect(lg.http3.expect("http3 socket"), CLICK).await {
+            Ok(mut conn) => {
+                // Served: the slot is held by a connection that works.
+                assert_eq!(
+                    conn.get(&format!("https://{CLICK}/")).await.expect("answer").status,
+                    200
+                );
+                open.push(conn);
+            }
+            Err(quinn::ConnectionError::ConnectionClosed(close)) => {
+                assert_eq!(
+                    close.error_code,
+                    quinn::TransportErrorCode::CONNECTION_REFUSED,
+                    "{close:?}"
+                );
+                refused += 1;
+            }
+            Err(other) => panic!("neither served nor refused: {other:?}"),
+        }
+    }
+    assert!(!open.is_empty() && open.len() <= max, "{} served", open.len());
+    assert!(refused >= 1, "with every slot taken a QUIC connection is refused");
+    let counted = metric(
+        lg.admin.expect("admin"),
+        "linkgate_connections_refused_total{reason=\"max_connections\"}",
+    )
+    .await;
+    assert_eq!(counted, Some(refused as f64));
+
+    // A slot given back is taken again.
+    let quic = open.pop().expect("one open").quic;
+    quic.close(0u32.into(), b"done");
+    drop(open);
+    wait_for("a slot given back", async || {
+        client.connect(lg.http3.expect("http3 socket"), CLICK).await.is_ok()
+    })
+    .await;
+    lg.stop().await;
+}
+
+/// A UDP relay on loopback between one client and `server`: what it saw
+/// of the server's datagrams, and whether it passes them on.
+struct Relay {
+    addr: SocketAddr,
+    /// A datagram from the server has arrived.
+    answered: Arc<Notify>,
+    /// A QUIC v1 Retry packet came from the server (long header, type 3).
+    saw_retry: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    /// `to_client`: false makes a client whose handshake never completes
+    /// (what it sends reaches the server; nothing comes back).
+    async fn start(server: SocketAddr, to_client: bool) -> Self {
+        let front = UdpSocket::bind("127.0.0.1:0").await.expect("bind relay");
+        let back = UdpSocket::bind("127.0.0.1:0").await.expect("bind relay");
+        back.connect(server).await.expect("connect relay");
+        let addr = front.local_addr().expect("addr");
+        let (answered, saw_retry) = (Arc::new(Notify::new()), Arc::new(AtomicBool::new(false)));
+        let (notify, retry) = (answered.clone(), saw_retry.clone());
+        let task = tokio::spawn(async move {
+            let (mut up, mut down) = ([0u8; 2048], [0u8; 2048]);
+            let mut client = None;
+            loop {
+                tokio::select! {
+                    Ok((n, from)) = front.recv_from(&mut up) => {
+                        client = Some(from);
+                        let _ = back.send(&up[..n]).await;
+                    }
+                    Ok(n) = back.recv(&mut down) => {
+                        if down[0] & 0xf0 == 0xf0 {
+                            retry.store(true, Ordering::SeqCst);
+                        }
+                        notify.notify_one();
+                        if let (true, Some(client)) = (to_client, client) {
+                            let _ = front.send_to(&down[..n], client).await;
+                        }
+                    }
+                }
+            }
+        });
+        Self {
+            addr,
+            answered,
+            saw_retry,
+            task,
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Unloaded, a new client is served without a Retry; with half the
+/// handshake budget (here one of two) held by a handshake that never
+/// completes, the next client is sent a Retry first, and is then served:
+/// the QUIC address validation of RFC 9000 §8.1, under load only.
+#[tokio::test]
+async fn a_retry_is_sent_once_half_the_handshake_budget_is_in_use() {
+    let Served {
+        dir: _dir, pki, up, lg, ..
+    } = Setup::new()
+        .listen(listen_http3())
+        .host(CLICK)
+        .limits("max_handshakes = 2\nhandshakes_per_address = 2\nhandshake_timeout = \"3s\"\n")
+        .start()
+        .await;
+    let server = lg.http3.expect("http3 socket");
+
+    let quiet = Relay::start(server, true).await;
+    let client = H3Client::new(&pki, false);
+    let mut conn = client.connect(quiet.addr, CLICK).await.expect("served");
+    assert_eq!(
+        conn.get(&format!("https://{CLICK}/")).await.expect("answer").status,
+        200
+    );
+    assert!(!quiet.saw_retry.load(Ordering::SeqCst), "no Retry without load");
+    drop(conn);
+
+    // A handshake the server has begun (it answered) and that never completes.
+    let stalled = Relay::start(server, false).await;
+    let stuck = H3Client::new(&pki, false);
+    // Not awaited: quinn's endpoint drives it (and resends its Initial) meanwhile.
+    let connecting = stuck.endpoint.connect(stalled.addr, CLICK).expect("connect");
+    tokio::time::timeout(HANG_GUARD, stalled.answered.notified())
+        .await
+        .expect("the server began the handshake");
+
+    let loaded = Relay::start(server, true).await;
+    let fresh = H3Client::new(&pki, false);
+    let mut conn = fresh.connect(loaded.addr, CLICK).await.expect("served after the Retry");
+    assert!(loaded.saw_retry.load(Ordering::SeqCst), "a Retry under load");
+    assert_eq!(
+        conn.get(&format!("https://{CLICK}/")).await.expect("answer").status,
+        200
+    );
+    assert_eq!(up.received().len(), 2);
+    drop((connecting, stalled));
+    lg.stop().await;
+}
