@@ -3,7 +3,9 @@
 //! no longer leads to its provider (sendgrid.net, mailgun.org, ...), and (2)
 //! the https version of a tracked URL loads with a valid certificate and
 //! reaches the provider with the branded Host. Also (3) the plain-http URL still answers, for emails sent
-//! before the switch. Hosts are probed concurrently, each probe bounded: up
+//! before the switch. And (4), when the config has `listen.http3`, the same
+//! URL over HTTP/3, with the certificate https presented and an `Alt-Svc`
+//! header on the https answer naming the advertised port. Hosts are probed concurrently, each probe bounded: up
 //! to the response head, and then the body on its own, so a stalled body is
 //! reported with the status that came before it.
 //!
@@ -18,7 +20,8 @@
 //!
 //! One job per file: this one (the command, the options, each host's
 //! probes); `dns.rs` (the CNAME chain and its verdict); `fetch.rs` (connect,
-//! TLS, one GET and its body); `verdict.rs` (what an answer means);
+//! TLS, one GET and its body); `http3.rs` (the GET over QUIC, held against
+//! the https answer); `verdict.rs` (what an answer means);
 //! `report.rs` (the report and its text form); `summary.rs` (the last line:
 //! the providers involved and what to ask each); `account.rs` (the account
 //! audit); `account_text.rs` (its section of the text report).
@@ -37,6 +40,7 @@ mod account;
 mod account_text;
 mod dns;
 mod fetch;
+mod http3;
 mod report;
 mod summary;
 mod verdict;
@@ -45,7 +49,7 @@ pub use account::{AccountReport, BrandingReport, Problem, Served};
 pub use report::{render_text, HostReport, Outcome, ProviderCount, Report};
 
 use dns::{dns, resolver};
-use fetch::{client_tls, https, plain, read_body, Head};
+use fetch::{client_tls, https, plain, read_body, roots, Head, PeerLeaf};
 use verdict::classify;
 
 /// What to probe and how.
@@ -55,6 +59,9 @@ pub struct Options {
     pub hosts: Vec<String>,
     /// Whether the config has a plain-http listener (then probe http too).
     pub has_http: bool,
+    /// The port HTTP/3 is advertised on, when the config has `listen.http3`
+    /// (`http3_advertise_port`, else the bound port): then probe HTTP/3 too.
+    pub http3_port: Option<u16>,
     /// Each host's provider preset (by lower-case name), for its probe path
     /// and what "not switched yet" and a wrong-host answer look like. Absent
     /// for a plain `url` upstream: then the probe path is `/` and no answer
@@ -88,6 +95,8 @@ pub struct Settings {
     pub connect: Option<SocketAddr>,
     /// Connect here for http instead of the resolved address on 80.
     pub connect_http: Option<SocketAddr>,
+    /// Connect here (UDP) for HTTP/3 instead of the resolved address on the advertised port.
+    pub connect_http3: Option<SocketAddr>,
     /// Trust these roots instead of the public web roots.
     pub ca_file: Option<PathBuf>,
     /// Path and query to fetch from every host instead of each provider's probe path.
@@ -158,9 +167,14 @@ pub fn command(config: &std::path::Path, asked: Asked) -> std::process::ExitCode
         },
         Err(e) => return fail(&e),
     };
+    let http3_port = match outline.http3_port() {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
     let opts = Options {
         hosts,
         has_http: outline.has_http(),
+        http3_port,
         providers,
         probe: asked.probe,
         acme,
@@ -193,7 +207,12 @@ pub fn command(config: &std::path::Path, asked: Asked) -> std::process::ExitCode
 /// Runs every probe for every host and builds the report.
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let resolver = Arc::new(resolver(opts.probe.resolver)?);
-    let tls = Arc::new(client_tls(opts.probe.ca_file.as_deref())?);
+    let roots = roots(opts.probe.ca_file.as_deref())?;
+    let quic = match opts.http3_port {
+        Some(_) => Some(Arc::new(http3::client(roots.clone())?)),
+        None => None,
+    };
+    let tls = Arc::new(client_tls(roots)?);
     let opts = Arc::new(opts);
     // The account is listed while the hosts are probed.
     let listing = opts.account.clone().map(|audit| {
@@ -205,7 +224,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let mut tasks = tokio::task::JoinSet::new();
     for (i, host) in opts.hosts.iter().enumerate() {
         let (host, resolver, tls, opts) = (host.clone(), resolver.clone(), tls.clone(), opts.clone());
-        tasks.spawn(async move { (i, probe_host(&host, &resolver, &tls, &opts).await) });
+        let quic = quic.clone();
+        tasks.spawn(async move { (i, probe_host(&host, &resolver, (&tls, quic.as_deref()), &opts).await) });
     }
     let mut hosts: Vec<(usize, HostReport)> = Vec::new();
     while let Some(done) = tasks.join_next().await {
@@ -215,7 +235,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let hosts: Vec<HostReport> = hosts.into_iter().map(|(_, h)| h).collect();
     let failing: Vec<&HostReport> = hosts
         .iter()
-        .filter(|h| !h.dns.passed() || !h.https.passed() || h.http.as_ref().is_some_and(|o| !o.passed()))
+        .filter(|h| {
+            !h.dns.passed()
+                || !h.https.passed()
+                || [&h.http, &h.http3]
+                    .iter()
+                    .any(|o| o.as_ref().is_some_and(|o| !o.passed()))
+        })
         .collect();
     let providers = summary::providers(&hosts);
     let mut account = match listing {
@@ -252,7 +278,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
 async fn probe_host(
     host: &str,
     resolver: &TokioResolver,
-    tls: &Arc<rustls::ClientConfig>,
+    (tls, quic): (&Arc<rustls::ClientConfig>, Option<&quinn::ClientConfig>),
     opts: &Options,
 ) -> HostReport {
     let preset = opts.providers.get(&normalise(host)).copied();
@@ -277,8 +303,11 @@ async fn probe_host(
         .probe
         .connect
         .or_else(|| addresses.first().map(|ip| SocketAddr::new(*ip, 443)));
-    let https = match https_target {
-        None => Outcome::skipped("no address to connect to (give --connect to probe anyway)"),
+    let (https, over_tcp) = match https_target {
+        None => (
+            Outcome::skipped("no address to connect to (give --connect to probe anyway)"),
+            None,
+        ),
         Some(addr) => {
             answered(
                 opts.probe.timeout,
@@ -299,7 +328,34 @@ async fn probe_host(
         Some(None) => Some(Outcome::skipped(
             "no address to connect to (give --connect-http to probe anyway)",
         )),
-        Some(Some(addr)) => Some(answered(opts.probe.timeout, ("http", &path), preset, plain(host, addr, &path)).await),
+        Some(Some(addr)) => Some(
+            answered(opts.probe.timeout, ("http", &path), preset, plain(host, addr, &path))
+                .await
+                .0,
+        ),
+    };
+    let http3 = match (opts.http3_port, quic) {
+        (Some(advertised), Some(quic)) => {
+            let target = opts
+                .probe
+                .connect_http3
+                .or_else(|| addresses.first().map(|ip| SocketAddr::new(*ip, advertised)));
+            Some(match target {
+                None => Outcome::skipped("no address to connect to (give --connect-http3 to probe anyway)"),
+                Some(addr) => {
+                    let probe = http3::Probe {
+                        host,
+                        addr,
+                        advertised,
+                        path: &path,
+                        preset,
+                        limit: opts.probe.timeout,
+                    };
+                    http3::check(&probe, quic, over_tcp.as_ref()).await
+                }
+            })
+        }
+        _ => None,
     };
     HostReport {
         name: host.to_owned(),
@@ -311,25 +367,39 @@ async fn probe_host(
         dns,
         https,
         http,
+        http3,
         acme: opts.acme.get(&normalise(host)).cloned(),
     }
 }
 
 /// Runs `probe` (a GET of `path`) up to the response head (connect, TLS, request) within
 /// `limit`, then reads the body within `limit` again, on its own: an answer
-/// whose body never ends is still reported with its status.
+/// whose body never ends is still reported with its status. Also what the
+/// answer showed that the HTTP/3 check needs (its certificate and `Alt-Svc`), when there was one.
 async fn answered(
     limit: Duration,
     (scheme, path): (&str, &str),
     preset: Option<&'static Preset>,
     probe: impl std::future::Future<Output = Result<Head, Outcome>>,
-) -> Outcome {
+) -> (Outcome, Option<http3::OverTcp>) {
     match tokio::time::timeout(limit, probe).await {
-        Ok(Ok(head)) => classify(read_body(head, limit).await, scheme, preset, path),
-        Ok(Err(failed)) => failed,
-        Err(_) => Outcome::fail(
-            format!("no answer within {limit:?}"),
-            "check that linkgate runs and that the address and port are reachable",
+        Ok(Ok(head)) => {
+            let seen = http3::OverTcp {
+                leaf: head.extensions().get::<PeerLeaf>().map(|l| l.0.clone()),
+                alt_svc: head
+                    .headers()
+                    .get(http::header::ALT_SVC)
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+            };
+            (classify(read_body(head, limit).await, scheme, preset, path), Some(seen))
+        }
+        Ok(Err(failed)) => (failed, None),
+        Err(_) => (
+            Outcome::fail(
+                format!("no answer within {limit:?}"),
+                "check that linkgate runs and that the address and port are reachable",
+            ),
+            None,
         ),
     }
 }
