@@ -2,7 +2,10 @@
 //! over deploy/kubernetes/base), each rendered offline with `kubectl
 //! kustomize` and parsed (PyYAML → JSON): the probes, ports, drain timings
 //! and mounts must agree with the linkgate.toml it ships, and linkgate must
-//! expect a PROXY header exactly when the overlay's balancer sends one. Skipped,
+//! expect a PROXY header exactly when the overlay's balancer sends one. The
+//! opt-in HTTP/3 component (deploy/kubernetes/components/http3), rendered
+//! over each overlay, adds the UDP port to the container and the Service
+//! and `listen.http3` to the config, and turns PROXY protocol off. Skipped,
 //! with the reason, where kubectl or python3-yaml is missing; .ci/run
 //! installs both.
 
@@ -16,8 +19,38 @@ use serde_json::Value;
 const OVERLAYS: [(&str, bool); 3] = [("eks", true), ("gke", false), ("generic", false)];
 
 fn render(overlay: &str) -> Option<Vec<Value>> {
-    let dir = format!("{}/deploy/kubernetes/{overlay}", env!("CARGO_MANIFEST_DIR"));
-    let Ok(out) = Command::new("kubectl").args(["kustomize", &dir]).output() else {
+    render_dir(
+        &format!("{}/deploy/kubernetes/{overlay}", env!("CARGO_MANIFEST_DIR")),
+        overlay,
+    )
+}
+
+/// `overlays/<overlay>` with `components/http3` added, as an operator's
+/// kustomization would (in a temp dir: kustomize takes only relative paths).
+fn render_with_http3(overlay: &str) -> Option<Vec<Value>> {
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    let depth = dir.path().components().count() - 1;
+    let up = "../".repeat(depth);
+    let tree = format!(
+        "{up}{}/deploy/kubernetes",
+        env!("CARGO_MANIFEST_DIR").trim_start_matches('/')
+    );
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {tree}/overlays/{overlay}\n\
+             components:\n  - {tree}/components/http3\n"
+        ),
+    )
+    .expect("write kustomization");
+    render_dir(
+        &dir.path().display().to_string(),
+        &format!("{overlay} + components/http3"),
+    )
+}
+
+fn render_dir(dir: &str, overlay: &str) -> Option<Vec<Value>> {
+    let Ok(out) = Command::new("kubectl").args(["kustomize", dir]).output() else {
         eprintln!("SKIPPED: kubectl is not installed (apt-get install kubernetes-client)");
         return None;
     };
@@ -275,6 +308,7 @@ fn agrees(overlay: &str, docs: &[Value], sends_proxy_protocol: bool) {
         .as_array()
         .expect("ports")
         .iter()
+        .filter(|p| p["protocol"] != "UDP")
         .map(|p| {
             (
                 p["port"].as_u64().expect("port"),
@@ -357,4 +391,80 @@ fn the_certificate_example_uses_the_dns01_issuer_and_the_mounted_secret() {
         .filter_map(|src| src.get("secret").map(|s| &s["name"]))
         .collect();
     assert!(secrets.contains(&&cert["spec"]["secretName"]), "{secrets:?}");
+}
+
+/// The HTTP/3 component over every overlay: UDP on the container's https
+/// port number and on the Service's 443, `listen.http3` there with 443
+/// advertised (what clients reach through the Service), no PROXY protocol
+/// anywhere (none exists for UDP), and on EKS client addresses kept by
+/// every target group instead. Everything else is as the overlay says
+/// (`agrees`), and the config is the base's but for the HTTP/3 lines.
+#[test]
+fn the_http3_component_adds_the_udp_port_and_listen_http3_to_every_overlay() {
+    let Some(base) = render("base") else {
+        return;
+    };
+    let (_, base_config) = config_of(&base);
+    for (overlay, _) in OVERLAYS {
+        let Some(docs) = render_with_http3(overlay) else {
+            return;
+        };
+        agrees(overlay, &docs, false);
+        let (text, config) = config_of(&docs);
+        let listen = &config["listen"];
+        let outline =
+            linkgate::config::Outline::parse(text, std::path::Path::new("/etc/linkgate/config/linkgate.toml"))
+                .expect("the shipped config parses");
+        assert_eq!(outline.http3_port().expect("listen.http3"), Some(443), "{overlay}");
+
+        let deploy = kind(&docs, "Deployment", "linkgate");
+        let ports = deploy["spec"]["template"]["spec"]["containers"][0]["ports"]
+            .as_array()
+            .expect("ports");
+        let named = |name: &str| ports.iter().find(|p| p["name"] == name).expect("named port");
+        let udp = named("http3");
+        assert_eq!(udp["protocol"], "UDP", "{overlay}");
+        let http3 = port_of(listen["http3"].as_str().expect("listen.http3"));
+        assert_eq!(udp["containerPort"].as_u64(), Some(http3), "{overlay}");
+        assert_eq!(
+            named("https")["containerPort"].as_u64(),
+            Some(http3),
+            "same port number as https"
+        );
+
+        let svc = kind(&docs, "Service", "linkgate");
+        let svc_udp: Vec<&Value> = svc["spec"]["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .filter(|p| p["protocol"] == "UDP")
+            .collect();
+        assert_eq!(svc_udp.len(), 1, "{overlay}: {svc_udp:?}");
+        assert_eq!(svc_udp[0]["port"], 443, "{overlay}: the https port number, over UDP");
+        assert_eq!(svc_udp[0]["targetPort"], "http3", "{overlay}");
+        assert_eq!(
+            listen["http3_advertise_port"].as_integer(),
+            Some(443),
+            "{overlay}: Alt-Svc must name the Service's port"
+        );
+
+        let annotations = &svc["metadata"]["annotations"];
+        let aws = |key: &str| &annotations[format!("service.beta.kubernetes.io/aws-load-balancer-{key}")];
+        assert!(aws("proxy-protocol").is_null(), "{overlay}: no PROXY protocol with UDP");
+        if overlay == "eks" {
+            let attributes = aws("target-group-attributes")
+                .as_str()
+                .expect("target group attributes");
+            assert!(attributes.contains("preserve_client_ip.enabled=true"), "{attributes}");
+        }
+
+        let mut stripped = config.clone();
+        let table = stripped["listen"].as_table_mut().expect("[listen]");
+        table.remove("http3");
+        table.remove("http3_advertise_port");
+        assert_eq!(
+            stripped, base_config,
+            "{overlay}: the base's config but for the HTTP/3 lines"
+        );
+    }
 }
