@@ -83,28 +83,51 @@ pub(super) async fn check(probe: &Probe<'_>, config: &quinn::ClientConfig, tcp: 
     alt_svc(outcome, tcp.alt_svc.as_deref(), probe.advertised)
 }
 
-/// The verdict on the https answer's `Alt-Svc` header, given the HTTP/3 answer that passed.
+/// The verdict on the https answer's `Alt-Svc` header, given the HTTP/3
+/// answer that passed. Only the ports it names are shown, never its text
+/// (nothing a target sends reaches the terminal but numbers).
 fn alt_svc(passed: Outcome, header: Option<&str>, advertised: u16) -> Outcome {
-    let wanted = format!("h3=\":{advertised}\"");
-    match header {
-        None => Outcome::fail(
+    let Some(value) = header else {
+        return Outcome::fail(
             format!(
                 "{}, but the https answer has no Alt-Svc header, so no browser will try HTTP/3",
                 passed.message
             ),
             "check that what answers https is linkgate with listen.http3 set, and that nothing in front of it \
              drops the Alt-Svc header",
-        ),
-        Some(value) if !value.split(',').any(|v| v.trim().starts_with(&wanted)) => Outcome::fail(
-            format!(
-                "{}, but the https answer's Alt-Svc ({}) does not name port {advertised}",
-                passed.message,
-                crate::text::printable(value)
-            ),
-            "set listen.http3_advertise_port to the UDP port clients reach HTTP/3 on (the balancer's public port)",
-        ),
-        Some(_) => Outcome::pass(format!("{}; https advertises it (Alt-Svc {wanted})", passed.message)),
+        );
+    };
+    let ports = h3_ports(value);
+    if ports.contains(&advertised) {
+        return Outcome::pass(format!(
+            "{}; https advertises it (Alt-Svc h3=\":{advertised}\")",
+            passed.message
+        ));
     }
+    let named = match ports.as_slice() {
+        [] => "no HTTP/3 (h3) port".to_owned(),
+        ports => format!(
+            "HTTP/3 on port {}",
+            ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
+        ),
+    };
+    Outcome::fail(
+        format!(
+            "{}, but the https answer's Alt-Svc names {named}, not {advertised}",
+            passed.message
+        ),
+        "set listen.http3_advertise_port to the UDP port clients reach HTTP/3 on (the balancer's public port)",
+    )
+}
+
+/// The ports of the `h3=":PORT"` alternatives (same host) in an `Alt-Svc` value (RFC 7838 §3).
+fn h3_ports(value: &str) -> Vec<u16> {
+    value
+        .split(',')
+        .filter_map(|alt| alt.trim().strip_prefix("h3=\":"))
+        .filter_map(|rest| rest.split('"').next())
+        .filter_map(|port| port.parse().ok())
+        .collect()
 }
 
 /// A failure to reach HTTP/3 on UDP at all.
@@ -152,7 +175,8 @@ async fn head(probe: &Probe<'_>, config: &quinn::ClientConfig) -> Result<Head, O
         .and_then(|chain| chain.first().cloned());
     let failed = |e: &dyn std::fmt::Display| {
         Outcome::fail(
-            format!("the HTTP/3 request failed: {e}"),
+            // h3's errors may carry a close reason from the peer: escaped.
+            format!("the HTTP/3 request failed: {}", crate::text::printable(&e.to_string())),
             "check that linkgate answers HTTP/3 on this address (its log says why)",
         )
     };
@@ -192,17 +216,38 @@ fn handshake_failure(probe: &Probe<'_>, e: &quinn::ConnectionError) -> Outcome {
     match e {
         E::TimedOut => unreachable(probe, "no QUIC answer"),
         E::TransportError(t) if is_tls_alert(t.code) => Outcome::fail(
-            format!("Your connection is not private over HTTP/3: {t}"),
+            // rustls's words may quote names from the presented certificate: escaped.
+            format!(
+                "Your connection is not private over HTTP/3: {}",
+                crate::text::printable(&t.to_string())
+            ),
             "HTTP/3 must present the same valid certificate as https: check the certificate for this host",
         ),
         E::ConnectionClosed(c) if is_tls_alert(c.error_code) => Outcome::fail(
-            format!("linkgate refused the QUIC handshake for {}: {c}", probe.host),
+            format!(
+                "the server refused the QUIC handshake for {}: {}",
+                probe.host, c.error_code
+            ),
             "add this host as a [[host]] in linkgate's config",
         ),
         other => Outcome::fail(
-            format!("the QUIC handshake with UDP {} failed: {other}", probe.addr),
+            format!(
+                "the QUIC handshake with UDP {} failed: {}",
+                probe.addr,
+                without_reason(other)
+            ),
             "check that the address is linkgate's listen.http3",
         ),
+    }
+}
+
+/// A connection error without the reason text a peer may have put in its
+/// close frame (never printed: it is the target's text).
+fn without_reason(e: &quinn::ConnectionError) -> String {
+    match e {
+        quinn::ConnectionError::ConnectionClosed(c) => format!("closed by the server: {}", c.error_code),
+        quinn::ConnectionError::ApplicationClosed(a) => format!("closed by the server with code {}", a.error_code),
+        other => other.to_string(),
     }
 }
 
@@ -224,7 +269,13 @@ async fn read_body(mut stream: Stream, status: u16, limit: Duration) -> Answer {
                         return Some(format!("the body did not end after {} MiB", BODY_READ_AT_MOST >> 20));
                     }
                 }
-                Err(e) => return Some(format!("the body broke off after {received} bytes: {e}")),
+                Err(e) => {
+                    let e = e.to_string();
+                    return Some(format!(
+                        "the body broke off after {received} bytes: {}",
+                        crate::text::printable(&e)
+                    ));
+                }
             }
         }
     };
@@ -256,10 +307,19 @@ mod tests {
         assert!(among.passed(), "{among:?}");
         let wrong = alt_svc(passed(), Some("h3=\":4433\"; ma=86400"), 443);
         assert_eq!(wrong.status, "fail");
-        assert!(wrong.message.contains("does not name port 443"), "{wrong:?}");
+        assert!(
+            wrong.message.ends_with("Alt-Svc names HTTP/3 on port 4433, not 443"),
+            "{wrong:?}"
+        );
         assert!(wrong.fix.is_some_and(|f| f.contains("http3_advertise_port")));
         let prefix = alt_svc(passed(), Some("h3=\":4430\""), 443);
         assert_eq!(prefix.status, "fail", "port 443 is not a prefix match of 4430");
+        // Another host's alternative, and HTTP/2: no h3 port here; the text itself is never shown.
+        let other = alt_svc(passed(), Some("h3=\"evil\x1b[2J.example:443\", h2=\":443\""), 443);
+        assert!(
+            other.message.ends_with("Alt-Svc names no HTTP/3 (h3) port, not 443"),
+            "{other:?}"
+        );
         let none = alt_svc(passed(), None, 443);
         assert_eq!(none.status, "fail");
         assert!(none.message.contains("no Alt-Svc header"), "{none:?}");
