@@ -2,7 +2,8 @@
 //! per branding (over QUIC, verifying the same certificate as https) and the
 //! `Alt-Svc` header of the https answer checked against the advertised
 //! port. Against linkgate in-process: QUIC answers and is advertised; the
-//! UDP port has nothing listening; `Alt-Svc` names another port.
+//! UDP port has nothing listening; `Alt-Svc` names another port; QUIC
+//! presents another certificate than TCP.
 
 mod common;
 
@@ -145,5 +146,41 @@ async fn alt_svc_naming_another_port_than_the_advertised_one_fails() {
     let (code, report) = doctor_async(&config, dns, args(&lg, quic, &ca)).await;
     assert_eq!(code, 0, "{report}");
     assert_eq!(host(&report, OK)["http3"]["status"], "pass", "{report}");
+    lg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http3_presenting_another_certificate_than_https_fails() {
+    let dns = dns_server().await;
+    let Served { dir, pki, up, lg, .. } = serve("").await;
+    // Another linkgate on UDP, with a leaf of its own for the same name from the same CA:
+    // valid on its own, but not what https presents.
+    let other_dir = dir.path().join("other");
+    std::fs::create_dir_all(&other_dir).expect("mkdir");
+    pki.write_leaf(&other_dir, "other", &[OK]);
+    let other = Linkgate::start(
+        &other_dir,
+        &format!(
+            "[listen]\nhttps = \"127.0.0.1:0\"\nhttp3 = \"127.0.0.1:0\"\n{}{}",
+            plain_upstream(&up),
+            host_section(OK, "other")
+        ),
+    )
+    .await;
+    let quic = other.http3.expect("http3 socket");
+    let ca = pki.write_ca(dir.path());
+    let config = doctor_config(dir.path(), quic, "");
+
+    let (code, report) = doctor_async(&config, dns, args(&lg, quic, &ca)).await;
+    assert_eq!(code, 1, "{report}");
+    let ok = host(&report, OK);
+    assert_eq!(ok["https"]["status"], "pass", "{ok}");
+    assert_eq!(ok["http3"]["status"], "fail", "{ok}");
+    assert_eq!(
+        ok["http3"]["message"], "http3 answered 200, but with another certificate than over https",
+        "{ok}"
+    );
+    assert!(has(&ok["http3"]["fix"], "the same certificate"), "{ok}");
+    other.stop().await;
     lg.stop().await;
 }
