@@ -95,6 +95,10 @@ struct DoctorArgs {
     /// Connect here for plain http instead of the resolved address on port 80.
     #[arg(long)]
     connect_http: Option<std::net::SocketAddr>,
+    /// Connect here (UDP) for HTTP/3 instead of the resolved address on the
+    /// advertised port (when the config has listen.http3).
+    #[arg(long)]
+    connect_http3: Option<std::net::SocketAddr>,
     /// Verify certificates against these roots (PEM) instead of the public web roots.
     #[arg(long)]
     ca_file: Option<PathBuf>,
@@ -187,6 +191,7 @@ fn main() -> ExitCode {
                     expect_target: args.expect_target,
                     connect: args.connect,
                     connect_http: args.connect_http,
+                    connect_http3: args.connect_http3,
                     ca_file: args.ca_file,
                     url: args.url,
                     timeout: args.timeout,

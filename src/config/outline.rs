@@ -66,6 +66,20 @@ impl Outline {
         self.raw.listen.http.is_some()
     }
 
+    /// The port HTTP/3 is advertised on, when there is `listen.http3`:
+    /// `listen.http3_advertise_port`, else the port it is bound to.
+    pub fn http3_port(&self) -> Result<Option<u16>, ConfigError> {
+        let Some(addr) = self.raw.listen.http3.as_deref() else {
+            return Ok(None);
+        };
+        let bound = parse_addr(addr).map_err(|message| ConfigError::Key {
+            path: self.path.clone(),
+            key: "listen.http3",
+            message,
+        })?;
+        Ok(Some(self.raw.listen.http3_advertise_port.unwrap_or(bound.port())))
+    }
+
     /// The `[admin] listen` address, if any.
     pub fn admin_address(&self) -> Result<Option<SocketAddr>, ConfigError> {
         self.raw

@@ -13,7 +13,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::Outcome;
 
-pub(super) fn client_tls(ca_file: Option<&std::path::Path>) -> anyhow::Result<rustls::ClientConfig> {
+/// The roots to verify against: `ca_file`'s, else the public web roots.
+pub(super) fn roots(ca_file: Option<&std::path::Path>) -> anyhow::Result<rustls::RootCertStore> {
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
@@ -23,6 +24,10 @@ pub(super) fn client_tls(ca_file: Option<&std::path::Path>) -> anyhow::Result<ru
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
+    Ok(roots)
+}
+
+pub(super) fn client_tls(roots: rustls::RootCertStore) -> anyhow::Result<rustls::ClientConfig> {
     let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
@@ -30,6 +35,10 @@ pub(super) fn client_tls(ca_file: Option<&std::path::Path>) -> anyhow::Result<ru
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
+
+/// The leaf certificate an https answer came with (in its extensions).
+#[derive(Clone)]
+pub(super) struct PeerLeaf(pub(super) rustls_pki_types::CertificateDer<'static>);
 
 /// TLS with SNI = host, verified; then GET the tracked URL, up to the response head.
 pub(super) async fn https(
@@ -54,7 +63,17 @@ pub(super) async fn https(
         .connect(name, tcp)
         .await
         .map_err(|e| tls_failure(host, &e))?;
-    fetch(stream, host, url).await
+    let leaf = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|leaf| PeerLeaf(leaf.clone().into_owned()));
+    let mut head = fetch(stream, host, url).await?;
+    if let Some(leaf) = leaf {
+        head.extensions_mut().insert(leaf);
+    }
+    Ok(head)
 }
 
 /// Plain http: GET the tracked URL, up to the response head.
@@ -96,10 +115,10 @@ fn tls_failure(host: &str, e: &std::io::Error) -> Outcome {
 pub(super) type Head = http::Response<hyper::body::Incoming>;
 
 /// How much of a body is kept to look for a provider's error page.
-const BODY_KEPT: usize = 64 * 1024;
+pub(super) const BODY_KEPT: usize = 64 * 1024;
 /// A body still going after this much is reported as one that does not end
 /// (a tracked link's answer is a redirect or a small page).
-const BODY_READ_AT_MOST: usize = 16 << 20;
+pub(super) const BODY_READ_AT_MOST: usize = 16 << 20;
 
 /// What one GET got: its status and the start of its body.
 pub(super) struct Answer {

@@ -3,7 +3,9 @@
 //! no longer leads to its provider (sendgrid.net, mailgun.org, ...), and (2)
 //! the https version of a tracked URL loads with a valid certificate and
 //! reaches the provider with the branded Host. Also (3) the plain-http URL still answers, for emails sent
-//! before the switch. Hosts are probed concurrently, each probe bounded: up
+//! before the switch. And (4), when the config has `listen.http3`, the same
+//! URL over HTTP/3, with the certificate https presented and an `Alt-Svc`
+//! header on the https answer naming the advertised port. Hosts are probed concurrently, each probe bounded: up
 //! to the response head, and then the body on its own, so a stalled body is
 //! reported with the status that came before it.
 //!
@@ -18,7 +20,9 @@
 //!
 //! One job per file: this one (the command, the options, each host's
 //! probes); `dns.rs` (the CNAME chain and its verdict); `fetch.rs` (connect,
-//! TLS, one GET and its body); `verdict.rs` (what an answer means);
+//! TLS, one GET and its body); `probe.rs` (one host's probes, in order);
+//! `http3.rs` (the GET over QUIC, held against
+//! the https answer); `verdict.rs` (what an answer means);
 //! `report.rs` (the report and its text form); `summary.rs` (the last line:
 //! the providers involved and what to ask each); `account.rs` (the account
 //! audit); `account_text.rs` (its section of the text report).
@@ -29,14 +33,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_resolver::TokioResolver;
-
 use crate::provider::Preset;
 
 mod account;
 mod account_text;
 mod dns;
 mod fetch;
+mod http3;
+mod probe;
 mod report;
 mod summary;
 mod verdict;
@@ -44,9 +48,9 @@ mod verdict;
 pub use account::{AccountReport, BrandingReport, Problem, Served};
 pub use report::{render_text, HostReport, Outcome, ProviderCount, Report};
 
-use dns::{dns, resolver};
-use fetch::{client_tls, https, plain, read_body, Head};
-use verdict::classify;
+use dns::resolver;
+use fetch::{client_tls, roots};
+use probe::probe_host;
 
 /// What to probe and how.
 #[derive(Debug, Clone)]
@@ -55,6 +59,9 @@ pub struct Options {
     pub hosts: Vec<String>,
     /// Whether the config has a plain-http listener (then probe http too).
     pub has_http: bool,
+    /// The port HTTP/3 is advertised on, when the config has `listen.http3`
+    /// (`http3_advertise_port`, else the bound port): then probe HTTP/3 too.
+    pub http3_port: Option<u16>,
     /// Each host's provider preset (by lower-case name), for its probe path
     /// and what "not switched yet" and a wrong-host answer look like. Absent
     /// for a plain `url` upstream: then the probe path is `/` and no answer
@@ -88,6 +95,8 @@ pub struct Settings {
     pub connect: Option<SocketAddr>,
     /// Connect here for http instead of the resolved address on 80.
     pub connect_http: Option<SocketAddr>,
+    /// Connect here (UDP) for HTTP/3 instead of the resolved address on the advertised port.
+    pub connect_http3: Option<SocketAddr>,
     /// Trust these roots instead of the public web roots.
     pub ca_file: Option<PathBuf>,
     /// Path and query to fetch from every host instead of each provider's probe path.
@@ -158,9 +167,14 @@ pub fn command(config: &std::path::Path, asked: Asked) -> std::process::ExitCode
         },
         Err(e) => return fail(&e),
     };
+    let http3_port = match outline.http3_port() {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
     let opts = Options {
         hosts,
         has_http: outline.has_http(),
+        http3_port,
         providers,
         probe: asked.probe,
         acme,
@@ -193,7 +207,12 @@ pub fn command(config: &std::path::Path, asked: Asked) -> std::process::ExitCode
 /// Runs every probe for every host and builds the report.
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let resolver = Arc::new(resolver(opts.probe.resolver)?);
-    let tls = Arc::new(client_tls(opts.probe.ca_file.as_deref())?);
+    let roots = roots(opts.probe.ca_file.as_deref())?;
+    let quic = match opts.http3_port {
+        Some(_) => Some(Arc::new(http3::client(roots.clone())?)),
+        None => None,
+    };
+    let tls = Arc::new(client_tls(roots)?);
     let opts = Arc::new(opts);
     // The account is listed while the hosts are probed.
     let listing = opts.account.clone().map(|audit| {
@@ -205,7 +224,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let mut tasks = tokio::task::JoinSet::new();
     for (i, host) in opts.hosts.iter().enumerate() {
         let (host, resolver, tls, opts) = (host.clone(), resolver.clone(), tls.clone(), opts.clone());
-        tasks.spawn(async move { (i, probe_host(&host, &resolver, &tls, &opts).await) });
+        let quic = quic.clone();
+        tasks.spawn(async move { (i, probe_host(&host, &resolver, (&tls, quic.as_deref()), &opts).await) });
     }
     let mut hosts: Vec<(usize, HostReport)> = Vec::new();
     while let Some(done) = tasks.join_next().await {
@@ -215,7 +235,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let hosts: Vec<HostReport> = hosts.into_iter().map(|(_, h)| h).collect();
     let failing: Vec<&HostReport> = hosts
         .iter()
-        .filter(|h| !h.dns.passed() || !h.https.passed() || h.http.as_ref().is_some_and(|o| !o.passed()))
+        .filter(|h| {
+            !h.dns.passed()
+                || !h.https.passed()
+                || [&h.http, &h.http3]
+                    .iter()
+                    .any(|o| o.as_ref().is_some_and(|o| !o.passed()))
+        })
         .collect();
     let providers = summary::providers(&hosts);
     let mut account = match listing {
@@ -247,91 +273,6 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         account,
         summary,
     })
-}
-
-async fn probe_host(
-    host: &str,
-    resolver: &TokioResolver,
-    tls: &Arc<rustls::ClientConfig>,
-    opts: &Options,
-) -> HostReport {
-    let preset = opts.providers.get(&normalise(host)).copied();
-    let path = opts
-        .probe
-        .url
-        .clone()
-        .unwrap_or_else(|| preset.map_or("/", |p| p.probe_path).to_owned());
-    let (chain, addresses, dns) =
-        match tokio::time::timeout(opts.probe.timeout, dns(host, resolver, opts, preset)).await {
-            Ok(r) => r,
-            Err(_) => (
-                Vec::new(),
-                Vec::new(),
-                Outcome::fail(
-                    format!("DNS gave no answer within {:?}", opts.probe.timeout),
-                    "check the name servers of the zone",
-                ),
-            ),
-        };
-    let https_target = opts
-        .probe
-        .connect
-        .or_else(|| addresses.first().map(|ip| SocketAddr::new(*ip, 443)));
-    let https = match https_target {
-        None => Outcome::skipped("no address to connect to (give --connect to probe anyway)"),
-        Some(addr) => {
-            answered(
-                opts.probe.timeout,
-                ("https", &path),
-                preset,
-                https(host, addr, tls, &path),
-            )
-            .await
-        }
-    };
-    let http = opts.has_http.then(|| {
-        opts.probe
-            .connect_http
-            .or_else(|| addresses.first().map(|ip| SocketAddr::new(*ip, 80)))
-    });
-    let http = match http {
-        None => None,
-        Some(None) => Some(Outcome::skipped(
-            "no address to connect to (give --connect-http to probe anyway)",
-        )),
-        Some(Some(addr)) => Some(answered(opts.probe.timeout, ("http", &path), preset, plain(host, addr, &path)).await),
-    };
-    HostReport {
-        name: host.to_owned(),
-        provider: preset.map(|p| p.name),
-        probe_path: path,
-        preset,
-        cname_chain: chain,
-        addresses: addresses.iter().map(ToString::to_string).collect(),
-        dns,
-        https,
-        http,
-        acme: opts.acme.get(&normalise(host)).cloned(),
-    }
-}
-
-/// Runs `probe` (a GET of `path`) up to the response head (connect, TLS, request) within
-/// `limit`, then reads the body within `limit` again, on its own: an answer
-/// whose body never ends is still reported with its status.
-async fn answered(
-    limit: Duration,
-    (scheme, path): (&str, &str),
-    preset: Option<&'static Preset>,
-    probe: impl std::future::Future<Output = Result<Head, Outcome>>,
-) -> Outcome {
-    match tokio::time::timeout(limit, probe).await {
-        Ok(Ok(head)) => classify(read_body(head, limit).await, scheme, preset, path),
-        Ok(Err(failed)) => failed,
-        Err(_) => Outcome::fail(
-            format!("no answer within {limit:?}"),
-            "check that linkgate runs and that the address and port are reachable",
-        ),
-    }
 }
 
 fn normalise(name: &str) -> String {

@@ -53,6 +53,9 @@ pub struct HostReport {
     pub https: Outcome,
     /// `None` when the config has no plain-http listener.
     pub http: Option<Outcome>,
+    /// `None` when the config has no `listen.http3`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http3: Option<Outcome>,
     /// For an `acme = true` host: its certificate in storage (valid until,
     /// last error, next attempt).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -107,17 +110,18 @@ pub fn render_text(report: &Report) -> String {
     let width = report.hosts.iter().map(|h| h.name.len()).max().unwrap_or(4).max(4);
     let _ = writeln!(
         out,
-        "{:<width$}  {:<7}  {:<7}  {:<7}  PROVIDER",
-        "HOST", "DNS", "HTTPS", "HTTP"
+        "{:<width$}  {:<7}  {:<7}  {:<7}  {:<7}  PROVIDER",
+        "HOST", "DNS", "HTTPS", "HTTP", "HTTP/3"
     );
     for h in &report.hosts {
         let _ = writeln!(
             out,
-            "{:<width$}  {:<7}  {:<7}  {:<7}  {}",
+            "{:<width$}  {:<7}  {:<7}  {:<7}  {:<7}  {}",
             h.name,
             h.dns.status,
             h.https.status,
             h.http.as_ref().map_or("-", |o| o.status),
+            h.http3.as_ref().map_or("-", |o| o.status),
             display(h.preset)
         );
     }
@@ -127,6 +131,7 @@ pub fn render_text(report: &Report) -> String {
             ("dns", Some(&h.dns)),
             ("https", Some(&h.https)),
             ("http", h.http.as_ref()),
+            ("http3", h.http3.as_ref()),
         ] {
             let Some(o) = o else { continue };
             let _ = write!(out, "{} {check}: {}", h.name, o.message);

@@ -97,6 +97,7 @@ pub(super) fn summary(
                 ("DNS", Some(&h.dns)),
                 ("HTTPS", Some(&h.https)),
                 ("HTTP", h.http.as_ref()),
+                ("HTTP/3", h.http3.as_ref()),
             ] {
                 if let Some(o) = o.filter(|o| o.status == "fail") {
                     what.push(format!("{check}: {}", o.fix.as_deref().unwrap_or(&o.message)));

@@ -73,7 +73,8 @@ impl StandIn {
 
     /// A plain-http stand-in that answers what `answer(host, target)` picks,
     /// and what the usual routes say where it picks nothing: a provider's
-    /// 404 or its page for an unknown Host, for chosen brandings.
+    /// 404 or its page for an unknown Host, for chosen brandings. A 3xx
+    /// answer's body is also its `Location` (a click's redirect to the landing page).
     pub async fn plain_answering(
         answer: impl Fn(&str, &str) -> Option<(u16, &'static str)> + Send + Sync + 'static,
     ) -> Self {
@@ -193,7 +194,12 @@ async fn handle(
     });
     let host = parts.headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("");
     if let Some((status, body)) = answers.and_then(|answer| answer(host, &target)) {
-        return Ok(Response::builder().status(status).body(full(body)).expect("response"));
+        let mut resp = Response::builder().status(status);
+        if (300..400).contains(&status) {
+            // A redirect's body is where it points, as a provider's click answer does.
+            resp = resp.header("location", body);
+        }
+        return Ok(resp.body(full(body)).expect("response"));
     }
     let path = parts.uri.path();
     let resp = match path {
