@@ -1,7 +1,7 @@
 //! HTTP on an established connection: HTTP/1.1 alternating between a
 //! hyper connection and parked (no buffers held), HTTP/2 with its stream
-//! executor, the limits of both, and closing (lingering where the client
-//! may still be sending).
+//! executor, the limits of both, and when a connection closes (how is
+//! `close.rs`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,9 +12,10 @@ use bytes::Bytes;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::watch;
 
+use super::close::{close, Linger};
 use super::io::{Resumable, WriteDeadline};
 use crate::admission::{ClientSlot, Handshake};
 use crate::config::Limits;
@@ -25,7 +26,7 @@ use crate::proxy::Proxy;
 use super::ProxyCache;
 /// How long an idle connection gets to close gracefully (HTTP/2 GOAWAY and
 /// PING round trip, TLS close_notify) before it is dropped.
-const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
+pub(super) const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// An HTTP/1.1 keep-alive connection with no request for this long is
 /// parked: hyper's connection, with its 16 KiB of buffers, is ended and only
@@ -239,50 +240,6 @@ where
     }
 }
 
-/// A closing HTTP/1 connection goes on reading (and discarding) what the
-/// client still sends until the client closes, with at most
-/// [`LINGER_QUIET`] between two reads and [`LINGER`] in all, as nginx's
-/// `lingering_timeout` and `lingering_time` (whose defaults these are).
-const LINGER: Duration = Duration::from_secs(30);
-const LINGER_QUIET: Duration = Duration::from_secs(5);
-
-/// Closes a connection that hyper has finished with: TLS close_notify, then
-/// FIN, then what the client is still sending (the rest of a body nobody
-/// waited for, pipelined requests after a refusal) is read and discarded
-/// (see [`LINGER`]). Closing a socket with unread input, or receiving more
-/// after it closed, makes the kernel send a reset, and a reset throws away
-/// what the client has not read yet: it would lose the very answers that
-/// came before the close.
-async fn close<IO: AsyncRead + AsyncWrite + Unpin>(io: IO, linger: Linger) {
-    // Boxed: inline, the lingering state (its timers) would be part of
-    // every connection's task, parked ones included.
-    Box::pin(close_lingering(io, linger)).await;
-}
-
-/// Whether a close waits for the client's own (see [`close`]): after an
-/// answer, yes; a parked or idle connection has none on its way, and a
-/// drain must not wait for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Linger {
-    Yes,
-    No,
-}
-
-async fn close_lingering<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO, linger: Linger) {
-    if tokio::time::timeout(IDLE_CLOSE_GRACE, io.shutdown()).await.is_err() || linger == Linger::No {
-        return;
-    }
-    let _ = tokio::time::timeout(LINGER, async {
-        let mut sink = vec![0u8; 4096];
-        while let Ok(Ok(n)) = tokio::time::timeout(LINGER_QUIET, io.read(&mut sink)).await {
-            if n == 0 {
-                break;
-            }
-        }
-    })
-    .await;
-}
-
 async fn serve_http2<IO, S>(io: IO, service: S, info: &ConnInfo, limits: &Limits, mut stopping: watch::Receiver<bool>)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -356,7 +313,9 @@ mod tests {
     //! loopback) are the real ones.
 
     use std::net::SocketAddr;
+
     use std::sync::Mutex;
+    use tokio::io::AsyncWriteExt;
 
     use tokio::net::TcpListener;
 

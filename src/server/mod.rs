@@ -15,12 +15,14 @@
 //! Files in request order: this one (binding, workers, drain), `accept`
 //! (admission, plain or TLS), `proxy_protocol` (the PROXY header),
 //! `handshake` (SNI refusal, TLS-ALPN-01), `http` (HTTP/1.1 with parking,
-//! HTTP/2, closing), `io` (the bound on stalled writes, the stream a parked
-//! connection resumes on), `proxies` (the per-worker proxy for the
+//! HTTP/2), `close` (closing, lingering where the client may still send),
+//! `io` (the bound on stalled writes, the stream a parked connection
+//! resumes on), `proxies` (the per-worker proxy for the
 //! configuration in force, and Alt-Svc); `quic` (the QUIC endpoint, its
 //! bounds and drain) and `http3` (one HTTP/3 connection and its requests).
 
 mod accept;
+mod close;
 mod handshake;
 mod http;
 mod http3;
