@@ -347,3 +347,54 @@ async fn zero_rtt_is_refused_even_with_a_resumption_ticket() {
     assert_eq!(up.received().len(), 2, "each request reached the upstream once");
     lg.stop().await;
 }
+
+#[tokio::test]
+async fn malformed_framing_fields_are_400_and_never_forwarded_over_http3() {
+    let Served {
+        dir: _dir, pki, up, lg, ..
+    } = serve_http3("", "").await;
+    let client = H3Client::new(&pki, false);
+    let mut conn = client.connect(h3_addr(&lg), CLICK).await.expect("handshake");
+    // Each would frame the body differently at an HTTP/1.1 upstream than
+    // the client framed it here (RFC 9114 §4.2, §4.1.2); HTTP/2 refuses
+    // them in the h2 codec.
+    let cases: [&[(&str, &str)]; 9] = [
+        &[("content-length", "5"), ("content-length", "6")],
+        &[("content-length", "5, 5")],
+        &[("content-length", "5 ")],
+        &[("content-length", "-1")],
+        &[("content-length", "5"), ("transfer-encoding", "chunked")],
+        &[("transfer-encoding", "chunked")],
+        &[("connection", "close")],
+        &[("keep-alive", "timeout=5")],
+        &[("te", "gzip")],
+    ];
+    for fields in cases {
+        let mut req = http::Request::post(format!("https://{CLICK}/ls/click?upn=x"));
+        for (name, value) in fields {
+            req = req.header(*name, *value);
+        }
+        let req = req.body(()).expect("request");
+        let answer = conn
+            .send_request(req, Some(bytes::Bytes::from_static(b"hello")))
+            .await
+            .expect("answer");
+        assert_eq!(answer.status, 400, "{fields:?}: {}", String::from_utf8_lossy(&answer.body));
+    }
+    assert!(up.received().is_empty(), "forwarded: {:?}", up.received());
+    // A well-formed one still goes through on the same connection.
+    let req = http::Request::post(format!("https://{CLICK}/ls/click?upn=x"))
+        .header("content-length", "5")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let answer = conn
+        .send_request(req, Some(bytes::Bytes::from_static(b"hello")))
+        .await
+        .expect("answer");
+    assert_eq!(answer.status, 200);
+    let received = up.received();
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert_eq!(&received[0].body[..], b"hello");
+    lg.stop().await;
+}

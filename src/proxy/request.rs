@@ -106,9 +106,13 @@ pub(super) fn head_size(parts: &http::request::Parts) -> usize {
 /// Refuses what an upstream (or anything between) could frame differently
 /// from us, and protocol switches: linkgate forwards requests, never tunnels.
 /// HTTP/2 framing is checked by the h2 codec (which also rejects
-/// connection-specific headers).
+/// connection-specific headers); HTTP/3's here ([`check_http3_fields`]), as
+/// the h3 codec does not.
 pub(super) fn check_framing<B>(req: &Request<B>) -> Result<(), ProxyError> {
     let headers = req.headers();
+    if req.version() == Version::HTTP_3 {
+        check_http3_fields(headers)?;
+    }
     if headers.contains_key(header::UPGRADE) {
         return Err(ProxyError::BadRequest("protocol upgrades are not supported\n"));
     }
@@ -121,6 +125,43 @@ pub(super) fn check_framing<B>(req: &Request<B>) -> Result<(), ProxyError> {
     if let Some(coding) = codings.next() {
         if codings.next().is_some() || !coding.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") {
             return Err(ProxyError::BadRequest("Transfer-Encoding other than chunked\n"));
+        }
+    }
+    Ok(())
+}
+
+/// What makes an HTTP/3 request malformed in its fields (RFC 9114 §4.2,
+/// §4.1.2), refused as h2 refuses it in HTTP/2: a connection-specific field
+/// (HTTP/3 has no connection-level framing to speak of, and an upstream
+/// reading these in an HTTP/1.1 request would frame it differently), TE
+/// other than `trailers`, and a Content-Length that is not exactly one
+/// decimal number (several fields, a list, a sign, spaces).
+fn check_http3_fields(headers: &HeaderMap) -> Result<(), ProxyError> {
+    const CONNECTION_SPECIFIC: [&str; 5] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    ];
+    if CONNECTION_SPECIFIC.iter().any(|name| headers.contains_key(*name)) {
+        return Err(ProxyError::BadRequest(
+            "connection-specific header in an HTTP/3 request\n",
+        ));
+    }
+    if headers
+        .get_all(header::TE)
+        .iter()
+        .any(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        return Err(ProxyError::BadRequest("TE other than trailers in an HTTP/3 request\n"));
+    }
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    if let Some(length) = lengths.next() {
+        let digits = length.as_bytes();
+        let decimal = !digits.is_empty() && digits.len() <= 19 && digits.iter().all(u8::is_ascii_digit);
+        if lengths.next().is_some() || !decimal {
+            return Err(ProxyError::BadRequest("invalid Content-Length\n"));
         }
     }
     Ok(())
