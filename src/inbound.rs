@@ -14,14 +14,15 @@ use hyper::body::Incoming;
 type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// The receiving half of an HTTP/3 request stream.
-pub type Http3Stream = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
+pub type Http3Stream = h3::server::RequestStream<crate::server::quic_streams::RecvStream, Bytes>;
 
 /// The body of one request, as received.
 pub enum Inbound {
     /// HTTP/1.1 or HTTP/2, from hyper.
     Hyper(Incoming),
     /// HTTP/3: the DATA frames of a request stream.
-    Http3(Http3Body),
+    /// Boxed: HTTP/1.1 and HTTP/2 bodies, the many, are not sized for it.
+    Http3(Box<Http3Body>),
 }
 
 impl From<Incoming> for Inbound {

@@ -379,7 +379,12 @@ async fn malformed_framing_fields_are_400_and_never_forwarded_over_http3() {
             .send_request(req, Some(bytes::Bytes::from_static(b"hello")))
             .await
             .expect("answer");
-        assert_eq!(answer.status, 400, "{fields:?}: {}", String::from_utf8_lossy(&answer.body));
+        assert_eq!(
+            answer.status,
+            400,
+            "{fields:?}: {}",
+            String::from_utf8_lossy(&answer.body)
+        );
     }
     assert!(up.received().is_empty(), "forwarded: {:?}", up.received());
     // A well-formed one still goes through on the same connection.

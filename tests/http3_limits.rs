@@ -188,3 +188,55 @@ async fn a_retry_is_sent_once_half_the_handshake_budget_is_in_use() {
     drop((connecting, stalled));
     lg.stop().await;
 }
+
+/// h3 buffers a frame other than DATA whole before decoding it: a request
+/// stream announcing a HEADERS frame of 4 MiB (far over
+/// `max_header_bytes`) and then feeding it is stopped from the frame's
+/// head (STOP_SENDING, H3_EXCESSIVE_LOAD), before any of it is buffered;
+/// nothing is forwarded, and the connection goes on serving.
+#[tokio::test]
+async fn a_request_head_announced_far_over_max_header_bytes_is_stopped_before_it_is_buffered() {
+    let Served {
+        dir: _dir, pki, up, lg, ..
+    } = Setup::new()
+        .listen(listen_http3())
+        .host(CLICK)
+        .limits("max_header_bytes = 4096\n")
+        .start()
+        .await;
+    let client = H3Client::new(&pki, false);
+    let quic = client
+        .handshake(lg.http3.expect("http3 socket"), CLICK)
+        .await
+        .expect("handshake");
+    let mut h3 = common::quic::H3Conn::over(quic.clone()).await;
+    let (mut send, _recv) = quic.open_bi().await.expect("stream");
+    // HEADERS (type 0x01), length 4 MiB as a four-byte variable-length integer.
+    send.write_all(&[0x01, 0x80, 0x40, 0x00, 0x00])
+        .await
+        .expect("frame head");
+    // What the client goes on sending while it is allowed to.
+    let chunk = vec![b'a'; 16 * 1024];
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            if let Err(e) = send.write_all(&chunk).await {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("the stream is stopped in time");
+    assert!(
+        matches!(stopped, quinn::WriteError::Stopped(code) if u64::from(code) == 0x107),
+        "H3_EXCESSIVE_LOAD: {stopped:?}"
+    );
+    // The connection still serves requests.
+    let answer = h3
+        .get(&format!("https://{CLICK}/ls/click?upn=after"))
+        .await
+        .expect("answer");
+    assert_eq!(answer.status, 200);
+    let received = up.received();
+    assert_eq!(received.len(), 1, "only the request after: {received:?}");
+    lg.stop().await;
+}

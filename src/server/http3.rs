@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::accept::Admitted;
+use super::quic_streams;
 use super::{ProxyCache, Shared};
 use crate::access::ProxyBody;
 use crate::connection::ConnInfo;
@@ -22,7 +23,7 @@ use crate::inbound::{Http3Body, Inbound};
 use crate::proxy::Proxy;
 
 /// The h3 connection as linkgate serves it.
-type H3Conn = h3::server::Connection<h3_quinn::Connection, Bytes>;
+type H3Conn = h3::server::Connection<quic_streams::Connection, Bytes>;
 /// A request stream's sending half.
 type H3Send = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
 
@@ -30,6 +31,16 @@ type H3Send = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
 /// connection itself: closing it from here at once could discard the end
 /// of an answer the client has not acknowledged yet.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// The longest frame other than DATA a request stream may announce: twice
+/// `max_header_bytes`, as QPACK's encoding of a field section is about its
+/// size (Huffman coding makes it smaller; the decoded size is held to
+/// `max_header_bytes` by h3, 431 beyond it).
+fn frame_limit(limits: &crate::config::Limits) -> u64 {
+    u64::try_from(limits.max_header_bytes)
+        .unwrap_or(u64::MAX)
+        .saturating_mul(2)
+}
 
 /// One QUIC connection, from its handshake to its close.
 pub(super) async fn connection(
@@ -78,7 +89,7 @@ pub(super) async fn connection(
     );
     let built = h3::server::builder()
         .max_field_section_size(u64::try_from(limits.max_header_bytes).unwrap_or(u64::MAX))
-        .build(h3_quinn::Connection::new(conn.clone()))
+        .build(quic_streams::Connection::new(conn.clone(), frame_limit(limits)))
         .await;
     let mut h3: H3Conn = match built {
         Ok(h3) => h3,
@@ -142,7 +153,7 @@ async fn request(
     proxy: Arc<Proxy>,
     info: Arc<ConnInfo>,
     req: http::Request<()>,
-    stream: h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>,
+    stream: h3::server::RequestStream<quic_streams::BidiStream, Bytes>,
 ) {
     let stall = proxy.active.config.limits.idle_timeout;
     let (send, recv) = stream.split();
@@ -150,7 +161,7 @@ async fn request(
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let req = req.map(|()| Inbound::Http3(Http3Body::new(recv, declared)));
+    let req = req.map(|()| Inbound::Http3(Box::new(Http3Body::new(recv, declared))));
     let Ok(resp) = proxy.handle(info, req).await;
     let (parts, body) = resp.into_parts();
     respond(send, http::Response::from_parts(parts, ()), body, stall).await;

@@ -19,7 +19,8 @@
 //! `io` (the bound on stalled writes, the stream a parked connection
 //! resumes on), `proxies` (the per-worker proxy for the
 //! configuration in force, and Alt-Svc); `quic` (the QUIC endpoint, its
-//! bounds and drain) and `http3` (one HTTP/3 connection and its requests).
+//! bounds and drain), `http3` (one HTTP/3 connection and its requests) and
+//! `quic_streams` (the bound on frames h3 would buffer whole).
 
 mod accept;
 mod close;
@@ -30,6 +31,7 @@ mod io;
 mod proxies;
 pub mod proxy_protocol;
 mod quic;
+pub(crate) mod quic_streams;
 
 use std::future::{pending, Future};
 use std::net::SocketAddr;
