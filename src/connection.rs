@@ -77,6 +77,12 @@ impl ConnInfo {
         self
     }
 
+    /// HTTP/2 or HTTP/3: many requests share the connection, each held to
+    /// a flow-control window its client may never open.
+    pub(crate) fn multiplexed(&self) -> bool {
+        self.upstream_slots.is_some()
+    }
+
     /// Waits for a turn to use an upstream connection (at once on HTTP/1).
     pub(crate) async fn upstream_slot(&self) -> Option<OwnedSemaphorePermit> {
         self.upstream_slots.clone()?.acquire_owned().await.ok()
