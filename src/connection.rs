@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::time::Sleep;
 
 use crate::host::HostName;
@@ -81,6 +81,20 @@ impl ConnInfo {
     /// a flow-control window its client may never open.
     pub(crate) fn multiplexed(&self) -> bool {
         self.upstream_slots.is_some()
+    }
+
+    /// A turn to use an upstream connection, if one is free now: `Some(None)`
+    /// on HTTP/1 (no bound), `None` when every slot is in use (then wait with
+    /// [`ConnInfo::upstream_slot`]). Most requests find one, and need no timer.
+    pub(crate) fn free_upstream_slot(&self) -> Option<Option<OwnedSemaphorePermit>> {
+        let Some(slots) = &self.upstream_slots else {
+            return Some(None);
+        };
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => Some(Some(permit)),
+            Err(TryAcquireError::NoPermits) => None,
+            Err(TryAcquireError::Closed) => Some(None),
+        }
     }
 
     /// Waits for a turn to use an upstream connection (at once on HTTP/1).
@@ -335,6 +349,11 @@ where
 /// ever end it, and its upstream connection would be held for good.
 /// Dropping the stream's future resets the stream (`RST_STREAM`), drops its
 /// response body and with it the upstream connection.
+///
+/// The stream's future is boxed on purpose: hyper's is large, and tokio
+/// copies a future by value on its way into a task; moved as a box it is
+/// copied once. Held inline instead, (b) measured 1.10x the CPU per request
+/// (4 alternating rounds: 1.13 1.01 1.07 1.32).
 pub struct Watched<F> {
     inner: Pin<Box<F>>,
     stall: Duration,

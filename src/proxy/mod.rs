@@ -306,9 +306,12 @@ impl Proxy {
         let deadline = tokio::time::Instant::now() + timeout;
         let timed_out = || ProxyError::Upstream(UpstreamError::Timeout(timeout));
         // HTTP/2: one of this connection's upstream slots, waiting for a turn if all are in use.
-        let slot = tokio::time::timeout_at(deadline, conn.upstream_slot())
-            .await
-            .map_err(|_| timed_out())?;
+        let slot = match conn.free_upstream_slot() {
+            Some(slot) => slot,
+            None => tokio::time::timeout_at(deadline, conn.upstream_slot())
+                .await
+                .map_err(|_| timed_out())?,
+        };
         let resp = tokio::time::timeout_at(deadline, upstream.send(Request::from_parts(parts, body)))
             .await
             .unwrap_or(Err(UpstreamError::Timeout(timeout)))

@@ -232,7 +232,8 @@ pub(crate) fn rewrite_request_headers(headers: &mut HeaderMap, host: &HostName, 
         }
     }
     drop_underscore_twins(headers);
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+    // From the String itself, not a copy of it.
+    if let Ok(value) = HeaderValue::try_from(forwarded_for) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
     // Kept from a trusted proxy only when it sent exactly one: several could be read either way.
