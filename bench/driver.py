@@ -538,7 +538,7 @@ def main():
            extra={"@UPSTREAM_TLS_PORT@": str(UPSTREAM_TLS_PORT)})
     upstream = subprocess.Popen(["nginx", "-c", str(RUN / "upstream.conf"), "-e", str(RUN / "upstream.err")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    results, profiles, tls_seen = [], {}, {}
+    results, profiles, tls_seen, work_rows = [], {}, {}, []
     try:
         wait_port(upstream_port, upstream)
         wait_port(UPSTREAM_TLS_PORT, upstream)
@@ -592,6 +592,9 @@ def main():
                     if scenario in FULL and r.get("resumed"):
                         raise RuntimeError(f"{name} resumed {r['resumed']} of {r['handshakes']} connections in ({scenario}), "
                                            "a full-handshake scenario: it does not measure what it says")
+        if BASELINE_BIN and os.environ.get("BENCH_WORK", "1") != "0":
+            import work  # noqa: E402 - sibling module
+            work_rows = work.measure(sys.modules[__name__], upstream_port, scenarios)
         if "linkgate" in contenders and not BASELINE_BIN and os.environ.get("BENCH_PROFILE", "1") != "0":
             for scenario in [s for s in PROFILED if s in scenarios]:
                 profiles[scenario] = prof = profile(scenario, upstream_port)
@@ -603,6 +606,9 @@ def main():
     if BASELINE_BIN:
         import report as rep  # noqa: E402 - sibling module
         text = rep.ab(results, os.environ.get("BENCH_BASELINE", "baseline"), ROUNDS)
+        if work_rows:
+            import work  # noqa: E402 - sibling module
+            text += work.table(work_rows)
         (BENCH / "ab.md").write_text(text)
         print(text)
         return
