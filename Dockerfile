@@ -34,6 +34,9 @@ RUN if [ "$TARGETARCH" = arm64 ]; then \
     fi
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# A workspace member (the benchmark's load generator): cargo reads its
+# manifest, but builds linkgate alone.
+COPY bench/h3load ./bench/h3load
 RUN case "$TARGETARCH" in \
       arm64) target=aarch64-unknown-linux-gnu ;; \
       amd64|"") target=x86_64-unknown-linux-gnu ;; \

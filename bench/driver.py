@@ -20,6 +20,8 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+# Where bench/run's `cargo build --release` put linkgate and h3load.
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target")
 RUN = Path(os.environ["BENCH_RUN_DIR"])
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 DURATION = int(os.environ.get("BENCH_DURATION", "6"))
@@ -44,6 +46,7 @@ SCENARIOS = {
     "g": "HTTP/1.1 keep-alive, 64 connections, open pixel, https upstream (certificate verified)",
     "h": f"bursts: {BURSTS} x ({BURST_S} s of (g)'s load, then {PAUSE_S} s idle), https upstream: pools shrink and re-handshake",
     "f": f"first click: {FULL_CONNS} clients, one new TLS connection and one request each, full handshake (h2load never resumes), click redirect",
+    "i": "HTTP/3 over QUIC, 64 connections x 10 streams, open pixel (h3load)",
 }
 # Scenarios whose work is the TLS handshake: each contender logs whether each
 # one resumed a session, and (f) fails the run if any did.
@@ -54,12 +57,23 @@ FULL = ["f"]
 HTTPS_UPSTREAM = ["g", "h"]
 PROVIDER = "provider.test"
 UPSTREAM_TLS_PORT = None  # set in main()
+# Scenarios over HTTP/3: each contender serves QUIC on the UDP port of the
+# same number as its TCP one, and a peer whose build has no HTTP/3 sits out.
+HTTP3 = ["i"]
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free for TCP and for UDP: (i) serves QUIC on the UDP port of the same number."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                    u.bind(("127.0.0.1", port))
+                    return port
+            except OSError:
+                continue
 
 
 def render(template, port, upstream_port, out, conf=None, extra=None):
@@ -146,14 +160,20 @@ def start_contender(name, port, upstream_port, scenario=None):
     if scenario in HTTPS_UPSTREAM:
         upstream_port = UPSTREAM_TLS_PORT
     extra.update(upstream_placeholders(name, upstream_port, scenario in HTTPS_UPSTREAM))
+    # linkgate: listen.http3 on the https port's number (UDP); Caddy: h3 among its protocols.
+    extra["@HTTP3@"] = f'http3 = "127.0.0.1:{port}"' if scenario in HTTP3 else ""
+    extra["@PROTOCOLS@"] = "h1 h2 h3" if scenario in HTTP3 else "h1 h2"
     for stale in ("nginx-access.log", "caddy-access.log"):
         (RUN / stale).unlink(missing_ok=True)
     if name in ("linkgate", "baseline"):
         # The baseline with its own configuration: it may not know keys added since.
         conf_dir = Path(BASELINE_CONF) if name == "baseline" and BASELINE_CONF else None
         conf = render("linkgate.toml", port, upstream_port, RUN / f"{name}.toml", conf_dir, extra)
+        if scenario in HTTP3 and "http3 =" not in conf.read_text():
+            # A baseline's configuration from before the @HTTP3@ placeholder.
+            conf.write_text(conf.read_text().replace("[listen]\n", f"[listen]\n{extra['@HTTP3@']}\n", 1))
         env["RUST_LOG"] = "warn"
-        binary = BASELINE_BIN if name == "baseline" else ROOT / "target" / "release" / "linkgate"
+        binary = BASELINE_BIN if name == "baseline" else TARGET / "release" / "linkgate"
         cmd = [str(binary), "serve", "--config", str(conf)]
     elif name == "nginx":
         conf = render("nginx.conf", port, upstream_port, RUN / "nginx.conf", extra=extra)
@@ -179,6 +199,31 @@ def start_contender(name, port, upstream_port, scenario=None):
         raise RuntimeError(f"{name} did not start; its output:\n{log}") from None
     proc.name, proc.admin_port, proc.log_path, proc.log_offset = name, admin_port, log_path, log_offset
     return proc
+
+
+_HTTP3_ABSENT = {}
+
+
+def http3_absent(name):
+    """Why a peer sits out the HTTP/3 scenarios, or None if it takes part:
+    the Debian builds of nginx (1.22, no http_v3_module before 1.25) and
+    HAProxy (2.6, built without QUIC) installed by bench/run have none."""
+    if name not in _HTTP3_ABSENT:
+        reason = None
+        if name == "nginx":
+            said = subprocess.run(["nginx", "-V"], capture_output=True, text=True, timeout=10).stderr
+            version = said.splitlines()[0].split("/")[-1] if said else "?"
+            reason = (f"its build (nginx {version}) has no HTTP/3 (`nginx -V` lists no http_v3_module)"
+                      if "http_v3_module" not in said else
+                      "its build has http_v3_module, but bench/conf/nginx.conf does not configure QUIC yet")
+        elif name == "haproxy":
+            said = subprocess.run(["haproxy", "-vv"], capture_output=True, text=True, timeout=10).stdout
+            version = re.search(r"HAProxy version (\S+)", said)
+            reason = (f"its build (HAProxy {version.group(1) if version else '?'}) has no QUIC (`haproxy -vv`: -QUIC)"
+                      if "+QUIC" not in said else
+                      "its build has QUIC, but bench/conf/haproxy.cfg does not configure it yet")
+        _HTTP3_ABSENT[name] = reason
+    return _HTTP3_ABSENT[name]
 
 
 def upstream_placeholders(name, port, https):
@@ -311,6 +356,41 @@ def run_h2load(port):
     }
 
 
+def run_h3load(port):
+    """(b)'s load over HTTP/3: bench/h3load, one thread, 64 connections x 10
+    streams, the benchmark's certificate trusted (and verified for HOST)."""
+    url = f"https://{HOST}:{port}/wf/open"
+    cmd = [str(TARGET / "release" / "h3load"), "--ca", str(RUN / "cert.pem"), "-c", "64", "-m", "10",
+           "-d", str(DURATION), url]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=DURATION + 60)
+    lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
+    try:
+        got = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        got = {}
+    if got:
+        errors = " ".join(f"{kind}: {got[f'errors_{kind}']}" for kind in ("status", "stream", "timeout", "connect")
+                          if got.get(f"errors_{kind}"))
+    else:
+        errors = f"h3load printed no result (exit {p.returncode}): {' '.join(p.stderr.split())[-300:]}"
+    user, kernel = got.get("cpu_user_s") or 0.0, got.get("cpu_kernel_s") or 0.0
+
+    def ms(key):
+        return float("nan") if got.get(key) is None else float(got[key])
+
+    return {
+        "requests": got.get("requests", 0),
+        "seconds": got.get("seconds") or DURATION,
+        "p50_ms": ms("p50_ms"),
+        "p99_ms": ms("p99_ms"),
+        "errors": errors,
+        # The generator's own CPU over its measured span, and as a share of its one core.
+        "loadgen_cpu_s": user + kernel, "loadgen_user_s": user, "loadgen_kernel_s": kernel,
+        "loadgen_share": got.get("cpu_share"),
+        "raw": p.stdout + p.stderr,
+    }
+
+
 def run_idle(proc, port):
     base = memory(proc.pid, "VmRSS")
     holder = subprocess.Popen([sys.executable, str(BENCH / "idle.py"), HOST, str(port), str(IDLE_CONNS)],
@@ -406,16 +486,20 @@ def run_scenario(scenario, proc, port):
         return run_wrk(port, "/wf/open", 64)
     if scenario == "h":
         return run_bursts(port)
+    if scenario == "i":
+        return run_h3load(port)
     raise ValueError(scenario)
 
 
-PROFILED = ["a", "b", "c"]
+PROFILED = ["a", "b", "c", "i"]
 
 # Self time is grouped by what it is spent on: the crate a Rust symbol comes
 # from, or the kind of C or kernel function. First match wins.
 USER_GROUPS = [
     ("allocator (glibc malloc/free)", r"^(_int_malloc|_int_free|malloc|free|cfree|realloc|calloc|unlink_chunk|malloc_consolidate|tcache|__libc_malloc|__libc_free)"),
     ("memory copies (memcpy/memmove)", r"^__(memmove|memcpy|memset|memcmp)"),
+    # Before aws-lc-rs, whose unanchored pattern would take a quinn function named `..._dec_...`.
+    ("quinn and h3 (QUIC, HTTP/3)", r"^<?(quinn|quinn_proto|quinn_udp|h3|h3_quinn)::"),
     ("aws-lc-rs (AES-GCM, ECDSA, X25519, SHA)", r"(aws_lc|aead_|gcm_|aes_|sha256|sha512|ecp_nistz|p256|x25519|fiat_|bn_|ec_|ecdsa)"),
     ("rustls and tokio-rustls", r"^<?(rustls|tokio_rustls)::"),
     ("hyper-util (I/O adapters, ACME client)", r"^<?hyper_util::"),
@@ -427,6 +511,8 @@ USER_GROUPS = [
 KERNEL_GROUPS = [
     ("kernel: scheduler, wake-ups, interrupts", r"(schedule|finish_task_switch|switch_|wake|ttwu|enqueue|dequeue|update_curr|pick_next|psi_|_raw_spin|irq)"),
     ("kernel: epoll", r"(epoll|^ep_)"),
+    # Before TCP/IP, whose pattern would take udp_sendmsg for its "send".
+    ("kernel: UDP (QUIC's datagrams, both ends)", r"(udp|^__skb_gso|gso_segment|^skb_gro|_gro_)"),
     ("kernel: TCP/IP over loopback (both ends)", r"(tcp|^ip_|ipv4|skb|^net_|napi|^dev_|sock|inet|recv|send|loopback|netif|^nf_|csum|process_backlog|softirq)"),
 ]
 
@@ -450,7 +536,7 @@ def profile(scenario, upstream_port):
     error = ""
     for _attempt in range(2):
         port = free_port()
-        proc = start_contender("linkgate", port, upstream_port)
+        proc = start_contender("linkgate", port, upstream_port, scenario)
         try:
             result = profile_once(proc, scenario, port)
         finally:
@@ -498,12 +584,13 @@ def versions():
         except (OSError, IndexError, subprocess.TimeoutExpired):
             return "?"
     return {
-        "linkgate": first_line([str(ROOT / "target" / "release" / "linkgate"), "--version"]),
+        "linkgate": first_line([str(TARGET / "release" / "linkgate"), "--version"]),
         "nginx": first_line(["nginx", "-v"]),
         "haproxy": first_line(["haproxy", "-v"]),
         "caddy": first_line(["caddy", "version"]),
         "wrk": first_line(["wrk", "-v"]),
         "h2load": first_line(["h2load", "--version"]),
+        "h3load": first_line([str(TARGET / "release" / "h3load"), "--version"]),
         "openssl": first_line(["openssl", "version"]),
         "rustc": first_line(["rustc", "--version"]),
     }
@@ -538,17 +625,22 @@ def main():
            extra={"@UPSTREAM_TLS_PORT@": str(UPSTREAM_TLS_PORT)})
     upstream = subprocess.Popen(["nginx", "-c", str(RUN / "upstream.conf"), "-e", str(RUN / "upstream.err")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    results, profiles, tls_seen, work_rows = [], {}, {}, []
+    results, profiles, tls_seen, absent, work_rows = [], {}, {}, {}, []
     try:
         wait_port(upstream_port, upstream)
         wait_port(UPSTREAM_TLS_PORT, upstream)
-        scenarios = [s for s in os.environ.get("BENCH_SCENARIOS", "abcdefgh")]
+        scenarios = [s for s in os.environ.get("BENCH_SCENARIOS", "abcdefghi")]
         contenders = [c for c in os.environ.get("BENCH_CONTENDERS", ",".join(CONTENDERS)).split(",")]
         if BASELINE_BIN:
             contenders = ["linkgate", "baseline"]
         for rnd in range(1, ROUNDS + 1):
             for scenario in scenarios:
                 for name in contenders:
+                    if scenario in HTTP3 and (why := http3_absent(name)):
+                        if name not in absent.setdefault(scenario, {}):
+                            absent[scenario][name] = why
+                            print(f"  ({scenario}) without {name}: {why}", flush=True)
+                        continue
                     port = free_port()
                     proc = start_contender(name, port, upstream_port, scenario)
                     try:
@@ -581,6 +673,7 @@ def main():
                         print(f"round {rnd} scenario {scenario} {name:9s} "
                               + (f"{r['rps']:10.0f} req/s  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  "
                                  f"cpu {r['cpu_per_10k']:.3f} s/10k  peak {r['peak_rss'] / 2**20:.0f} MiB"
+                                 + (f"  h3load {r['loadgen_share']:.0%} of its core" if r.get("loadgen_share") else "")
                                  if scenario != "d" else
                                  f"{r['still_open']} held, {r['rss_per_conn'] / 1024:.1f} KiB/conn"), flush=True)
                     finally:
@@ -614,7 +707,7 @@ def main():
         return
     report = {"machine": machine(), "versions": versions(), "crypto": crypto_floor(), "tls": tls_seen,
               "duration_s": DURATION, "rounds": ROUNDS, "idle_conns": IDLE_CONNS, "results": results,
-              "profiles": profiles}
+              "profiles": profiles, "absent": absent}
     (BENCH / "results.json").write_text(json.dumps(report, indent=1, default=str))
     import report as rep  # noqa: E402 - sibling module
     rep.write(report, ROOT / "BENCHMARKS.md", BENCH / "ratios.svg")

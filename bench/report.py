@@ -9,7 +9,7 @@ import statistics
 from html import escape
 
 PEERS = ["nginx", "haproxy", "caddy"]
-THROUGHPUT = ["a", "b", "c", "e", "f", "g", "h"]
+THROUGHPUT = ["a", "b", "c", "e", "f", "g", "h", "i"]
 HANDSHAKE = ["c", "f"]
 
 
@@ -55,6 +55,46 @@ def per_round(results, scenario, key, peer):
         if mine is not None and theirs:
             ratios.append(mine / theirs)
     return med(ratios)
+
+
+def own_ratio(results, contender, scenario, base, key):
+    """Median over rounds of a contender's key in scenario ÷ its own in base, same round."""
+    ratios = []
+    for rnd in sorted({r["round"] for r in results}):
+        mine, theirs = ([r.get(key) for r in results if r["scenario"] == x and r["contender"] == contender
+                         and r["round"] == rnd] for x in (scenario, base))
+        if mine and theirs and mine[0] is not None and theirs[0]:
+            ratios.append(mine[0] / theirs[0])
+    return med(ratios)
+
+
+def http3_notes(report, res, s, contenders):
+    """Under (i)'s table: QUIC against each contender's own HTTP/2 in (b),
+    the load generator's own CPU, and the peers that sat out."""
+    lines = []
+    ran = [c for c in contenders if by(res, s, c, "rps")]
+    if any(by(res, "b", c, "rps") for c in ran):
+        lines += ["", "QUIC against TCP: each contender's (i) ÷ its own HTTP/2 in (b), same load, same round "
+                  "(median of per-round ratios; CPU per request above 1 is what QUIC costs more).", "",
+                  "| proxy | CPU per request (i) ÷ (b) | user-space CPU (i) ÷ (b) | kernel CPU (i) ÷ (b) | requests/s (i) ÷ (b) |", "|---|---:|---:|---:|---:|"]
+        for c in ran:
+            lines.append(f"| {c} | {fmt(own_ratio(res, c, s, 'b', 'cpu_per_10k'), '.2f')} | "
+                         f"{fmt(own_ratio(res, c, s, 'b', 'user_per_10k'), '.2f')} | "
+                         f"{fmt(own_ratio(res, c, s, 'b', 'kernel_per_10k'), '.2f')} | "
+                         f"{fmt(own_ratio(res, c, s, 'b', 'rps'), '.2f')} |")
+    shares = {c: med(by(res, s, c, "loadgen_share")) for c in ran}
+    if any(not math.isnan(v) for v in shares.values()):
+        lines += ["", "The load generator, h3load (one thread): its own CPU (getrusage) over its measured run, as a "
+                  "share of one core, and per 10,000 requests — "
+                  + "; ".join(f"against {c}: {fmt(v, '.0%')}, "
+                              f"{fmt(med([r['loadgen_cpu_s'] / r['requests'] * 1e4 for r in res if r['scenario'] == s and r['contender'] == c and r.get('requests')]), '.3f')} s"
+                              for c, v in shares.items())
+                  + ". Near 100%, h3load filled its core: requests/s are then its limit as much as the proxy's, "
+                  "while CPU per request still compares the proxies."]
+    absent = report.get("absent", {}).get(s, {})
+    if absent:
+        lines += ["", "Not in (i): " + "; ".join(f"{c}: {why}" for c, why in absent.items()) + "."]
+    return lines
 
 
 def ab(results, baseline, rounds):
@@ -113,7 +153,7 @@ def write(report, md_path, svg_path):
         "- TLS as negotiated: not recorded in this run.",
         "- Versions: " + "; ".join(f"{k}: `{v}`" for k, v in report["versions"].items()),
         f"- {report['rounds']} rounds, contenders alternating within each round; {report['duration_s']} s per "
-        f"throughput run; {report['idle_conns']} connections in (d). Load generators (wrk, h2load, Python) share "
+        f"throughput run; {report['idle_conns']} connections in (d). Load generators (wrk, h2load, h3load, Python) share "
         "the 2 cores with the proxy and the upstream, so CPU seconds per 10,000 requests (utime+stime of the "
         "proxy's processes) is the fairest efficiency figure.",
         "",
@@ -122,9 +162,11 @@ def write(report, md_path, svg_path):
     ]
     for s in scenarios:
         lines += [f"### ({s}) {SCENARIOS.get(s, s)}", ""]
+        # Only those that ran it ((i) leaves out the peers without HTTP/3).
+        ran = [c for c in contenders if any(r["scenario"] == s and r["contender"] == c for r in res)]
         if s == "d":
             lines += ["| proxy | connections held | RSS per idle connection | peak RSS |", "|---|---:|---:|---:|"]
-            for c in contenders:
+            for c in ran:
                 lines.append(f"| {c} | {fmt(med(by(res, s, c, 'still_open')), '.0f')} | "
                              f"{fmt(med(by(res, s, c, 'rss_per_conn')) / 1024, '.1f')} KiB | "
                              f"{fmt(med(by(res, s, c, 'peak_rss')) / 2**20, '.0f')} MiB |")
@@ -138,7 +180,7 @@ def write(report, md_path, svg_path):
                 head += " CPU per handshake | × crypto floor |"
                 rule += "---:|---:|"
             lines += [head, rule]
-            for c in contenders:
+            for c in ran:
                 row = (f"| {c} | {fmt(med(by(res, s, c, 'rps')), ',.0f')} | "
                        f"{fmt(med(by(res, s, c, 'p50_ms')), '.2f')} ms | {fmt(med(by(res, s, c, 'p99_ms')), '.2f')} ms | "
                        f"{fmt(med(by(res, s, c, 'cpu_per_10k')), '.3f')} | "
@@ -150,6 +192,8 @@ def write(report, md_path, svg_path):
                     us = med(by(res, s, c, "cpu_per_10k")) * 100
                     row += f" {fmt(us, '.0f')} µs | {fmt(us / floor_us(report['crypto']), '.2f')} |"
                 lines.append(row)
+        if s == "i":
+            lines += http3_notes(report, res, s, contenders)
         notes = sorted({f"{r['contender']}: {r['errors'].strip()}" for r in res if r["scenario"] == s and r.get("errors", "").strip()})
         if notes:
             lines += ["", "Errors seen: " + "; ".join(notes)]
@@ -198,6 +242,7 @@ def write(report, md_path, svg_path):
 
 KERNEL = "kernel"
 TCP = "kernel: TCP/IP over loopback (both ends)"
+UDP = "kernel: UDP (QUIC's datagrams, both ends)"
 SCHED = "kernel: scheduler, wake-ups, interrupts"
 
 
@@ -206,7 +251,7 @@ def explain(res, profiles, missed, scenarios, contenders):
     profile of linkgate, and for each missed target the figures behind it."""
     lines = ["", "## Where the CPU goes", "",
              "CPU seconds per 10,000 requests split into user space and kernel (utime and stime from `/proc`, "
-             "medians over rounds). The kernel part is mostly TCP over loopback, paid for both ends of each "
+             "medians over rounds). The kernel part is mostly TCP over loopback (UDP in (i)), paid for both ends of each "
              "connection the proxy holds, and is the same work for every contender.", "",
              "| scenario | " + " | ".join(f"{c} user + kernel" for c in contenders) + " |",
              "|---|" + "---:|" * len(contenders)]
@@ -237,7 +282,7 @@ def explain(res, profiles, missed, scenarios, contenders):
     if not missed:
         lines += ["Every target is met.", ""]
         return lines
-    for s in ["a", "b", "c", "e", "f"]:
+    for s in ["a", "b", "c", "e", "f", "i"]:
         mine = [m for m in missed if m.startswith(f"({s})")]
         if not mine:
             continue
@@ -253,7 +298,9 @@ def explain(res, profiles, missed, scenarios, contenders):
         if p.get("groups"):
             user = sorted(((g, v) for g, v in p["groups"].items() if not g.startswith(KERNEL)), key=lambda kv: -kv[1])
             text += (f" In linkgate's profile {kernel_share(p):.0f}% of the samples are in the kernel "
-                     f"({p['groups'].get(TCP, 0):.0f}% TCP/IP, {p['groups'].get(SCHED, 0):.0f}% scheduler, wake-ups and "
+                     f"({p['groups'].get(TCP, 0):.0f}% TCP/IP, "
+                     + (f"{p['groups'][UDP]:.0f}% UDP, " if p["groups"].get(UDP) else "")
+                     + f"{p['groups'].get(SCHED, 0):.0f}% scheduler, wake-ups and "
                      f"interrupts); user space is spread over " + ", ".join(f"{g} {v:.1f}%" for g, v in user[:5])
                      + f", the largest single function {p['top'][0][0]:.1f}% (`{p['top'][0][1][:60]}`).")
         lines.append(text)
