@@ -39,7 +39,7 @@ def start(d, name, upstream_port, wrap=()):
     """linkgate (this tree's or the baseline's) with its bench configuration."""
     conf_dir = Path(d.BASELINE_CONF) if name == "baseline" and d.BASELINE_CONF else None
     port = d.free_port()
-    extra = {"@ACCESS_LOG@": "", "@ADMIN_PORT@": str(d.free_port())}
+    extra = {"@ACCESS_LOG@": "", "@ADMIN_PORT@": str(d.free_port()), "@HTTP3@": ""}
     extra.update(d.upstream_placeholders(name, upstream_port, False))
     conf = d.render("linkgate.toml", port, upstream_port, d.RUN / f"work-{name}.toml", conf_dir, extra)
     binary = d.BASELINE_BIN if name == "baseline" else str(d.ROOT / "target" / "release" / "linkgate")
