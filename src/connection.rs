@@ -267,6 +267,13 @@ impl ClientBody {
     }
 }
 
+/// The client's request body failed: it broke off, or did not match its
+/// Content-Length. Whatever upstream request it was being sent in fails
+/// with it, and the failure is the client's, not the upstream's.
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body failed: {0}")]
+pub struct ClientBodyError(#[source] Box<dyn std::error::Error + Send + Sync>);
+
 impl Body for ClientBody {
     type Data = Bytes;
     type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -279,7 +286,7 @@ impl Body for ClientBody {
             Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.ended(),
             _ => {}
         }
-        polled
+        polled.map_err(|e| Box::new(ClientBodyError(e)) as Self::Error)
     }
 
     fn is_end_stream(&self) -> bool {

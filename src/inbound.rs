@@ -36,13 +36,19 @@ impl From<Incoming> for Inbound {
 /// shorter than its Content-Length is an error (RFC 9114 §4.1.2: the
 /// request is malformed), so that the upstream is never sent a length
 /// that its body does not have; hyper and h2 do the same for HTTP/1.1 and
-/// HTTP/2.
+/// HTTP/2. As h2 does, a body found short with the data that ends it fails
+/// with that data, not after it: when a frame leaves the body short of its
+/// length, the stream is looked at once more, and if it has ended there
+/// the body fails at once, so a body that arrives short in one piece is
+/// refused before any of it is forwarded.
 pub struct Http3Body {
     stream: Http3Stream,
     /// The request's Content-Length, when it gave one.
     declared: Option<u64>,
     received: u64,
     done: bool,
+    /// What that look ahead found, to be handed out next.
+    ahead: Option<Option<Result<Bytes, BoxError>>>,
 }
 
 /// The body did not match its Content-Length.
@@ -60,6 +66,7 @@ impl Http3Body {
             declared,
             received: 0,
             done: false,
+            ahead: None,
         }
     }
 
@@ -70,6 +77,16 @@ impl Http3Body {
             declared,
             received: self.received,
         })
+    }
+
+    /// The stream's next data, its end (`None`), or its error.
+    fn poll_stream(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
+        match self.stream.poll_recv_data(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(Some(mut data))) => Poll::Ready(Some(Ok(data.copy_to_bytes(data.remaining())))),
+            Poll::Ready(Ok(None)) => Poll::Ready(None),
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
+        }
     }
 }
 
@@ -82,26 +99,39 @@ impl Body for Http3Body {
         if this.done {
             return Poll::Ready(None);
         }
-        match this.stream.poll_recv_data(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(Some(mut data))) => {
-                let data = data.copy_to_bytes(data.remaining());
+        let next = match this.ahead.take() {
+            Some(next) => next,
+            None => match this.poll_stream(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(next) => next,
+            },
+        };
+        match next {
+            Some(Ok(data)) => {
                 this.received += data.len() as u64;
                 match this.declared {
                     Some(declared) if this.received > declared => Poll::Ready(Some(Err(this.mismatch(declared)))),
+                    Some(declared) if this.received < declared => match this.poll_stream(cx) {
+                        Poll::Ready(None) => Poll::Ready(Some(Err(this.mismatch(declared)))),
+                        Poll::Ready(later) => {
+                            this.ahead = Some(later);
+                            Poll::Ready(Some(Ok(Frame::data(data))))
+                        }
+                        Poll::Pending => Poll::Ready(Some(Ok(Frame::data(data)))),
+                    },
                     _ => Poll::Ready(Some(Ok(Frame::data(data)))),
                 }
             }
-            Poll::Ready(Ok(None)) => {
+            None => {
                 this.done = true;
                 match this.declared {
                     Some(declared) if this.received != declared => Poll::Ready(Some(Err(this.mismatch(declared)))),
                     _ => Poll::Ready(None),
                 }
             }
-            Poll::Ready(Err(e)) => {
+            Some(Err(e)) => {
                 this.done = true;
-                Poll::Ready(Some(Err(Box::new(e))))
+                Poll::Ready(Some(Err(e)))
             }
         }
     }

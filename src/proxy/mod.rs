@@ -318,6 +318,9 @@ impl Proxy {
             .map_err(|e| {
                 if e.is_body_limit() {
                     ProxyError::BodyTooLarge
+                } else if e.is_client_body() {
+                    // The client's fault, not the upstream's (nor counted as its error).
+                    ProxyError::BadRequest("request body broke off or did not match its Content-Length\n")
                 } else {
                     ProxyError::Upstream(e)
                 }

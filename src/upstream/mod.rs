@@ -166,12 +166,22 @@ impl StdError for UpstreamError {}
 impl UpstreamError {
     /// True when the request failed because the client's body passed the size cap.
     pub fn is_body_limit(&self) -> bool {
+        self.caused_by::<http_body_util::LengthLimitError>()
+    }
+
+    /// True when the request failed because the client's body did (it
+    /// broke off, or did not match its Content-Length): the client's doing.
+    pub fn is_client_body(&self) -> bool {
+        self.caused_by::<crate::connection::ClientBodyError>()
+    }
+
+    fn caused_by<T: StdError + 'static>(&self) -> bool {
         let (Self::Connect(e) | Self::Tls(e) | Self::Broken(e)) = self else {
             return false;
         };
         let mut source: Option<&(dyn StdError + 'static)> = Some(e.as_ref());
         while let Some(s) = source {
-            if s.is::<http_body_util::LengthLimitError>() {
+            if s.is::<T>() {
                 return true;
             }
             source = s.source();

@@ -1,0 +1,154 @@
+//! HTTP/3 requests a client gets wrong, against the real binary, as an
+//! operator sees them: what the client got, what the upstream received,
+//! the access line and the metrics, and where HTTP/2 has the same case,
+//! that it is treated the same: a body shorter than its Content-Length,
+//! and one that breaks off midway.
+
+mod common;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::process::{has, wait_line, Process};
+use common::quic::H3Client;
+use common::*;
+
+/// linkgate as a child process with JSON logs, HTTP/3 on, an admin
+/// listener, `limits` added; and its fixture (the stand-in, the PKI).
+async fn binary(limits: &str) -> (Fixture, Process) {
+    let fixture = Setup::new()
+        .listen("[listen]\nhttps = \"127.0.0.1:0\"\nhttp3 = \"127.0.0.1:0\"\n")
+        .host(CLICK)
+        .admin()
+        .limits(limits)
+        .extra("[log]\nformat = \"json\"\n")
+        .write()
+        .await;
+    let lg = Process::start(&fixture.config);
+    (fixture, lg)
+}
+
+/// The next access line.
+fn access(lg: &Process) -> serde_json::Value {
+    wait_line(&lg.lines, |v| v["target"] == "linkgate::access")
+}
+
+/// The requests counted for [`CLICK`] in `class` (`4xx`).
+async fn counted(lg: &Process, class: &str) -> Option<f64> {
+    metric(
+        lg.admin,
+        &format!("linkgate_requests_total{{host=\"{CLICK}\",class=\"{class}\"}}"),
+    )
+    .await
+}
+
+/// A body shorter than its Content-Length, over HTTP/3 and over HTTP/2:
+/// refused (a 400; HTTP/2's codec may reset the stream first), never
+/// forwarded, logged as a 400 with a client-side reason and counted as a
+/// 4xx, not as an upstream error (the fault is the client's).
+#[tokio::test]
+async fn a_body_shorter_than_its_content_length_is_the_clients_fault_as_over_http2() {
+    let (fixture, lg) = binary("").await;
+    let short = || {
+        http::Request::post(format!("https://{CLICK}/echo"))
+            .header("content-length", "10")
+            .body(())
+            .expect("request")
+    };
+    let client = H3Client::new(&fixture.pki, false);
+    let mut h3 = client
+        .connect(lg.http3.expect("http3 socket"), CLICK)
+        .await
+        .expect("handshake");
+    let answer = h3
+        .send_request(short(), Some(Bytes::from_static(b"hello")))
+        .await
+        .expect("answer");
+    assert_eq!(answer.status, 400, "HTTP/3: {}", String::from_utf8_lossy(&answer.body));
+    let over_h3 = access(&lg);
+
+    // h2 resets the stream (PROTOCOL_ERROR) as it reads the data that ends
+    // the body short; hyper may or may not get the 400 out before that.
+    let mut h2 = h2_connection(&fixture.pki, lg.https).await;
+    let (resp, mut body) = h2.send_request(short(), false).expect("send");
+    body.send_data(Bytes::from_static(b"hello"), true).expect("data");
+    match tokio::time::timeout(HANG_GUARD, resp).await.expect("answered or reset") {
+        Ok(resp) => assert_eq!(resp.status(), 400, "HTTP/2"),
+        Err(e) => assert_eq!(e.reason(), Some(h2::Reason::PROTOCOL_ERROR), "HTTP/2: {e}"),
+    }
+    let over_h2 = access(&lg);
+
+    for (protocol, line) in [("HTTP/3.0", &over_h3), ("HTTP/2.0", &over_h2)] {
+        assert_eq!(line["protocol"], protocol, "{line}");
+        assert_eq!(line["status"], 400, "{line}");
+        assert!(has(&line["refused"], "body"), "a client-side reason: {line}");
+    }
+    assert!(fixture.up.received().is_empty(), "{:?}", fixture.up.received());
+    assert_eq!(counted(&lg, "4xx").await, Some(2.0));
+    assert_eq!(
+        upstream_errors(&lg).await,
+        Vec::<String>::new(),
+        "counted as the upstream's failure"
+    );
+}
+
+/// A body that breaks off after its first bytes went upstream (HTTP/1.1:
+/// the client ends its side of the connection midway) is the client's
+/// failure as well: 400 in the log, a 4xx in the metrics, no upstream
+/// error, nothing recorded upstream (the exchange was aborted).
+#[tokio::test]
+async fn a_body_that_breaks_off_midway_is_not_an_upstream_error() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (fixture, lg) = binary("").await;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_tls(&fixture.pki, &[b"http/1.1"])));
+    let tcp = tokio::net::TcpStream::connect(lg.https).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from(CLICK).expect("name");
+    let mut tls = connector.connect(name, tcp).await.expect("handshake");
+    let head = format!("POST /echo HTTP/1.1\r\nHost: {CLICK}\r\nContent-Length: 10\r\n\r\nhello");
+    tls.write_all(head.as_bytes()).await.expect("request");
+    tls.shutdown().await.expect("end of the client's side");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(HANG_GUARD, tls.read_to_end(&mut answer)).await;
+    let line = access(&lg);
+    assert_eq!(line["status"], 400, "{line}");
+    assert!(has(&line["refused"], "broke off"), "{line}");
+    assert!(fixture.up.received().is_empty(), "{:?}", fixture.up.received());
+    assert_eq!(counted(&lg, "4xx").await, Some(1.0));
+    assert_eq!(upstream_errors(&lg).await, Vec::<String>::new());
+}
+
+/// The upstream error series that are not 0.
+async fn upstream_errors(lg: &Process) -> Vec<String> {
+    let metrics = reqwest::get(format!("http://{}/metrics", lg.admin))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("linkgate_upstream_errors_total") && !l.ends_with(" 0"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// An HTTP/2 client connection to `addr`, driven in the background.
+async fn h2_connection(pki: &Pki, addr: std::net::SocketAddr) -> h2::client::SendRequest<Bytes> {
+    h2_connection_with(pki, addr, h2::client::Builder::new()).await
+}
+
+async fn h2_connection_with(
+    pki: &Pki,
+    addr: std::net::SocketAddr,
+    builder: h2::client::Builder,
+) -> h2::client::SendRequest<Bytes> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_tls(pki, &[b"h2"])));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from(CLICK).expect("name");
+    let tls = connector.connect(name, tcp).await.expect("handshake");
+    let (send, conn) = builder.handshake(tls).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send.ready().await.expect("ready")
+}
