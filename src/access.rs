@@ -85,6 +85,12 @@ impl AccessLine {
         &mut self.record
     }
 
+    /// Writes the line of a request answered without a body (or refused
+    /// by resetting its stream).
+    pub(crate) fn answered(mut self) {
+        self.write(0, true);
+    }
+
     /// Writes the line: `sent` body bytes; `complete` when the whole answer went out.
     fn write(&mut self, sent: u64, complete: bool) {
         self.written = true;
@@ -141,6 +147,8 @@ pub struct ProxyBody {
     conn: Arc<ConnInfo>,
     /// The connection's upstream slot this response holds (HTTP/2), freed with it.
     _slot: Option<OwnedSemaphorePermit>,
+    /// What the transport said reached the client ([`ProxyBody::delivered`]).
+    delivered: Option<(u64, bool)>,
 }
 
 impl ProxyBody {
@@ -158,7 +166,18 @@ impl ProxyBody {
             log,
             conn,
             _slot: slot,
+            delivered: None,
         }
+    }
+
+    /// What the transport knows reached the client, for the access line in
+    /// place of what was handed out: `bytes` of the body, and whether the
+    /// answer went out whole. HTTP/3 tells (the bytes QUIC took within the
+    /// client's flow control, and whether the stream was finished); hyper
+    /// does not, so over HTTP/1.1 and HTTP/2 the line counts what was
+    /// handed to hyper.
+    pub fn delivered(&mut self, bytes: u64, whole: bool) {
+        self.delivered = Some((bytes, whole));
     }
 }
 
@@ -231,9 +250,11 @@ impl Drop for ProxyBody {
     fn drop(&mut self) {
         self.conn.activity.end();
         if let Some(mut line) = self.log.take() {
-            // hyper stops polling once the body says it is at its end.
-            let complete = self.ended || self.inner.is_end_stream();
-            line.write(self.sent, complete);
+            let (sent, complete) = self.delivered.unwrap_or_else(|| {
+                // hyper stops polling once the body says it is at its end.
+                (self.sent, self.ended || self.inner.is_end_stream())
+            });
+            line.write(sent, complete);
         }
     }
 }

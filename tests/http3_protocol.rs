@@ -1,8 +1,11 @@
 //! HTTP/3 requests a client gets wrong, against the real binary, as an
 //! operator sees them: what the client got, what the upstream received,
 //! the access line and the metrics, and where HTTP/2 has the same case,
-//! that it is treated the same: a body shorter than its Content-Length,
-//! and one that breaks off midway.
+//! that it is treated the same. Malformed heads (those h3 refuses itself
+//! and those it would let through), a body shorter than its
+//! Content-Length, and an answer cut because the client granted no more
+//! flow-control credit. (Connection errors and unidirectional streams:
+//! tests/http3_connection.rs.)
 
 mod common;
 
@@ -10,8 +13,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use common::process::{has, wait_line, Process};
-use common::quic::H3Client;
+use common::quic::{get_head, raw_headers, raw_request, H3Client, H3Conn};
 use common::*;
+
+/// RFC 9114 §8.1: a malformed message.
+const H3_MESSAGE_ERROR: u64 = 0x10e;
 
 /// linkgate as a child process with JSON logs, HTTP/3 on, an admin
 /// listener, `limits` added; and its fixture (the stand-in, the PKI).
@@ -40,6 +46,75 @@ async fn counted(lg: &Process, class: &str) -> Option<f64> {
         &format!("linkgate_requests_total{{host=\"{CLICK}\",class=\"{class}\"}}"),
     )
     .await
+}
+
+/// Heads HTTP/2 refuses as malformed (h2 resets the stream): those h3
+/// refuses too (an uppercase name, a `:path` that is no path, no `:path`)
+/// and those it would take (`:path` twice, the last winning; a
+/// pseudo-header field after a regular one). Each is reset with
+/// H3_MESSAGE_ERROR, never forwarded, logged as a 400 with its reason
+/// and counted as a 4xx; the connection goes on serving.
+#[tokio::test]
+async fn malformed_heads_are_reset_logged_and_counted_and_never_forwarded() {
+    let (fixture, lg) = binary("").await;
+    let client = H3Client::new(&fixture.pki, false);
+    let quic = client
+        .handshake(lg.http3.expect("http3 socket"), CLICK)
+        .await
+        .expect("handshake");
+    let mut h3 = H3Conn::over(quic.clone()).await;
+    let good = get_head(CLICK, "/ls/click?upn=x");
+    let with = |extra: (&'static str, &'static str)| [good.clone(), vec![extra]].concat();
+    let (h3_refuses, late) = (
+        "malformed HTTP/3 request (field names or pseudo-header fields)",
+        "a pseudo-header field after a regular field",
+    );
+    let cases = [
+        ("an uppercase field name", with(("X-Upper", "1")), h3_refuses),
+        ("a :path with a space", get_head(CLICK, "/a b"), h3_refuses),
+        ("no :path", good[..3].to_vec(), h3_refuses),
+        (
+            "two :path fields",
+            with((":path", "/second")),
+            "a pseudo-header field given twice",
+        ),
+        (
+            "a pseudo-header field after a regular one",
+            [&good[..2], &[("x-a", "1")], &good[2..]].concat(),
+            late,
+        ),
+    ];
+    for (what, fields, reason) in &cases {
+        let answer = raw_request(&quic, &raw_headers(fields)).await;
+        assert_eq!(answer, Err(H3_MESSAGE_ERROR), "{what}: reset as malformed");
+        let line = access(&lg);
+        assert_eq!(line["status"], 400, "{what}: {line}");
+        assert!(has(&line["refused"], reason), "{what}: {line}");
+        for (field, value) in [
+            ("method", "-"),
+            ("path", "-"),
+            ("host", CLICK),
+            ("protocol", "HTTP/3.0"),
+        ] {
+            assert_eq!(line[field], value, "{what}: {line}");
+        }
+    }
+    assert!(
+        fixture.up.received().is_empty(),
+        "forwarded: {:?}",
+        fixture.up.received()
+    );
+    assert_eq!(counted(&lg, "4xx").await, Some(cases.len() as f64));
+    // The same head, well-formed, on the same connection.
+    let answer = raw_request(&quic, &raw_headers(&good)).await;
+    assert!(
+        answer.is_ok_and(|a| !a.is_empty()),
+        "a well-formed raw head is answered"
+    );
+    let answer = h3.get(&format!("https://{CLICK}/after")).await.expect("answer");
+    assert_eq!(answer.status, 200);
+    let targets: Vec<_> = fixture.up.received().into_iter().map(|r| r.target).collect();
+    assert_eq!(targets, ["/ls/click?upn=x", "/after"]);
 }
 
 /// A body shorter than its Content-Length, over HTTP/3 and over HTTP/2:
@@ -151,4 +226,51 @@ async fn h2_connection_with(
         let _ = conn.await;
     });
     send.ready().await.expect("ready")
+}
+
+/// The client's flow-control window for the answer below.
+const WINDOW: u32 = 50_000;
+
+/// A client that stops granting flow-control credit (it never reads) is
+/// cut after `idle_timeout` without progress, and the access line says
+/// `cut="client"` as it does for HTTP/2 in the same case; over HTTP/3 its
+/// `bytes` are what QUIC took within the client's window (all of it but
+/// the frame heads and the response's HEADERS), not what was handed out.
+/// (Two workers: the log is awaited blocking one while the clients, whose
+/// connections must stay alive, are driven on the other.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_cut_for_want_of_credit_logs_what_the_client_could_receive() {
+    let (fixture, lg) = binary("idle_timeout = \"2s\"\n").await;
+    let target = "/big?n=300000";
+    let client = H3Client::with_stream_window(&fixture.pki, WINDOW);
+    let quic = client
+        .handshake(lg.http3.expect("http3 socket"), CLICK)
+        .await
+        .expect("handshake");
+    let (mut send, _unread) = quic.open_bi().await.expect("stream");
+    send.write_all(&raw_headers(&get_head(CLICK, target)))
+        .await
+        .expect("head");
+    send.finish().expect("finish");
+    let line = access(&lg);
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["cut"], "client", "{line}");
+    let bytes = line["bytes"].as_u64().expect("bytes");
+    assert!(
+        (u64::from(WINDOW) - 1024..=u64::from(WINDOW)).contains(&bytes),
+        "{bytes} bytes logged for a window of {WINDOW}: {line}"
+    );
+
+    // HTTP/2, the same answer to a client that grants the same window and never reads it.
+    let mut builder = h2::client::Builder::new();
+    builder.initial_window_size(WINDOW);
+    let mut h2 = h2_connection_with(&fixture.pki, lg.https, builder).await;
+    let req = http::Request::get(format!("https://{CLICK}{target}"))
+        .body(())
+        .expect("request");
+    let (_resp, _body) = h2.send_request(req, true).expect("send");
+    let line = access(&lg);
+    assert_eq!(line["protocol"], "HTTP/2.0", "{line}");
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["cut"], "client", "{line}");
 }

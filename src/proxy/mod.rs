@@ -176,6 +176,36 @@ impl Proxy {
         Ok(Response::from_parts(parts, ProxyBody::new(body, record, conn, slot)))
     }
 
+    /// Logs and counts a request the protocol layer refused before it
+    /// could be read (HTTP/3: h3 or the stream's bounds found its head
+    /// malformed or too large, and reset its stream or answered 431), as a
+    /// refusal of linkgate's own is logged and counted: `status`,
+    /// `refused` = `reason`, the host the handshake named, and `-` for the
+    /// method and path that were never read.
+    pub fn refused_unread(&self, conn: &Arc<ConnInfo>, version: Version, status: u16, reason: &'static str) {
+        let host = conn.sni.clone();
+        let known = host.as_ref().filter(|h| self.active.hosts.contains_key(*h));
+        self.active.counters(known).count(status);
+        let log_cfg = &self.active.config.log;
+        if !log_cfg.access || !tracing::enabled!(target: "linkgate::access", tracing::Level::INFO) {
+            return;
+        }
+        let Ok(method) = Method::from_bytes(b"-") else {
+            return;
+        };
+        let record = AccessRecord {
+            method,
+            target: "-".to_owned(),
+            version,
+            user_agent: None,
+            host,
+            status,
+            upstream: None,
+            error: Some(reason),
+        };
+        AccessLine::new(record, Instant::now(), conn.clone(), self.grace_over.clone()).answered();
+    }
+
     /// Which configured host `req` is for, and its target in origin form,
     /// or why it is refused. The host is returned whenever the request
     /// named one, refused or not (for the metrics and the log).

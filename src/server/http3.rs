@@ -2,20 +2,23 @@
 //! the certificate was chosen by SNI, and an unknown or missing SNI has
 //! already failed it), the h3 session, then each request stream handed to
 //! the same `Proxy::handle` as HTTP/1.1 and HTTP/2, its answer streamed
-//! back. GOAWAY when the server drains or the connection is idle for
+//! back; a request refused before its head could be read (malformed, or
+//! too large) is logged and counted as the proxy's own refusals are.
+//! GOAWAY when the server drains or the connection is idle for
 //! `idle_timeout`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use h3::error::{Code, StreamError};
 use http::header;
 use http_body_util::BodyExt;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::accept::Admitted;
-use super::quic_streams;
+use super::quic_streams::{self, counted};
 use super::{ProxyCache, Shared};
 use crate::access::ProxyBody;
 use crate::connection::ConnInfo;
@@ -25,7 +28,7 @@ use crate::proxy::Proxy;
 /// The h3 connection as linkgate serves it.
 type H3Conn = h3::server::Connection<quic_streams::Connection, Bytes>;
 /// A request stream's sending half.
-type H3Send = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
+type H3Send = h3::server::RequestStream<quic_streams::SendStream, Bytes>;
 
 /// After GOAWAY and the last answer, how long the client gets to close the
 /// connection itself: closing it from here at once could discard the end
@@ -108,11 +111,14 @@ pub(super) async fn connection(
                     let (proxies, fallback, info) = (proxies.clone(), proxy.clone(), info.clone());
                     let header_timeout = limits.header_read_timeout;
                     requests.spawn(async move {
-                        let Ok(Ok((req, stream))) = tokio::time::timeout(header_timeout, resolver.resolve_request()).await else {
-                            return;
-                        };
+                        let resolved = tokio::time::timeout(header_timeout, resolver.resolve_request()).await;
                         let proxy = proxies.current().unwrap_or(fallback);
-                        request(proxy, info, req, stream).await;
+                        match resolved {
+                            Ok(Ok((req, stream))) => request(proxy, info, req, stream).await,
+                            Ok(Err(e)) => unread(&proxy, &info, &e),
+                            // No head within header_read_timeout: the stream is dropped, as over HTTP/2.
+                            Err(_) => {}
+                        }
                     });
                     false
                 }
@@ -146,6 +152,38 @@ pub(super) async fn connection(
     drop(h3);
 }
 
+/// A request stream that ended before a request could be read from it.
+/// One h3 refused (malformed: the stream reset with `H3_MESSAGE_ERROR`, or
+/// a head over `max_header_bytes`, answered 431 by h3), or the stream's
+/// bounds did ([`quic_streams::Refused`]), is logged and counted as the
+/// proxy's own refusals are; a stream the client gave up on, or one ended
+/// by a connection error, was no request.
+fn unread(proxy: &Proxy, info: &Arc<ConnInfo>, error: &StreamError) {
+    tracing::debug!(client = %info.peer, error = %error, "HTTP/3 request stream ended before its head was read");
+    if let Some((status, reason)) = refusal(error) {
+        proxy.refused_unread(info, http::Version::HTTP_3, status, reason);
+    }
+}
+
+/// The status and reason a refused request is logged with.
+fn refusal(error: &StreamError) -> Option<(u16, &'static str)> {
+    match error {
+        StreamError::StreamError { code, .. } if *code == Code::H3_MESSAGE_ERROR => Some((
+            400,
+            "malformed HTTP/3 request (field names or pseudo-header fields): stream reset",
+        )),
+        StreamError::HeaderTooBig { .. } => Some((431, "request head larger than max_header_bytes")),
+        StreamError::Undefined { 0: e, .. } => match e.downcast_ref::<quic_streams::Refused>()? {
+            quic_streams::Refused::Head(malformed) => Some((400, malformed.reason())),
+            quic_streams::Refused::TooLong(_) => Some((
+                431,
+                "request head announced over twice max_header_bytes: stream stopped",
+            )),
+        },
+        _ => None,
+    }
+}
+
 /// One request: the same `Proxy::handle` as every other protocol, then its
 /// answer on the stream. A client that stops reading is cut after
 /// `idle_timeout` without progress.
@@ -167,31 +205,50 @@ async fn request(
     respond(send, http::Response::from_parts(parts, ()), body, stall).await;
 }
 
-/// Sends an answer's head, then its body as it comes.
+/// Sends an answer: its head, then its body as it comes. The access line
+/// counts what QUIC took within the client's flow control (not the part of
+/// a chunk still waiting when the answer was cut), and says `cut` unless
+/// the stream was finished.
 async fn respond(mut send: H3Send, head: http::Response<()>, mut body: ProxyBody, stall: Duration) {
+    let mut written = 0;
+    let whole = send_answer(&mut send, head, &mut body, stall, &mut written).await;
+    body.delivered(written, whole);
+}
+
+/// [`respond`]'s writes, each within `stall`; true when the stream was finished.
+async fn send_answer(
+    send: &mut H3Send,
+    head: http::Response<()>,
+    body: &mut ProxyBody,
+    stall: Duration,
+    written: &mut u64,
+) -> bool {
     let deadline = || Instant::now() + stall;
     if !matches!(
-        tokio::time::timeout_at(deadline(), send.send_response(head)).await,
+        tokio::time::timeout_at(deadline(), counted(written, send.send_response(head))).await,
         Ok(Ok(()))
     ) {
-        return;
+        return false;
     }
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
             // The upstream's answer broke midway: the client must not take it as whole.
-            send.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
-            return;
+            send.stop_stream(Code::H3_INTERNAL_ERROR);
+            return false;
         };
         let Ok(data) = frame.into_data() else {
             continue;
         };
         if !matches!(
-            tokio::time::timeout_at(deadline(), send.send_data(data)).await,
+            tokio::time::timeout_at(deadline(), counted(written, send.send_data(data))).await,
             Ok(Ok(()))
         ) {
-            send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
-            return;
+            send.stop_stream(Code::H3_REQUEST_CANCELLED);
+            return false;
         }
     }
-    let _ = tokio::time::timeout_at(deadline(), send.finish()).await;
+    matches!(
+        tokio::time::timeout_at(deadline(), counted(written, send.finish())).await,
+        Ok(Ok(()))
+    )
 }

@@ -9,7 +9,7 @@
 //! - [`doctor`]: a DNS server for `example.test`, and `linkgate doctor` run against it;
 //! - [`provider_api`]: a stand-in for SendGrid's branded-links API, recording requests;
 //! - [`clients`]: clients that trust the test CA, raw HTTP/1, metrics;
-//! - [`quic`]: an HTTP/3 client (quinn and h3) that trusts the test CA;
+//! - [`quic`]: an HTTP/3 client (quinn and h3) that trusts the test CA, and raw HTTP/3 (frames, QPACK heads);
 //! - [`kustomize`]: the Kubernetes manifests rendered, and what every overlay must satisfy.
 //!
 //! Everything in `pki`, `standin`, `linkgate` and `clients` is re-exported

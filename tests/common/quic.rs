@@ -1,6 +1,7 @@
 //! An HTTP/3 client of linkgate: quinn and h3 on loopback, trusting the
 //! test CA, with the session store kept so that a test can see the
-//! tickets a server issued and try 0-RTT with them.
+//! tickets a server issued and try 0-RTT with them; and raw HTTP/3 (frames,
+//! QPACK literal heads) for what h3's own client would never send.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,6 +46,18 @@ impl H3Answer {
 impl H3Client {
     /// A client trusting `pki`; `early_data`: it offers 0-RTT when it holds a ticket.
     pub fn new(pki: &Pki, early_data: bool) -> Self {
+        Self::build(pki, early_data, quinn::TransportConfig::default())
+    }
+
+    /// A client trusting `pki` whose streams each take at most `window`
+    /// bytes before the client reads them (QUIC flow control).
+    pub fn with_stream_window(pki: &Pki, window: u32) -> Self {
+        let mut transport = quinn::TransportConfig::default();
+        transport.stream_receive_window(quinn::VarInt::from_u32(window));
+        Self::build(pki, false, transport)
+    }
+
+    fn build(pki: &Pki, early_data: bool, transport: quinn::TransportConfig) -> Self {
         let tickets = Arc::new(CountingStore::default());
         let mut roots = rustls::RootCertStore::empty();
         roots.add(pki.ca_der.clone()).expect("add root");
@@ -57,8 +70,10 @@ impl H3Client {
         tls.enable_early_data = early_data;
         tls.resumption = rustls::client::Resumption::store(tickets.clone());
         let quic = QuicClientConfig::try_from(tls).expect("QUIC client config");
+        let mut config = quinn::ClientConfig::new(Arc::new(quic));
+        config.transport_config(Arc::new(transport));
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
-        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+        endpoint.set_default_client_config(config);
         Self { endpoint, tickets }
     }
 
@@ -198,5 +213,83 @@ impl ClientSessionStore for CountingStore {
 
     fn take_tls13_ticket(&self, server_name: &ServerName<'static>) -> Option<Tls13ClientSessionValue> {
         self.inner.take_tls13_ticket(server_name)
+    }
+}
+
+// ---------------------------------------------------------------- raw HTTP/3, byte by byte
+
+/// A QUIC variable-length integer (RFC 9000 §16).
+pub fn varint(v: u64) -> Vec<u8> {
+    match v {
+        0..=63 => vec![v as u8],
+        64..=16383 => ((v as u16) | 0x4000).to_be_bytes().to_vec(),
+        16384..=1_073_741_823 => ((v as u32) | 0x8000_0000).to_be_bytes().to_vec(),
+        _ => (v | 0xc000_0000_0000_0000).to_be_bytes().to_vec(),
+    }
+}
+
+/// An HTTP/3 frame (RFC 9114 §7.1).
+pub fn frame(kind: u64, payload: &[u8]) -> Vec<u8> {
+    [varint(kind), varint(payload.len() as u64), payload.to_vec()].concat()
+}
+
+/// A QPACK prefixed integer (RFC 9204 §4.1.1): `first` holds the bits
+/// above the `bits`-bit prefix.
+pub fn qpack_int(out: &mut Vec<u8>, first: u8, bits: u8, mut value: usize) {
+    let max = (1usize << bits) - 1;
+    if value < max {
+        out.push(first | value as u8);
+        return;
+    }
+    out.push(first | max as u8);
+    value -= max;
+    while value >= 128 {
+        out.push((value % 128 + 128) as u8);
+        value /= 128;
+    }
+    out.push(value as u8);
+}
+
+/// A HEADERS frame of exactly these fields, in this order, each a literal
+/// field line with a literal name, nothing indexed or Huffman-coded: heads
+/// h3's own encoder would never write (uppercase names, repeated or late
+/// pseudo-header fields).
+pub fn raw_headers(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut block = vec![0x00, 0x00];
+    for (name, value) in fields {
+        qpack_int(&mut block, 0x20, 3, name.len());
+        block.extend_from_slice(name.as_bytes());
+        qpack_int(&mut block, 0x00, 7, value.len());
+        block.extend_from_slice(value.as_bytes());
+    }
+    frame(0x01, &block)
+}
+
+/// The pseudo-header fields of `GET https://<authority><path>`.
+pub fn get_head<'a>(authority: &'a str, path: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        (":method", "GET"),
+        (":scheme", "https"),
+        (":authority", authority),
+        (":path", path),
+    ]
+}
+
+/// Sends `bytes` on a new request stream of `quic` and ends it: the
+/// answer's bytes as they came (frames, undecoded), or the code the server
+/// reset it with.
+pub async fn raw_request(quic: &quinn::Connection, bytes: &[u8]) -> Result<Vec<u8>, u64> {
+    let (mut send, mut recv) = quic.open_bi().await.expect("request stream");
+    // The server may stop the stream before all of it is written.
+    if send.write_all(bytes).await.is_ok() {
+        let _ = send.finish();
+    }
+    match tokio::time::timeout(HANG_GUARD, recv.read_to_end(1 << 20))
+        .await
+        .expect("answered or reset in time")
+    {
+        Ok(answer) => Ok(answer),
+        Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) => Err(code.into_inner()),
+        Err(other) => panic!("neither answered nor reset: {other:?}"),
     }
 }
