@@ -21,8 +21,8 @@
 //! configuration in force, and Alt-Svc); `quic` (the QUIC endpoint, its
 //! bounds and drain), `http3` (one HTTP/3 connection and its requests) and
 //! `quic_streams` (what h3 lacks, added as the bytes pass: the bound on
-//! frames h3 would buffer whole, malformed pseudo-header fields, the body
-//! bytes QUIC took).
+//! frames h3 would buffer whole, malformed pseudo-header fields, the
+//! client's unidirectional streams, the body bytes QUIC took).
 
 mod accept;
 mod close;

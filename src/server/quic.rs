@@ -32,9 +32,11 @@ use crate::reload::Live;
 /// Concurrent request streams per connection, as HTTP/2's `max_concurrent_streams`.
 const MAX_REQUEST_STREAMS: u32 = 128;
 
-/// Client-initiated unidirectional streams per connection: HTTP/3 needs
-/// three (control, QPACK encoder and decoder); room for a few more that a
-/// client may open and that are ignored (reserved types, GREASE).
+/// Client-initiated unidirectional streams open at once per connection:
+/// HTTP/3 needs three (control, QPACK encoder and decoder); room for a few
+/// more that a client may open (reserved types, GREASE), each stopped as
+/// soon as its type is read and its slot given back when the client resets
+/// it (`quic_streams/uni.rs`).
 const MAX_UNI_STREAMS: u32 = 8;
 
 /// The longest interval between keep-alive PINGs (HTTP/2's).

@@ -27,7 +27,11 @@ enum State {
     Head { bytes: [u8; 16], len: usize },
     /// Inside a frame's payload, this many bytes of it still to come, and
     /// the part read so far of a payload that is kept.
-    Payload { left: u64, kept: Option<Vec<u8>> },
+    Payload {
+        kind: u64,
+        left: u64,
+        kept: Option<Vec<u8>>,
+    },
 }
 
 /// A frame other than DATA announced longer than the limit.
@@ -41,10 +45,10 @@ pub struct FrameTooLong {
 
 /// What one step of [`Frames::pass`] found.
 pub(super) enum Event<'a> {
-    /// A frame's head has been read.
-    Head,
+    /// A frame's head (its type).
+    Head { kind: u64 },
     /// The whole payload of a frame the caller asked to keep.
-    Whole { payload: &'a [u8] },
+    Whole { kind: u64, payload: &'a [u8] },
 }
 
 impl Frames {
@@ -70,7 +74,7 @@ impl Frames {
     ) -> Result<(), E> {
         while let Some((&first, rest)) = chunk.split_first() {
             match &mut self.state {
-                State::Payload { left, kept } => {
+                State::Payload { kind, left, kept } => {
                     let n = usize::try_from(*left).map_or(chunk.len(), |left| left.min(chunk.len()));
                     if let Some(kept) = kept {
                         kept.extend_from_slice(&chunk[..n]);
@@ -79,7 +83,7 @@ impl Frames {
                     chunk = &chunk[n..];
                     if *left == 0 {
                         if let Some(payload) = kept {
-                            seen(Event::Whole { payload })?;
+                            seen(Event::Whole { kind: *kind, payload })?;
                         }
                         self.state = State::Head { bytes: [0; 16], len: 0 };
                     }
@@ -99,7 +103,7 @@ impl Frames {
                         }
                         .into());
                     }
-                    seen(Event::Head)?;
+                    seen(Event::Head { kind })?;
                     let keep = kind != DATA && (self.keep)(kind, self.headers);
                     if kind == HEADERS {
                         self.headers += 1;
@@ -108,11 +112,15 @@ impl Frames {
                     let kept = keep.then(|| Vec::with_capacity(usize::try_from(length).unwrap_or(0)));
                     if length == 0 {
                         if let Some(payload) = &kept {
-                            seen(Event::Whole { payload })?;
+                            seen(Event::Whole { kind, payload })?;
                         }
                         self.state = State::Head { bytes: [0; 16], len: 0 };
                     } else {
-                        self.state = State::Payload { left: length, kept };
+                        self.state = State::Payload {
+                            kind,
+                            left: length,
+                            kept,
+                        };
                     }
                 }
             }
@@ -143,6 +151,12 @@ pub(super) fn varint(bytes: &[u8]) -> u64 {
         .fold(u64::from(first & 0x3f), |v, &b| (v << 8) | u64::from(b))
 }
 
+/// The variable-length integer at the start of `bytes`, and its length.
+pub(super) fn leading_varint(bytes: &[u8]) -> Option<(u64, usize)> {
+    let len = varint_len(*bytes.first()?);
+    Some((varint(bytes.get(..len)?), len))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,11 +169,11 @@ mod tests {
         kind == HEADERS && headers_before == 0
     }
 
-    fn follow(frames: &mut Frames, chunk: &[u8]) -> Result<Vec<Vec<u8>>, FrameTooLong> {
+    fn follow(frames: &mut Frames, chunk: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, FrameTooLong> {
         let mut whole = Vec::new();
         frames.pass(chunk, &mut |e| {
-            if let Event::Whole { payload } = e {
-                whole.push(payload.to_vec());
+            if let Event::Whole { kind, payload } = e {
+                whole.push((kind, payload.to_vec()));
             }
             Ok::<(), FrameTooLong>(())
         })?;
@@ -186,7 +200,11 @@ mod tests {
                 "split at {split}: {:?}",
                 f.state
             );
-            assert_eq!(whole, [b"abc".to_vec()], "split at {split}: only the first HEADERS");
+            assert_eq!(
+                whole,
+                [(HEADERS, b"abc".to_vec())],
+                "split at {split}: only the first HEADERS"
+            );
         }
         let mut f = Frames::new(100, none);
         assert!(follow(&mut f, &stream).expect("whole").is_empty());
@@ -205,5 +223,13 @@ mod tests {
         // DATA may be as long as it likes.
         let mut frames = Frames::new(4096, none);
         follow(&mut frames, &[0x00, 0x80, 0x40, 0x00, 0x00, b'x']).expect("data");
+    }
+
+    #[test]
+    fn varints_are_read_whole_or_not_at_all() {
+        assert_eq!(leading_varint(&[0x25]), Some((0x25, 1)));
+        assert_eq!(leading_varint(&[0x7b, 0xbd, 0xff]), Some((15293, 2)));
+        assert_eq!(leading_varint(&[0x80, 0x00]), None);
+        assert_eq!(leading_varint(&[]), None);
     }
 }

@@ -12,6 +12,9 @@
 //!   they make it malformed, repeated or after a regular field
 //!   (`head.rs`), resets the stream with `H3_MESSAGE_ERROR`, as h2 refuses
 //!   such a head for HTTP/2.
+//! - The client's unidirectional streams are typed and checked here
+//!   (`uni.rs`, `qpack.rs`): QPACK and control-stream errors close the
+//!   connection with their code, streams of other types are stopped at once.
 //! - A response's body bytes that QUIC took are counted (`send.rs`), for
 //!   the access log of a response cut short.
 
@@ -22,11 +25,14 @@ use h3::quic::{self, ConnectionErrorIncoming, StreamErrorIncoming, StreamId, Wri
 
 mod frames;
 mod head;
+mod qpack;
 mod send;
+mod uni;
 
 pub use frames::FrameTooLong;
 pub use head::Malformed;
 pub use send::{counted, SendStream};
+pub use uni::ControlStream;
 
 use frames::{Event, Frames};
 
@@ -48,24 +54,26 @@ pub enum Refused {
 pub(super) struct Connection {
     inner: h3_quinn::Connection,
     limit: u64,
+    uni: uni::UniStreams,
 }
 
 impl Connection {
     /// `limit`: the longest frame other than DATA a client may announce.
     pub(super) fn new(conn: quinn::Connection, limit: u64) -> Self {
         Self {
-            inner: h3_quinn::Connection::new(conn),
+            inner: h3_quinn::Connection::new(conn.clone()),
             limit,
+            uni: uni::UniStreams::new(conn, limit),
         }
     }
 }
 
 impl quic::Connection<Bytes> for Connection {
-    type RecvStream = h3_quinn::RecvStream;
+    type RecvStream = ControlStream;
     type OpenStreams = OpenStreams;
 
     fn poll_accept_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Self::RecvStream, ConnectionErrorIncoming>> {
-        quic::Connection::<Bytes>::poll_accept_recv(&mut self.inner, cx)
+        self.uni.poll_accept(&mut self.inner, cx)
     }
 
     fn poll_accept_bidi(&mut self, cx: &mut Context<'_>) -> Poll<Result<Self::BidiStream, ConnectionErrorIncoming>> {
@@ -222,7 +230,7 @@ impl RecvStream {
         if let Some(chunk) = &data {
             let followed = self.frames.pass(chunk, &mut |event| match event {
                 Event::Whole { payload, .. } => head::check(payload).map_err(Refused::from),
-                Event::Head => Ok(()),
+                Event::Head { .. } => Ok(()),
             });
             if let Err(refused) = followed {
                 let code = match refused {
