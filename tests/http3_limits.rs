@@ -240,3 +240,111 @@ async fn a_request_head_announced_far_over_max_header_bytes_is_stopped_before_it
     assert_eq!(received.len(), 1, "only the request after: {received:?}");
     lg.stop().await;
 }
+
+/// What a client can make linkgate hold of request bodies it has not read
+/// is bounded per connection, as over HTTP/2: the connection's streams wait
+/// for its one upstream slot (`upstream_per_connection = 1`, taken by a
+/// request whose upstream never answers), and the client writes large
+/// bodies on 16 streams at once. quinn's defaults took 1.25 MB on each
+/// stream, with no bound for the connection (12 MB here); QUIC's flow
+/// control now stops the client after about a megabyte in all, and other
+/// clients are served meanwhile.
+#[tokio::test]
+async fn request_bodies_a_client_sends_ahead_are_bounded_per_connection() {
+    // An upstream that accepts and never reads or answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let held = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Ok((sock, _)) = silent.accept().await {
+            kept.push(sock);
+        }
+    });
+    let Served { dir: _dir, pki, lg, .. } = Setup::new()
+        .listen(listen_http3())
+        .host(CLICK)
+        .limits("upstream_per_connection = 1\n")
+        .upstream(move |_| {
+            format!("[upstream]\nurl = \"http://sendgrid.net\"\nconnect_to = \"{silent_addr}\"\nresponse_timeout = \"30s\"\n")
+        })
+        .start()
+        .await;
+    let addr = lg.http3.expect("http3 socket");
+    let client = H3Client::new(&pki, false);
+    let quic = client.handshake(addr, CLICK).await.expect("handshake");
+    let _h3 = common::quic::H3Conn::over(quic.clone()).await;
+    let post = |length: &str| {
+        let mut head = common::quic::get_head(CLICK, "/wf/upload");
+        head[0] = (":method", "POST");
+        let mut fields: Vec<(&str, String)> = head.into_iter().map(|(n, v)| (n, v.to_owned())).collect();
+        fields.push(("content-length", length.to_owned()));
+        let fields: Vec<(&str, &str)> = fields.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        common::quic::raw_headers(&fields)
+    };
+    // The request that takes the slot: its body whole, its answer never comes.
+    let (mut first, _first_recv) = quic.open_bi().await.expect("stream");
+    first.write_all(&post("1")).await.expect("head");
+    first.write_all(&common::quic::frame(0x00, b"x")).await.expect("body");
+    first.finish().expect("finish");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    // 16 more, each announcing 8 MiB and writing it as fast as allowed.
+    const BODY: u64 = 8 << 20;
+    let written = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut writers = Vec::new();
+    for _ in 0..16 {
+        let (mut send, recv) = quic.open_bi().await.expect("stream");
+        let written = written.clone();
+        let head = [
+            post(&BODY.to_string()),
+            common::quic::varint(0x00),
+            common::quic::varint(BODY),
+        ]
+        .concat();
+        writers.push(tokio::spawn(async move {
+            let _recv = recv;
+            if send.write_all(&head).await.is_err() {
+                return;
+            }
+            let chunk = vec![b'b'; 16 * 1024];
+            let mut left = BODY as usize;
+            while left > 0 {
+                let n = chunk.len().min(left);
+                if send.write_all(&chunk[..n]).await.is_err() {
+                    return;
+                }
+                left -= n;
+                written.fetch_add(n, Ordering::Relaxed);
+            }
+        }));
+    }
+    // Until the client is held back: no progress for 2 s.
+    let mut last = usize::MAX;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let now = written.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+        assert!(now < 64 << 20, "the client was never held back: {now} bytes taken");
+    }
+    assert!(last > 0, "some body bytes were taken");
+    assert!(
+        last < 4 << 20,
+        "{last} body bytes taken from one connection whose requests wait for an upstream slot"
+    );
+
+    // Another client is served meanwhile (its request waits for no one's slot: it is refused early).
+    let mut other = client.connect(addr, CLICK).await.expect("second connection");
+    let answer = other
+        .get(&format!("https://{}/ls/click", "other.example"))
+        .await
+        .expect("answer");
+    assert_eq!(answer.status, 421, "served while the first client is held back");
+    for w in writers {
+        w.abort();
+    }
+    held.abort();
+    lg.stop().await;
+}

@@ -39,6 +39,20 @@ const MAX_REQUEST_STREAMS: u32 = 128;
 /// it (`quic_streams/uni.rs`).
 const MAX_UNI_STREAMS: u32 = 8;
 
+/// Request bytes a client may have sent that linkgate has not read yet,
+/// per connection: HTTP/2's connection window (hyper's, 1 MiB). quinn's
+/// default is unbounded, and its 1.25 MB per stream times 128 streams let
+/// one client park 160 MB in a connection whose streams wait for an
+/// upstream slot.
+const RECEIVE_WINDOW: u32 = 1024 * 1024;
+
+/// The same per request stream. Smaller than HTTP/2's (1 MiB): an HTTP/3
+/// DATA frame has no 16 KiB size cap, a stream's first chunk is read whole
+/// before it waits for an upstream slot, and 128 streams at this window
+/// hold 8 MiB at most. Request bodies here are clicks and unsubscribe
+/// POSTs, far smaller.
+const STREAM_RECEIVE_WINDOW: u32 = 64 * 1024;
+
 /// The longest interval between keep-alive PINGs (HTTP/2's).
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
 
@@ -62,7 +76,9 @@ pub(super) fn server_config(live: &Arc<Live>, limits: &Limits) -> anyhow::Result
         // (`http3::connection`), as on TCP.
         .keep_alive_interval(Some((limits.idle_timeout / 2).min(KEEP_ALIVE)))
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_REQUEST_STREAMS))
-        .max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS));
+        .max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS))
+        .receive_window(VarInt::from_u32(RECEIVE_WINDOW))
+        .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW));
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(tls));
     config.transport_config(Arc::new(transport)).migration(true);
     Ok(config)
