@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use common::process::{has, wait_line, Process};
-use common::quic::{get_head, raw_headers, raw_request, H3Client, H3Conn};
+use common::quic::{frame, get_head, qpack_int, raw_headers, raw_request, H3Client, H3Conn};
 use common::*;
 
 /// RFC 9114 §8.1: a malformed message.
@@ -37,6 +37,25 @@ async fn binary(limits: &str) -> (Fixture, Process) {
 /// The next access line.
 fn access(lg: &Process) -> serde_json::Value {
     wait_line(&lg.lines, |v| v["target"] == "linkgate::access")
+}
+
+/// A HEADERS frame of `fields` (as [`raw_headers`] writes them) and one
+/// field line more whose name is `huffman_name`, taken as Huffman-coded
+/// bytes, with `value`.
+fn with_huffman_name(fields: &[(&str, &str)], huffman_name: &[u8], value: &str) -> Vec<u8> {
+    let mut block = vec![0x00, 0x00];
+    for (name, value) in fields {
+        qpack_int(&mut block, 0x20, 3, name.len());
+        block.extend_from_slice(name.as_bytes());
+        qpack_int(&mut block, 0x00, 7, value.len());
+        block.extend_from_slice(value.as_bytes());
+    }
+    // 001 N H length(3): a literal name, Huffman-coded.
+    qpack_int(&mut block, 0x28, 3, huffman_name.len());
+    block.extend_from_slice(huffman_name);
+    qpack_int(&mut block, 0x00, 7, value.len());
+    block.extend_from_slice(value.as_bytes());
+    frame(0x01, &block)
 }
 
 /// The requests counted for [`CLICK`] in `class` (`4xx`).
@@ -69,23 +88,48 @@ async fn malformed_heads_are_reset_logged_and_counted_and_never_forwarded() {
         "malformed HTTP/3 request (field names or pseudo-header fields)",
         "a pseudo-header field after a regular field",
     );
+    // `:path` and `:method` Huffman-coded, then padded with one or two
+    // bytes more (RFC 7541 §5.2 forbids it; h3 decodes them as the names
+    // they pad): found by an outside review, the second value reached the
+    // upstream (`GET /SECOND`, a GET turned into `DELETE`).
+    let padded_path = [&[0xb9, 0x58, 0xd3, 0x3f][..], &[0xff]].concat();
+    let padded_method = [&[0xb9, 0x49, 0x53, 0x39, 0xe4][..], &[0xff, 0xff]].concat();
+    let not_canonical = "an unknown or non-canonically coded pseudo-header field";
     let cases = [
-        ("an uppercase field name", with(("X-Upper", "1")), h3_refuses),
-        ("a :path with a space", get_head(CLICK, "/a b"), h3_refuses),
-        ("no :path", good[..3].to_vec(), h3_refuses),
+        (
+            "an uppercase field name",
+            raw_headers(&with(("X-Upper", "1"))),
+            h3_refuses,
+        ),
+        (
+            "a :path with a space",
+            raw_headers(&get_head(CLICK, "/a b")),
+            h3_refuses,
+        ),
+        ("no :path", raw_headers(&good[..3]), h3_refuses),
         (
             "two :path fields",
-            with((":path", "/second")),
+            raw_headers(&with((":path", "/second"))),
             "a pseudo-header field given twice",
         ),
         (
             "a pseudo-header field after a regular one",
-            [&good[..2], &[("x-a", "1")], &good[2..]].concat(),
+            raw_headers(&[&good[..2], &[("x-a", "1")], &good[2..]].concat()),
             late,
         ),
+        (
+            "a second :path, its Huffman-coded name padded",
+            with_huffman_name(&good, &padded_path, "/SECOND"),
+            not_canonical,
+        ),
+        (
+            "a second :method, its Huffman-coded name padded",
+            with_huffman_name(&good, &padded_method, "DELETE"),
+            not_canonical,
+        ),
     ];
-    for (what, fields, reason) in &cases {
-        let answer = raw_request(&quic, &raw_headers(fields)).await;
+    for (what, head, reason) in &cases {
+        let answer = raw_request(&quic, head).await;
         assert_eq!(answer, Err(H3_MESSAGE_ERROR), "{what}: reset as malformed");
         let line = access(&lg);
         assert_eq!(line["status"], 400, "{what}: {line}");

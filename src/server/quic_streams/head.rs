@@ -16,6 +16,13 @@ pub enum Malformed {
     Repeated(&'static str),
     #[error("pseudo-header field {0} after a regular field")]
     AfterRegular(&'static str),
+    /// A name starting with `:` that is none of [`PSEUDO`] as its one
+    /// canonical coding: an undefined pseudo-header field (RFC 9114 §4.3),
+    /// or a known one Huffman-coded with padding RFC 7541 §5.2 forbids.
+    /// h3 decodes the latter as the name it pads and keeps its value, so
+    /// letting it through would let a second `:path` or `:method` win.
+    #[error("an unknown pseudo-header field, or one not coded canonically")]
+    Unknown,
 }
 
 impl Malformed {
@@ -24,6 +31,7 @@ impl Malformed {
         match self {
             Self::Repeated(_) => "malformed HTTP/3 request: a pseudo-header field given twice",
             Self::AfterRegular(_) => "malformed HTTP/3 request: a pseudo-header field after a regular field",
+            Self::Unknown => "malformed HTTP/3 request: an unknown or non-canonically coded pseudo-header field",
         }
     }
 }
@@ -43,7 +51,8 @@ const PSEUDO: [(&str, &[u8]); 6] = [
 enum Name {
     /// One of [`PSEUDO`], by its index there.
     Pseudo(usize),
-    /// Starts with `:` but is none of them (h3 refuses it).
+    /// Starts with `:` but is none of them as coded: refused (h3 would
+    /// refuse an unknown name, but take a padded coding of a known one).
     OtherPseudo,
     Regular,
 }
@@ -63,8 +72,7 @@ pub fn check(block: &[u8]) -> Result<(), Malformed> {
         };
         match name {
             Name::Regular => regular = true,
-            Name::OtherPseudo if regular => return Err(Malformed::AfterRegular("(unknown)")),
-            Name::OtherPseudo => {}
+            Name::OtherPseudo => return Err(Malformed::Unknown),
             Name::Pseudo(i) => {
                 let named = PSEUDO[i].0;
                 if regular {
@@ -268,11 +276,34 @@ mod tests {
         let mut lines = get();
         lines.insert(2, Line::Literal("x-a", "1"));
         assert_eq!(check(&section(&lines)), Err(Malformed::AfterRegular(":authority")));
-        // Even one h3 would refuse by itself (an unknown pseudo-header name).
+    }
+
+    #[test]
+    fn an_unknown_or_padded_pseudo_header_name_is_refused_wherever_it_is() {
+        // A second :path Huffman-coded with padding past its last byte
+        // (RFC 7541 §5.2 forbids it; h3 decodes it as :path all the same),
+        // or with padding bits that are not EOS's: refused, as is an
+        // undefined pseudo-header field, before or after a regular field.
+        let padded: Vec<u8> = [PSEUDO[1].1, &[0xff]].concat();
+        let bad_bits: Vec<u8> = [PSEUDO[1].1, &[0xfe]].concat();
+        let method: Vec<u8> = [PSEUDO[2].1, &[0xff, 0xff]].concat();
+        for second in [
+            Line::Huffman(&padded, "/second"),
+            Line::Huffman(&bad_bits, "/second"),
+            Line::Huffman(&method, "DELETE"),
+            Line::Literal(":foo", "x"),
+        ] {
+            let mut lines = get();
+            lines.push(second);
+            assert_eq!(check(&section(&lines)), Err(Malformed::Unknown));
+        }
+        let mut lines = get();
+        lines.insert(0, Line::Huffman(&padded, "/first"));
+        assert_eq!(check(&section(&lines)), Err(Malformed::Unknown));
         let mut lines = get();
         lines.push(Line::Indexed(31));
         lines.push(Line::Literal(":foo", "x"));
-        assert_eq!(check(&section(&lines)), Err(Malformed::AfterRegular("(unknown)")));
+        assert_eq!(check(&section(&lines)), Err(Malformed::Unknown));
     }
 
     #[test]
